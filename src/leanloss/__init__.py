@@ -1,0 +1,46 @@
+"""leanloss: entropy-family losses for PyTorch.
+
+Exact to ``torch.nn.functional`` in value, gradient and errors; lean fused linear-head losses
+that never hold the (tokens, vocab) logits; safe by default (clear errors, warnings for the
+classic loss-input confusions).
+"""
+from ._checks import InputWarning, checks, get_checks, set_checks
+from .functional import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cosine_embedding_loss,
+    cross_entropy,
+    entropy,
+    kl_div,
+    nll_loss,
+)
+from .modules import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CosineEmbeddingLoss,
+    CrossEntropyLoss,
+    KLDivLoss,
+    NLLLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy",
+    "nll_loss",
+    "kl_div",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cosine_embedding_loss",
+    "entropy",
+    "CrossEntropyLoss",
+    "NLLLoss",
+    "KLDivLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CosineEmbeddingLoss",
+    "InputWarning",
+    "set_checks",
+    "get_checks",
+    "checks",
+]

@@ -1,0 +1,252 @@
+"""One place for argument and input validation.
+
+Every error names the argument, what was expected and what came. Where torch raises for the
+same input, the exception is (a subclass of) the class torch raises, so code written to catch
+torch's errors keeps working; leanloss's own classes also derive from ``ValueError`` /
+``TypeError`` so they read naturally.
+
+Checks come in two kinds:
+
+* shape/dtype/argument checks: cheap, metadata only, always on unless checks are ``'off'``;
+* value checks (a target out of range, an input outside [0, 1], probabilities passed as
+  logits, ...): they read tensor values (a device sync), so they run only in ``'full'`` mode
+  and never while ``torch.compile`` traces.
+
+The mode is set with :func:`set_checks`, the :func:`checks` context manager, or the
+``LEANLOSS_CHECKS`` environment variable (``full`` | ``shapes`` | ``off``; default ``full``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "InputWarning",
+    "LeanlossValueError",
+    "LeanlossTypeError",
+    "TargetOutOfRangeError",
+    "set_checks",
+    "get_checks",
+    "checks",
+]
+
+CHECK_MODES = ("full", "shapes", "off")
+
+
+class InputWarning(UserWarning):
+    """The input is valid but almost certainly a mistake (e.g. probabilities passed as logits)."""
+
+
+class LeanlossValueError(ValueError, RuntimeError):
+    """An argument has an invalid value or shape (also a ``RuntimeError``, as torch raises)."""
+
+
+class LeanlossTypeError(TypeError, RuntimeError):
+    """An argument has the wrong dtype or type (also a ``RuntimeError``, as torch raises)."""
+
+
+class TargetOutOfRangeError(IndexError, ValueError):
+    """A class-index target lies outside ``[0, C)`` (an ``IndexError``, as torch raises)."""
+
+
+def _mode_from_env() -> str:
+    mode = os.environ.get("LEANLOSS_CHECKS", "full").strip().lower() or "full"
+    if mode not in CHECK_MODES:
+        raise ValueError(
+            f"environment variable LEANLOSS_CHECKS must be one of {CHECK_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+_MODE = _mode_from_env()
+
+
+def set_checks(mode: str) -> str:
+    """Set the check mode (``'full'`` | ``'shapes'`` | ``'off'``); return the previous one."""
+    global _MODE
+    if mode not in CHECK_MODES:
+        raise ValueError(f"set_checks: argument 'mode' must be one of {CHECK_MODES}, got {mode!r}")
+    previous, _MODE = _MODE, mode
+    return previous
+
+
+def get_checks() -> str:
+    """The current check mode."""
+    return _MODE
+
+
+@contextlib.contextmanager
+def checks(mode: str) -> Iterator[None]:
+    """Context manager: run the block with the given check mode, then restore the previous one."""
+    previous = set_checks(mode)
+    try:
+        yield
+    finally:
+        set_checks(previous)
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+def shapes_enabled() -> bool:
+    """Whether metadata checks run (every mode but ``'off'``)."""
+    return _MODE != "off"
+
+
+def values_enabled() -> bool:
+    """Whether checks that read tensor values run (``'full'`` mode, eager only)."""
+    return _MODE == "full" and not _compiling()
+
+
+def warn(message: str) -> None:
+    """Emit an :class:`InputWarning` pointing at the caller's code."""
+    warnings.warn(message, InputWarning, stacklevel=4)
+
+
+# --------------------------------------------------------------------------------------------
+# metadata checks
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(fn: str, name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_floating(fn: str, name: str, t: Tensor, what: str = "floating-point values") -> None:
+    """Integer, boolean or complex tensors where floats belong (torch raises RuntimeError)."""
+    if not t.is_floating_point():
+        raise LeanlossTypeError(
+            f"{fn}: argument '{name}' must be a floating-point tensor of {what}, got dtype {t.dtype}"
+        )
+
+
+def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
+    present = [(k, v) for k, v in tensors.items() if isinstance(v, Tensor)]
+    if len(present) < 2:
+        return
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise LeanlossValueError(
+                f"{fn}: argument '{name}' is on {t.device} but '{first_name}' is on "
+                f"{first.device}; expected all tensors on the same device"
+            )
+
+
+def check_class_weight(fn: str, name: str, weight: Optional[Tensor], num_classes: int) -> None:
+    """``weight`` must be a 1-D floating tensor with one entry per class."""
+    if weight is None:
+        return
+    check_tensor(fn, name, weight)
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' should be defined either for all {num_classes} classes or "
+            f"no classes, i.e. a 1-D tensor of shape ({num_classes},), but got weight tensor of "
+            f"shape: {fmt_shape(weight)}"
+        )
+    check_floating(fn, name, weight, "per-class weights")
+
+
+def check_label_smoothing(fn: str, label_smoothing: float) -> float:
+    value = float(label_smoothing)
+    if not (0.0 <= value <= 1.0):
+        raise LeanlossValueError(
+            f"{fn}: argument 'label_smoothing' must be between 0.0 and 1.0, got {label_smoothing}"
+        )
+    return value
+
+
+def check_index_target_dtype(fn: str, target: Tensor) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise LeanlossTypeError(
+            f"{fn}: argument 'target' must hold class indices as an int64 (Long) tensor, got "
+            f"dtype {target.dtype}"
+            + (
+                "; for class probabilities pass a floating tensor of the same shape as 'input'"
+                if target.is_floating_point()
+                else ""
+            )
+        )
+
+
+def check_index_target_shape(fn: str, input: Tensor, target: Tensor) -> None:
+    """Shapes of class-index targets against ``input`` of shape (C), (N, C) or (N, C, d1, ...)."""
+    if input.dim() < 1:
+        raise LeanlossValueError(
+            f"{fn}: argument 'input' expected 1 or more dimensions (got {input.dim()})"
+        )
+    if input.dim() == 1:
+        if target.dim() != 0:
+            raise LeanlossValueError(
+                f"{fn}: for 'input' of shape (C,) = {fmt_shape(input)} argument 'target' must be "
+                f"a 0-dim class index, got shape {fmt_shape(target)}"
+            )
+        return
+    if target.dim() == 0 or input.shape[0] != target.shape[0]:
+        got = target.shape[0] if target.dim() else "a 0-dim target"
+        raise LeanlossValueError(
+            f"{fn}: Expected input batch_size ({input.shape[0]}) to match target batch_size "
+            f"({got}): argument 'target' of shape {fmt_shape(target)} vs 'input' of shape "
+            f"{fmt_shape(input)}"
+        )
+    if tuple(target.shape[1:]) != tuple(input.shape[2:]):
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+        raise LeanlossValueError(
+            f"{fn}: Expected target size {expected}, got {tuple(target.shape)}: argument 'target' "
+            f"must have the shape of 'input' {fmt_shape(input)} without its class dimension 1"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# value checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_index_target_range(fn: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every non-ignored class index lies in [0, C) (torch raises IndexError)."""
+    if not values_enabled() or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = int(target[position].item()) if target.dim() else int(target.item())
+        raise TargetOutOfRangeError(
+            f"{fn}: Target {value} is out of bounds: argument 'target' must hold class indices "
+            f"in [0, {num_classes - 1}] (or ignore_index={ignore_index}), got {value} at "
+            f"position {position}"
+        )
+
+
+def check_unit_interval(fn: str, name: str, t: Tensor, hint: str = "") -> None:
+    """All values in [0, 1] (torch's BCE raises RuntimeError)."""
+    if not values_enabled() or t.numel() == 0:
+        return
+    bad = ~((t >= 0) & (t <= 1))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
+        value = t[position].item() if t.dim() else t.item()
+        raise LeanlossValueError(
+            f"{fn}: all elements of input should be between 0 and 1: argument '{name}' must hold "
+            f"probabilities in [0, 1], got {value} at position {position}{hint}"
+        )
+
+
+def choices(fn: str, name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{fn}: argument '{name}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+        )

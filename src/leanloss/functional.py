@@ -1,0 +1,15 @@
+"""leanloss's functions under ``torch.nn.functional``'s names: ``import leanloss.functional as LF``."""
+from .losses.binary import binary_cross_entropy, binary_cross_entropy_with_logits
+from .losses.cosine import cosine_embedding_loss
+from .losses.cross_entropy import cross_entropy, nll_loss
+from .losses.kl import entropy, kl_div
+
+__all__ = [
+    "cross_entropy",
+    "nll_loss",
+    "kl_div",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cosine_embedding_loss",
+    "entropy",
+]

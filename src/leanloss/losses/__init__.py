@@ -1,0 +1,1 @@
+"""Dense losses: computed on materialized inputs from tensor primitives."""

@@ -1,0 +1,164 @@
+"""Binary cross entropy on probabilities and on logits."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _heuristics
+from .._dtypes import upcast
+from .._reduce import reduce_loss, resolve_reduction
+
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
+
+_LOG_CLAMP = -100.0
+_EPS = 1e-12
+
+
+class _BinaryCrossEntropy(torch.autograd.Function):
+    """Elementwise ``-w (t log x + (1 - t) log(1 - x))`` with torch's log clamp and gradient.
+
+    torch clamps both logs at -100 in the forward pass, but its gradient is
+    ``w (x - t) / max(x (1 - x), 1e-12)`` (not the derivative of the clamped forward), so at
+    ``x`` in {0, 1} it stays large instead of vanishing. This Function reproduces both; its
+    backward is written in differentiable ops, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor]) -> Tensor:
+        log_x = torch.log(x).clamp(min=_LOG_CLAMP)
+        log_1mx = torch.log1p(-x).clamp(min=_LOG_CLAMP)
+        loss = (t - 1) * log_1mx - t * log_x
+        if w is not None:
+            loss = loss * w
+        ctx.save_for_backward(x, t, w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, t, w = ctx.saved_tensors
+        scale = grad if w is None else grad * w
+        grad_x = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_x = scale * (x - t) / (x * (1 - x)).clamp(min=_EPS)
+        if ctx.needs_input_grad[1]:
+            grad_t = scale * (torch.log1p(-x).clamp(min=_LOG_CLAMP) - torch.log(x).clamp(min=_LOG_CLAMP))
+        return grad_x, grad_t, None
+
+
+def _expand_weight(fn: str, name: str, weight: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
+    if weight is None:
+        return None
+    _checks.check_tensor(fn, name, weight)
+    try:
+        new_shape = torch.broadcast_shapes(shape, weight.shape)
+    except RuntimeError:
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument '{name}' of shape {tuple(weight.shape)} must broadcast to the "
+            f"shape of 'input' {tuple(shape)}"
+        ) from None
+    if tuple(new_shape) != tuple(shape):
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument '{name}' of shape {tuple(weight.shape)} must broadcast to the shape "
+            f"of 'input' {tuple(shape)}, but broadcasting gives {tuple(new_shape)}"
+        )
+    return weight.expand(new_shape)
+
+
+def _check_pair(fn: str, input: Tensor, target: Tensor, target_msg: str) -> None:
+    _checks.check_tensor(fn, "input", input)
+    _checks.check_tensor(fn, "target", target)
+    if target.shape != input.shape:
+        raise ValueError(f"{fn}: {target_msg}: argument 'target' of shape {tuple(target.shape)} vs 'input' of shape {tuple(input.shape)}")
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Binary cross entropy on probabilities; mirrors ``torch.nn.functional.binary_cross_entropy``.
+
+    .. math::
+        \ell = -w \left[ t \max(\log x, -100) + (1 - t) \max(\log(1 - x), -100) \right]
+
+    ``input`` holds probabilities in [0, 1] (sigmoid outputs), ``target`` the same shape with
+    values in [0, 1]; ``weight`` broadcasts to the input's shape. The logs are clamped at -100
+    so that ``x`` in {0, 1} gives a finite loss. Prefer :func:`binary_cross_entropy_with_logits`
+    on logits: it is exact where the sigmoid saturates.
+    """
+    fn = "binary_cross_entropy"
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    _check_pair(
+        fn, input, target,
+        f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) "
+        f"is deprecated. Please ensure they have the same size",
+    )
+    if _checks.shapes_enabled():
+        _checks.check_floating(fn, "input", input, "probabilities")
+        _checks.check_floating(fn, "target", target, "probabilities")
+        _checks.check_same_device(fn, input=input, target=target, weight=weight)
+    weight = _expand_weight(fn, "weight", weight, input.shape)
+    _checks.check_unit_interval(
+        fn, "input", input,
+        "; if these are logits, use binary_cross_entropy_with_logits, which applies the sigmoid itself",
+    )
+    _heuristics.warn_if_nonfinite(fn, "target", target)
+    x, t = upcast(input), upcast(target)
+    w = None if weight is None else weight.to(x.dtype)
+    loss = _BinaryCrossEntropy.apply(x, t.to(x.dtype), w)
+    return reduce_loss(loss, reduction).to(input.dtype)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    pos_weight: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Binary cross entropy on logits; mirrors ``torch.nn.functional.binary_cross_entropy_with_logits``.
+
+    With :math:`\log\sigma(x)` computed stably (no sigmoid, no log of 0):
+
+    .. math::
+        \ell = w \left[ (1 - t)\, x - \big(1 + (p_w - 1)\, t\big) \log\sigma(x) \right]
+
+    which equals :math:`-w [p_w t \log\sigma(x) + (1 - t) \log(1 - \sigma(x))]`.
+    ``pos_weight`` :math:`p_w` (one weight per class, broadcast along the last dimension) scales
+    the positive term; ``weight`` broadcasts to the input's shape.
+    """
+    fn = "binary_cross_entropy_with_logits"
+    reduction = resolve_reduction(reduction, size_average, reduce)
+    _check_pair(fn, input, target, f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    if _checks.shapes_enabled():
+        _checks.check_floating(fn, "input", input, "logits")
+        _checks.check_floating(fn, "target", target, "targets in [0, 1]")
+        _checks.check_same_device(fn, input=input, target=target, weight=weight, pos_weight=pos_weight)
+    weight = _expand_weight(fn, "weight", weight, input.shape)
+    if pos_weight is not None:
+        _checks.check_tensor(fn, "pos_weight", pos_weight)
+        try:
+            torch.broadcast_shapes(input.shape, pos_weight.shape)
+        except RuntimeError:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'pos_weight' of shape {tuple(pos_weight.shape)} must broadcast "
+                f"with 'input' of shape {tuple(input.shape)} (one weight per class, along the "
+                f"last dimension)"
+            ) from None
+    _heuristics.warn_if_sigmoid_outputs(fn, input)
+    x, t = upcast(input), upcast(target)
+    log_sig = torch.nn.functional.logsigmoid(x)
+    if pos_weight is not None:
+        log_sig = log_sig * ((upcast(pos_weight) - 1) * t + 1)
+    loss = (1 - t) * x - log_sig
+    if weight is not None:
+        loss = loss * upcast(weight)
+    out_dtype = input.dtype
+    return reduce_loss(loss, reduction).to(out_dtype)
