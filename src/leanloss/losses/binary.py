@@ -13,7 +13,8 @@ from .._reduce import reduce_loss, resolve_reduction
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
 
 _LOG_CLAMP = -100.0
-_EPS = 1e-12
+# torch's BCE backward divides by max(x (1 - x), EPSILON) with EPSILON stored as a float32 1e-12
+_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
 
 
 class _BinaryCrossEntropy(torch.autograd.Function):
@@ -21,7 +22,8 @@ class _BinaryCrossEntropy(torch.autograd.Function):
 
     torch clamps both logs at -100 in the forward pass, but its gradient is
     ``w (x - t) / max(x (1 - x), 1e-12)`` (not the derivative of the clamped forward), so at
-    ``x`` in {0, 1} it stays large instead of vanishing. This Function reproduces both; its
+    ``x`` in {0, 1} it stays large instead of vanishing; its target gradient is the unclamped
+    ``w (log(1 - x) - log(x))``. This Function reproduces both; its
     backward is written in differentiable ops, so double backward works too.
     """
 
@@ -43,7 +45,8 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = scale * (x - t) / (x * (1 - x)).clamp(min=_EPS)
         if ctx.needs_input_grad[1]:
-            grad_t = scale * (torch.log1p(-x).clamp(min=_LOG_CLAMP) - torch.log(x).clamp(min=_LOG_CLAMP))
+            # torch's target gradient is log(1 - x) - log(x) without the clamp (inf at x in {0, 1})
+            grad_t = scale * (torch.log1p(-x) - torch.log(x))
         return grad_x, grad_t, None
 
 
