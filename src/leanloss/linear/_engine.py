@@ -1,0 +1,218 @@
+"""The chunked engine behind every fused linear-head loss.
+
+A fused loss is ``loss(z)`` with ``z = hidden @ weight.T + bias`` of shape ``(M, V)``; at
+vocabulary sizes of 32k-256k ``z`` and its gradient dominate memory. The engine walks the rows
+of ``hidden`` in chunks of ``chunk_size``, so at most one ``(chunk_size, V)`` float32 block of
+logits exists at a time, and hands each block to a :class:`Scorer` that knows the loss.
+
+Gradients. For ``reduction='sum'|'mean'`` the gradient of the total with respect to each row's
+loss is a known scalar ``s`` (``1`` or ``1/divisor``), so the engine asks the scorer for
+``s * dloss/dz`` while the block is still in memory and does the backward matmuls right away::
+
+    grad_hidden[rows] = dz @ weight            grad_weight += dz.T @ hidden[rows]
+    grad_bias         += dz.sum(0)
+
+That is three matmuls in total (``h @ W.T``, ``dz @ W``, ``dz.T @ h``), the roofline of the
+unfused loss, and ``backward`` only scales the stored gradients by the upstream scalar (in
+place, no copy). For ``reduction='none'`` the upstream gradient is a vector known only in
+backward, so the forward pass keeps the per-row losses and the backward pass recomputes each
+block (four matmuls). Under ``torch.no_grad()``, or when nothing requires grad, only the
+forward matmul runs.
+
+Precision: the matmuls run in the inputs' dtype; each logits block is upcast to float32 (float64
+stays float64) for the scorer; gradients of low-precision inputs are accumulated in float32 and
+cast back once at the end.
+
+A scorer is any object with ``score(logits, rows, grad_scale) -> per_row_loss``; see
+:class:`Scorer`. Scorers must run the same sequence of collective calls on every rank when used
+by the vocab-parallel losses, so the chunking never depends on ``V``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._dtypes import compute_dtype
+
+__all__ = ["Scorer", "fused_linear_loss", "default_chunk_size"]
+
+# Target size of one float32 logits block. 32 MiB keeps the block (and the scorer's in-place
+# work on it) near the cache hierarchy while the matmuls stay large enough to run at full speed.
+_BLOCK_BYTES = 32 * 2**20
+_MIN_CHUNK = 16
+
+
+class Scorer:
+    """Per-chunk loss math plugged into :func:`fused_linear_loss`.
+
+    ``score(logits, rows, grad_scale)``:
+
+    * ``logits``: ``(n, V)`` block of ``hidden[rows] @ weight.T + bias`` in the compute dtype
+      (float32, or float64 for float64 inputs). The engine owns it: the scorer may overwrite it.
+    * ``rows``: the ``slice`` of rows of ``hidden`` this block covers (index per-row state such
+      as targets or teacher hidden states with it).
+    * ``grad_scale``: ``None`` when no gradient is wanted; otherwise an ``(n, 1)`` tensor
+      ``c``, and the scorer must overwrite ``logits`` in place with ``c * d loss_r / d z_r``
+      (the gradient with respect to the raw logits, before any transform the scorer applies).
+
+    Returns the ``(n,)`` per-row losses in the compute dtype, already weighted so that the
+    ``'sum'`` reduction is their plain sum. Scorers may also record per-row by-products (a
+    log-sum-exp, say) in buffers of their own, indexed by ``rows``.
+    """
+
+    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+def default_chunk_size(num_rows: int, vocab: int) -> int:
+    """Rows per block: about ``_BLOCK_BYTES`` of float32 logits, at least 16 rows."""
+    rows = max(_MIN_CHUNK, _BLOCK_BYTES // (4 * max(vocab, 1)))
+    return max(1, min(num_rows, rows))
+
+
+def _chunks(num_rows: int, chunk: int):
+    for start in range(0, num_rows, chunk):
+        yield slice(start, min(start + chunk, num_rows))
+
+
+def _block_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+    return z if z.dtype == dtype else z.to(dtype)
+
+
+class _Grads:
+    """Gradient buffers of the three inputs; low-precision ones accumulate in float32."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs, acc_dtype):
+        self.need_h, self.need_w, self.need_b = needs
+        self.h = torch.empty_like(hidden) if self.need_h else None
+        self.w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if self.need_w else None
+        self.b = (
+            torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
+            if (self.need_b and bias is not None) else None
+        )
+
+    def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice) -> None:
+        if self.b is not None:
+            self.b += dz.sum(0)
+        dz_in = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
+        if self.h is not None:
+            torch.mm(dz_in, weight, out=self.h[rows])
+        if self.w is not None:
+            if self.w.dtype == weight.dtype:
+                self.w.addmm_(dz_in.T, h)
+            else:
+                self.w += (dz_in.T @ h).to(self.w.dtype)
+
+    def finish(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        gw = None if self.w is None else self.w.to(weight.dtype)
+        gb = None if self.b is None else self.b.to(bias.dtype)
+        return self.h, gw, gb
+
+
+def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs):
+    """One pass over the blocks: per-row losses, and gradients when ``grad_scale_of`` is set."""
+    dtype = compute_dtype(hidden.dtype)
+    m = hidden.shape[0]
+    losses = torch.empty(m, dtype=dtype, device=hidden.device)
+    grads = _Grads(hidden, weight, bias, needs, dtype) if grad_scale_of is not None else None
+    for rows in _chunks(m, chunk):
+        h = hidden[rows]
+        z = _block_logits(h, weight, bias, dtype)
+        scale = None if grads is None else grad_scale_of(rows, z.shape[0], dtype)
+        losses[rows] = scorer.score(z, rows, scale)
+        if grads is not None:
+            grads.add_block(z, h, weight, rows)
+    return losses, grads
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, scorer, reduction, divisor, chunk, needs):
+        ctx.reduction = reduction
+        ctx.needs = needs
+        want_grad = any(needs)
+        if reduction == "none" or not want_grad:
+            losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs)
+            if want_grad:
+                ctx.save_for_backward(hidden, weight, bias)
+                ctx.scorer, ctx.chunk = scorer, chunk
+            return losses if reduction == "none" else _reduce_rows(losses, reduction, divisor)
+
+        scale = 1.0 if reduction == "sum" else 1.0 / divisor
+
+        def grad_scale_of(rows, n, dtype):
+            return torch.full((n, 1), scale, dtype=dtype, device=hidden.device)
+
+        losses, grads = _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs)
+        gh, gw, gb = grads.finish(hidden, weight, bias)
+        ctx.grads = (gh, gw, gb)
+        return _reduce_rows(losses, reduction, divisor)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction != "none":
+            gh, gw, gb = ctx.grads
+            del ctx.grads
+            if not (isinstance(grad_out, Tensor) and grad_out.numel() == 1 and bool(grad_out == 1)):
+                gh = None if gh is None else gh.mul_(grad_out.to(gh.dtype))
+                gw = None if gw is None else gw.mul_(grad_out.to(gw.dtype))
+                gb = None if gb is None else gb.mul_(grad_out.to(gb.dtype))
+            return gh, gw, gb, None, None, None, None, None
+        hidden, weight, bias = ctx.saved_tensors
+        go = grad_out.contiguous()
+
+        def grad_scale_of(rows, n, dtype):
+            return go[rows].to(dtype).unsqueeze(1)
+
+        _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, grad_scale_of, ctx.needs)
+        gh, gw, gb = grads.finish(hidden, weight, bias)
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _reduce_rows(losses: Tensor, reduction: str, divisor) -> Tensor:
+    total = losses.sum()
+    return total if reduction == "sum" else total / divisor
+
+
+def fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    scorer: Scorer,
+    *,
+    reduction: str = "mean",
+    divisor=None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """Reduce ``scorer``'s per-row losses over ``z = hidden @ weight.T + bias`` without holding ``z``.
+
+    Args:
+        hidden: ``(M, D)`` rows that count (callers drop ignored rows before calling).
+        weight: ``(V, D)``; bias: ``(V,)`` or ``None``.
+        scorer: the per-block loss math (:class:`Scorer`).
+        reduction: ``'none'`` -> ``(M,)`` per-row losses; ``'sum'`` -> their sum;
+            ``'mean'`` -> their sum divided by ``divisor`` (a Python number or 0-dim tensor,
+            ``M`` when ``None``; ``0`` gives ``nan`` like torch's mean over nothing).
+        chunk_size: rows per block (default: about 32 MiB of float32 logits).
+
+    Returns the loss in the compute dtype (float32 for 16-bit inputs). Differentiable with
+    respect to ``hidden``, ``weight`` and ``bias`` (first order only).
+    """
+    m = hidden.shape[0]
+    if divisor is None:
+        divisor = m
+    if isinstance(divisor, Tensor):
+        divisor = float(divisor)  # one host value per call; keeps the engine free of graph state
+    chunk = chunk_size or default_chunk_size(m, weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    if divisor == 0 and reduction == "mean":
+        divisor = float("nan")
+    return _FusedLinearLoss.apply(hidden, weight, bias, scorer, reduction, divisor, chunk, needs)
