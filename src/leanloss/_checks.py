@@ -118,7 +118,8 @@ def warn(message: str) -> None:
 
 
 def fmt_shape(t: Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+    """A tensor's shape written as a Python tuple: ``(3,)``, ``(2, 5)``, ``()``."""
+    return str(tuple(t.shape))
 
 
 def check_tensor(fn: str, name: str, value) -> None:
@@ -250,3 +251,103 @@ def choices(fn: str, name: str, value, allowed: Sequence) -> None:
         raise ValueError(
             f"{fn}: argument '{name}' must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# generic checks for the fused, distillation and parallel losses
+# --------------------------------------------------------------------------------------------
+
+
+def _as_number(fn: str, name: str, value) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise LeanlossTypeError(
+                f"{fn}: argument '{name}' must be a number, got a tensor of shape {fmt_shape(value)}"
+            )
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: argument '{name}' must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive(fn: str, name: str, value) -> float:
+    """A finite number > 0 (e.g. a temperature); returns it as a float."""
+    number = _as_number(fn, name, value)
+    if not (0.0 < number < float("inf")):
+        raise LeanlossValueError(f"{fn}: argument '{name}' must be a positive finite number, got {value}")
+    return number
+
+
+def check_in_closed_interval(fn: str, name: str, value, lo: float, hi: float) -> float:
+    """A number in ``[lo, hi]`` (e.g. beta in [0, 1]); returns it as a float."""
+    number = _as_number(fn, name, value)
+    if not (lo <= number <= hi):
+        raise LeanlossValueError(f"{fn}: argument '{name}' must lie in [{lo}, {hi}], got {value}")
+    return number
+
+
+def check_linear_shapes(
+    fn: str,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    target: Optional[Tensor],
+    *,
+    hidden_name: str = "hidden",
+    weight_name: str = "weight",
+    bias_name: str = "bias",
+    target_name: str = "target",
+) -> int:
+    """Inputs of a fused LM-head loss on ``hidden @ weight.T + bias``; returns V (weight rows).
+
+    ``hidden`` (..., D) floating, ``weight`` (V, D) of the same dtype, ``bias`` (V,),
+    ``target`` int64 of shape ``hidden.shape[:-1]``, all on one device. Metadata only (no sync);
+    skipped, except for the tensor type checks, when checks are ``'off'``.
+    """
+    check_tensor(fn, hidden_name, hidden)
+    check_tensor(fn, weight_name, weight)
+    if bias is not None:
+        check_tensor(fn, bias_name, bias)
+    if target is not None:
+        check_tensor(fn, target_name, target)
+    vocab = weight.shape[0] if weight.dim() else 0
+    if not shapes_enabled():
+        return vocab
+    check_floating(fn, hidden_name, hidden, "hidden states")
+    check_floating(fn, weight_name, weight, "LM-head weights")
+    if hidden.dim() < 1:
+        raise LeanlossValueError(
+            f"{fn}: argument '{hidden_name}' must have shape (..., D) with at least one dimension, "
+            f"got a 0-dim tensor"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise LeanlossValueError(
+            f"{fn}: argument '{weight_name}' must have shape (V, D) with D = {hidden_name}.shape[-1] "
+            f"= {hidden.shape[-1]}, got '{weight_name}' of shape {fmt_shape(weight)} and "
+            f"'{hidden_name}' of shape {fmt_shape(hidden)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise LeanlossTypeError(
+            f"{fn}: argument '{weight_name}' must have the dtype of '{hidden_name}' "
+            f"({hidden.dtype}), got {weight.dtype}"
+        )
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise LeanlossValueError(
+            f"{fn}: argument '{bias_name}' must have shape ({vocab},), one entry per row of "
+            f"'{weight_name}', got shape {fmt_shape(bias)}"
+        )
+    if target is not None:
+        if target.dtype != torch.int64:
+            raise LeanlossTypeError(
+                f"{fn}: argument '{target_name}' must hold class indices as an int64 (Long) "
+                f"tensor, got dtype {target.dtype}"
+            )
+        if tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise LeanlossValueError(
+                f"{fn}: argument '{target_name}' must have shape {tuple(hidden.shape[:-1])} "
+                f"({hidden_name}.shape[:-1]), got {tuple(target.shape)}"
+            )
+    check_same_device(
+        fn, **{hidden_name: hidden, weight_name: weight, bias_name: bias, target_name: target}
+    )
+    return vocab
