@@ -1,0 +1,194 @@
+"""Shared helpers for the exactness tests: torch is the oracle.
+
+* :data:`TOL` -- tolerances per dtype: float64 ~1e-12, float32 ~1e-6, float16/bfloat16 the
+  tolerances ``torch.testing.assert_close`` uses by default for the dtype (with an absolute
+  floor of the same order, since losses are O(1)).
+* :func:`compare` -- run a leanloss function and its torch twin on identical copies of the
+  same inputs; compare the value, its dtype and shape, and the gradient of every input that
+  requires grad after a backward with a random, non-uniform upstream gradient. For float16 and
+  bfloat16, torch is also run in float64 on the same (exactly upcast) inputs: leanloss, which
+  accumulates in float32, must sit within the dtype's tolerance of that reference and within
+  twice the tolerance of torch's own low-precision result.
+* random input builders (:func:`logits`, :func:`log_probs`, :func:`index_target`, ...) drawn
+  from one seeded generator per call, so every test is reproducible.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+#: (rtol, atol) per dtype
+TOL: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+
+#: the shapes of issue 3 for class-dimension losses: (C), (N,C), (N,C,d1), (N,C,d1,d2), (N,C,d1,d2,d3)
+CLASS_SHAPES = ((5,), (4, 5), (3, 4, 3), (2, 3, 3, 2), (2, 3, 2, 2, 2))
+SHAPE_IDS = ("C", "NC", "NCd1", "NCd1d2", "NCd1d2d3")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def logits(shape: Sequence[int], dtype=torch.float64, seed: int = 0, scale: float = 2.0) -> Tensor:
+    """Random logits, N(0, scale^2), exactly representable in ``dtype``; a leaf requiring grad."""
+    x = torch.randn(tuple(shape), generator=gen(seed), dtype=torch.float64) * scale
+    return x.to(dtype).requires_grad_()
+
+
+def log_probs(shape: Sequence[int], dtype=torch.float64, seed: int = 0, dim: int = 1) -> Tensor:
+    """Random log-probabilities along ``dim`` (dim 0 for 1-d shapes); a leaf requiring grad."""
+    dim = 0 if len(shape) == 1 else dim
+    x = torch.log_softmax(torch.randn(tuple(shape), generator=gen(seed), dtype=torch.float64) * 2, dim=dim)
+    return x.to(dtype).requires_grad_()
+
+
+def probs(shape: Sequence[int], dtype=torch.float64, seed: int = 1, dim: int = 1, grad: bool = True) -> Tensor:
+    """Random probability rows along ``dim`` (dim 0 for 1-d shapes)."""
+    dim = 0 if len(shape) == 1 else dim
+    p = torch.softmax(torch.randn(tuple(shape), generator=gen(seed), dtype=torch.float64) * 2, dim=dim)
+    return p.to(dtype).requires_grad_(grad)
+
+
+def unit(shape: Sequence[int], dtype=torch.float64, seed: int = 0, grad: bool = True, lo: float = 0.02) -> Tensor:
+    """Random values in [lo, 1 - lo] (BCE probabilities / soft targets)."""
+    u = torch.rand(tuple(shape), generator=gen(seed), dtype=torch.float64) * (1 - 2 * lo) + lo
+    return u.to(dtype).requires_grad_(grad)
+
+
+def positive(shape: Sequence[int], dtype=torch.float64, seed: int = 3, grad: bool = False) -> Tensor:
+    """Random positive weights in [0.25, 2)."""
+    w = torch.rand(tuple(shape), generator=gen(seed), dtype=torch.float64) * 1.75 + 0.25
+    return w.to(dtype).requires_grad_(grad)
+
+
+def index_target(input_shape: Sequence[int], seed: int = 2, ignore_index: Optional[int] = None,
+                 ignore_every: int = 3) -> Tensor:
+    """Class indices for an input of shape (C) / (N, C) / (N, C, d...): shape () / (N) / (N, d...).
+
+    With ``ignore_index`` set, every ``ignore_every``-th element (flat order) is replaced by it.
+    """
+    shape = tuple(input_shape)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    t = torch.randint(0, num_classes, tshape, generator=gen(seed))
+    if ignore_index is not None and t.numel():
+        flat = t.view(-1)
+        flat[::ignore_every] = ignore_index
+    return t
+
+
+def _clone(a):
+    if isinstance(a, Tensor):
+        return a.detach().clone().requires_grad_(a.requires_grad)
+    return a
+
+
+def _grad_leaves(args) -> list:
+    return [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.requires_grad]
+
+
+def upstream(out: Tensor, seed: int = 7) -> Tensor:
+    """A random, non-uniform upstream gradient of ``out``'s shape and dtype (scalars too)."""
+    g = torch.rand(out.shape, generator=gen(seed), dtype=torch.float64) * 1.5 + 0.25
+    return g.to(out.dtype)
+
+
+def _run(fn: Callable, args, kwargs, grad_seed: int):
+    args = tuple(_clone(a) for a in args)
+    out = fn(*args, **kwargs)
+    leaves = _grad_leaves(args)
+    grads = []
+    if leaves and out.requires_grad:
+        ins = [args[i] for i in leaves]
+        grads = torch.autograd.grad(out, ins, upstream(out, grad_seed), allow_unused=True)
+        grads = [torch.zeros_like(a) if g is None else g for a, g in zip(ins, grads)]
+    return out, grads, leaves
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str, scale: float = 1.0) -> None:
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol * scale, atol=atol * scale, equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def _upcast_arg(a):
+    if isinstance(a, Tensor) and a.dtype in LOW_PRECISION:
+        return a.detach().double().requires_grad_(a.requires_grad)
+    return a
+
+
+def compare(ours: Callable, theirs: Callable, args: Sequence, kwargs: Optional[dict] = None,
+            dtype: Optional[torch.dtype] = None, grad_seed: int = 7) -> Tensor:
+    """Assert ``ours(*args, **kwargs)`` equals ``theirs(*args, **kwargs)`` in value and gradients.
+
+    ``dtype`` picks the tolerance (default: the dtype of the first floating tensor argument).
+    Returns leanloss's output (for extra assertions by the caller).
+    """
+    kwargs = dict(kwargs or {})
+    if dtype is None:
+        dtype = next(a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point())
+    out, grads, leaves = _run(ours, args, kwargs, grad_seed)
+    ref, ref_grads, _ = _run(theirs, args, kwargs, grad_seed)
+    assert out.dtype == ref.dtype, f"dtype: leanloss {out.dtype} vs torch {ref.dtype}"
+    assert out.shape == ref.shape, f"shape: leanloss {tuple(out.shape)} vs torch {tuple(ref.shape)}"
+    assert len(grads) == len(ref_grads), "leanloss and torch disagree on which inputs get gradients"
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and g.shape == r.shape
+    if dtype not in LOW_PRECISION:
+        assert_close(out, ref, dtype, "value")
+        for i, g, r in zip(leaves, grads, ref_grads):
+            assert_close(g, r, dtype, f"gradient of argument {i}")
+        return out
+    # low precision: within 2x the dtype's tolerance of torch's own low-precision result ...
+    assert_close(out, ref, dtype, "value vs torch (same dtype)", scale=2.0)
+    for i, g, r in zip(leaves, grads, ref_grads):
+        assert_close(g, r, dtype, f"gradient of argument {i} vs torch (same dtype)", scale=2.0)
+    # ... and within the tolerance of torch in float64 on the same inputs
+    up_args = [_upcast_arg(a) for a in args]
+    up_kwargs = {k: _upcast_arg(v) for k, v in kwargs.items()}
+    ref64, ref64_grads, _ = _run(theirs, up_args, up_kwargs, grad_seed)
+    assert_close(out, ref64, dtype, "value vs torch float64")
+    for i, g, r in zip(leaves, grads, ref64_grads):
+        assert_close(g, r, dtype, f"gradient of argument {i} vs torch float64")
+    return out
+
+
+def raises_like(ours: Callable, theirs: Callable, *args, **kwargs) -> Tuple[BaseException, BaseException]:
+    """Assert torch raises on the call and leanloss raises an instance of torch's exception class."""
+    try:
+        theirs(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - any exception torch raises is the oracle
+        torch_exc = e
+    else:
+        raise AssertionError("torch did not raise: this case is not an error-parity case")
+    try:
+        ours(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        assert isinstance(e, type(torch_exc)), (
+            f"leanloss raised {type(e).__name__} ({e}); torch raised {type(torch_exc).__name__} ({torch_exc})"
+        )
+        return e, torch_exc
+    raise AssertionError(f"leanloss did not raise; torch raised {type(torch_exc).__name__}: {torch_exc}")
+
+
+def all_finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+__all__ = [
+    "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
+    "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
+    "raises_like", "all_finite",
+]
