@@ -10,10 +10,14 @@ from .functional import (
     binary_cross_entropy_with_logits,
     cosine_embedding_loss,
     cross_entropy,
+    distill_loss,
     entropy,
+    jsd,
     kl_div,
+    linear_distill_loss,
     nll_loss,
 )
+from .distill_modules import DistillLoss, LinearDistillLoss
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -39,6 +43,11 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CosineEmbeddingLoss",
+    "distill_loss",
+    "jsd",
+    "linear_distill_loss",
+    "DistillLoss",
+    "LinearDistillLoss",
     "InputWarning",
     "set_checks",
     "get_checks",

@@ -2,7 +2,9 @@
 from .losses.binary import binary_cross_entropy, binary_cross_entropy_with_logits
 from .losses.cosine import cosine_embedding_loss
 from .losses.cross_entropy import cross_entropy, nll_loss
+from .losses.distill import distill_loss, jsd
 from .losses.kl import entropy, kl_div
+from .linear.distill import linear_distill_loss
 
 __all__ = [
     "cross_entropy",
@@ -12,4 +14,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cosine_embedding_loss",
     "entropy",
+    "distill_loss",
+    "jsd",
+    "linear_distill_loss",
 ]

@@ -1,0 +1,269 @@
+r"""Fused distillation on the linear engine: a student and a teacher LM head, no (N, V) logits.
+
+:func:`linear_distill_loss` is :func:`leanloss.distill_loss` on
+``student_logits = student_hidden @ student_weight.T + student_bias`` and
+``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, computed block by block
+by :func:`leanloss.linear._engine.fused_linear_loss` with a :class:`DistillScorer`: for each
+block of student logits the scorer computes the teacher logits of the same rows (without
+autograd), the per-row loss and, in place, the gradient with respect to the student logits.
+
+Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathrm{softmax}(a)`,
+:math:`p = \mathrm{softmax}(b)`, :math:`A = \mathrm{lse}(a)`, :math:`B = \mathrm{lse}(b)`:
+
+* forward: :math:`D = \langle p, b - a\rangle + A - B`, :math:`\partial D/\partial a = q - p`;
+* reverse: :math:`D = \langle q, a - b\rangle - A + B`,
+  :math:`\partial D/\partial a = q \odot (e - \langle q, e\rangle)` with :math:`e = a - b`;
+* jsd: :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)` (so :math:`\log m = \lambda + \log(1-\beta)`),
+  :math:`D = \beta(\langle p, b - \lambda\rangle - B) + (1-\beta)(\langle q, a - \lambda\rangle - A)
+  - \log(1-\beta)`, :math:`\partial D/\partial a = (1-\beta)\, q \odot (r - \langle q, r\rangle)`
+  with :math:`r = a - \lambda`;
+* hard term: :math:`\mathrm{CE} = \mathrm{lse}(z_s) - z_{s,y}`, gradient
+  :math:`\mathrm{softmax}(z_s) - \mathrm{onehot}(y)`;
+
+and the row loss :math:`a_h \mathrm{CE} + (1-a_h) T^2 D` has the gradient
+:math:`a_h(\ldots) + (1-a_h) T\, \partial D/\partial a` with respect to :math:`z_s`.
+The log-sum-exps come from the softmax itself (:math:`\mathrm{lse}(x) = \max x - \log
+\mathrm{softmax}(x)_{\arg\max}`), so each side costs one softmax and one max per block. The
+jsd mixture is formed in probability space and floored at the smallest normal float before its
+log; the terms this can affect weigh less than ``1e-35``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._reduce import resolve_reduction
+from ..losses.distill import check_distill_options, check_distill_target
+from ._engine import Scorer, fused_linear_loss
+
+__all__ = ["DistillScorer", "linear_distill_loss"]
+
+
+def _softmax_lse(x: Tensor):
+    """``softmax(x)`` along dim 1 and the log-sum-exp of each row, from one softmax and one max."""
+    xmax, where = x.max(1, keepdim=True)
+    p = torch.softmax(x, 1)
+    return p, (xmax - p.gather(1, where).log()).squeeze(1)
+
+
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """``(x * y).sum(1)`` without the product tensor."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+class DistillScorer(Scorer):
+    """The per-block distillation math of :func:`linear_distill_loss` (see the module docstring).
+
+    ``teacher_hidden`` ``(M, Dt)``, ``target`` ``(M,)`` (or ``None``) are aligned with the rows
+    the engine walks; the teacher tensors must not require grad.
+    """
+
+    def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
+                 target: Optional[Tensor], *, kind: str, beta: float, temperature: float,
+                 hard_weight: float) -> None:
+        self.teacher_hidden, self.teacher_weight, self.teacher_bias = teacher_hidden, teacher_weight, teacher_bias
+        self.target = target
+        self.kind = {0.0: "forward", 1.0: "reverse"}.get(beta, kind) if kind == "jsd" else kind
+        self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
+
+    def teacher_logits(self, rows: slice, dtype: torch.dtype) -> Tensor:
+        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in ``dtype``."""
+        h, w, bias = self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias
+        inv_t = 1.0 / self.temperature
+        if bias is None:
+            b = torch.mm(h, w.T) if inv_t == 1.0 else torch.addmm(h.new_zeros(()), h, w.T, beta=0, alpha=inv_t)
+        else:
+            b = torch.addmm(bias, h, w.T, beta=inv_t, alpha=inv_t)
+        return b if b.dtype == dtype else b.to(dtype)
+
+    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
+        z, hw, temp = logits, self.hard_weight, self.temperature
+        soft, hard = hw < 1.0, hw > 0.0
+        if hard:
+            y = self.target[rows].unsqueeze(1)
+            z_y = z.gather(1, y).squeeze(1)
+            hard_probs = hard_lse = None
+            if not soft or temp != 1.0:
+                hard_probs, hard_lse = _softmax_lse(z)
+        loss = z.new_zeros(z.shape[0])
+        if soft:
+            with torch.no_grad():
+                b = self.teacher_logits(rows, z.dtype)
+            if temp != 1.0:
+                z.mul_(1.0 / temp)
+            g = None if grad_scale is None else grad_scale * ((1.0 - hw) * temp)
+            div, q, lse_a = getattr(self, "_" + self.kind)(z, b, g)
+            loss += ((1.0 - hw) * temp * temp) * div
+            if hard and hard_probs is None:
+                hard_probs, hard_lse = q, lse_a
+        if hard:
+            loss += hw * (hard_lse - z_y)
+            if grad_scale is not None:
+                g_hard = grad_scale * hw
+                if soft:
+                    z.addcmul_(hard_probs, g_hard)
+                else:
+                    torch.mul(hard_probs, g_hard, out=z)
+                z.scatter_add_(1, y, -g_hard)
+        return loss
+
+    # Each kind: (a, b, g) -> (divergence per row, q, lse(a)); with g (n, 1) given, overwrites
+    # a with g * dD/da (a is the engine's block; b is the scorer's own teacher block).
+
+    @staticmethod
+    def _forward(a: Tensor, b: Tensor, g: Optional[Tensor]):
+        p, lse_b = _softmax_lse(b)
+        q, lse_a = _softmax_lse(a)
+        div = _rowdot(p, b.sub_(a)) + (lse_a - lse_b)
+        if g is not None:
+            torch.sub(q, p, out=a).mul_(g)
+        return div, q, lse_a
+
+    @staticmethod
+    def _reverse(a: Tensor, b: Tensor, g: Optional[Tensor]):
+        _, lse_b = _softmax_lse(b)
+        q, lse_a = _softmax_lse(a)
+        e = b.sub_(a)  # b - a
+        r = _rowdot(q, e).unsqueeze(1)
+        div = (lse_b - lse_a) - r.squeeze(1)
+        if g is not None:
+            torch.addcmul(r * g, e, -g, out=e)  # g * (a - b - <q, a - b>)
+            torch.mul(q, e, out=a)
+        return div, q, lse_a
+
+    def _jsd(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+        beta = self.beta
+        log_rest = math.log1p(-beta)
+        p, lse_b = _softmax_lse(b)
+        q, lse_a = _softmax_lse(a)
+        lam = torch.add(q, p, alpha=beta / (1.0 - beta)).clamp_min_(torch.finfo(a.dtype).tiny).log_()
+        kl_pm = _rowdot(p, b.sub_(lam)) - lse_b - log_rest
+        r = _rowdot(q, a.sub_(lam)).unsqueeze(1)
+        kl_qm = r.squeeze(1) - lse_a - log_rest
+        div = beta * kl_pm + (1.0 - beta) * kl_qm
+        if g is not None:
+            g = g * (1.0 - beta)
+            torch.addcmul(-r * g, a, g, out=a).mul_(q)
+        return div, q, lse_a
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``(..., D)`` -> ``(N, D)``."""
+    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+
+
+def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias) -> None:
+    named = (("student_hidden", student_hidden), ("student_weight", student_weight),
+             ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
+    for name, t in named:
+        _checks.check_tensor(fn, name, t)
+    if not _checks.shapes_enabled():
+        return
+    for name, t in named + (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if t is not None:
+            _checks.check_floating(fn, name, t)
+    _checks.check_same_device(fn, student_hidden=student_hidden, student_weight=student_weight,
+                              student_bias=student_bias, teacher_hidden=teacher_hidden,
+                              teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    for side, h, w, bias in (("student", student_hidden, student_weight, student_bias),
+                             ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument '{side}_weight' must have shape (V, D) with D the last dimension of "
+                f"'{side}_hidden' {_checks.fmt_shape(h)}, got {_checks.fmt_shape(w)}"
+            )
+        if bias is not None and tuple(bias.shape) != (w.shape[0],):
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument '{side}_bias' must have shape ({w.shape[0]},), got {_checks.fmt_shape(bias)}"
+            )
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument 'teacher_weight' must have the student's vocabulary size "
+            f"{student_weight.shape[0]} rows, got {_checks.fmt_shape(teacher_weight)}"
+        )
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument 'teacher_hidden' must have the leading shape of 'student_hidden' "
+            f"{tuple(student_hidden.shape[:-1])} (one teacher row per student row), got "
+            f"{tuple(teacher_hidden.shape[:-1])}"
+        )
+
+
+def linear_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    kind: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Distillation loss of two linear heads without the (tokens, vocab) logits.
+
+    Equals :func:`leanloss.distill_loss` (same ``kind``, ``beta``, ``temperature``,
+    ``ignore_index``, ``hard_weight``, ``reduction``; see there for the formula) on
+    ``student_logits = student_hidden @ student_weight.T + student_bias`` and
+    ``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, in value and in the
+    gradients of ``student_hidden``, ``student_weight`` and ``student_bias``.
+
+    Args:
+        student_hidden: ``(..., D)``; student_weight: ``(V, D)``; student_bias: ``(V,)``.
+        teacher_hidden: ``(..., Dt)`` with the student's leading shape; teacher_weight:
+            ``(V, Dt)``; teacher_bias: ``(V,)``. The teacher side is computed without autograd
+            and never gets a gradient.
+        target: optional class indices ``(...)``; rows with ``ignore_index`` are dropped from
+            both hidden tensors before any matmul. Required when ``hard_weight > 0``.
+        reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
+            blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
+        chunk_size: rows per block (default: the engine's, about 32 MiB of float32 logits).
+
+    Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
+    ``(chunk_size, V)`` float32 blocks are alive at a time. Matmuls run in the inputs' dtypes,
+    the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
+    that compute dtype.
+    """
+    fn = "linear_distill_loss"
+    reduction = resolve_reduction(reduction)
+    check_distill_options(fn, kind, beta, temperature, hard_weight)
+    _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
+                        teacher_weight, teacher_bias)
+    lead = tuple(student_hidden.shape[:-1])
+    check_distill_target(fn, target, lead, student_weight.shape[0], ignore_index, hard_weight)
+    if target is not None:
+        _checks.check_same_device(fn, student_hidden=student_hidden, target=target)
+    hs = _rows(student_hidden)
+    ht = _rows(teacher_hidden).detach()
+    kept = None
+    tgt = None
+    if target is not None:
+        tgt = target.reshape(-1)
+        keep = tgt != ignore_index
+        if not bool(keep.all()):
+            kept = keep.nonzero().squeeze(1)
+            hs, ht, tgt = hs.index_select(0, kept), ht.index_select(0, kept), tgt.index_select(0, kept)
+        tgt = tgt.long()
+    scorer = DistillScorer(
+        ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), tgt,
+        kind=kind, beta=beta, temperature=temperature, hard_weight=hard_weight,
+    )
+    loss = fused_linear_loss(hs, student_weight, student_bias, scorer, reduction=reduction,
+                             divisor=hs.shape[0], chunk_size=chunk_size)
+    if reduction != "none":
+        return loss
+    if kept is not None:
+        loss = loss.new_zeros(target.numel()).index_copy(0, kept, loss)
+    return loss.reshape(lead)

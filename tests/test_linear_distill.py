@@ -1,0 +1,167 @@
+"""Fused `linear_distill_loss` against the dense `distill_loss` on materialized logits (itself
+tested against torch ops in test_distill.py): values, student gradients, no teacher gradient."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leanloss
+from _oracle import assert_close, gen, upstream
+
+IGNORE = -100
+
+
+def heads(n=11, d=6, dt=5, v=13, dtype=torch.float64, bias=True, seed=0, lead=None):
+    """Student and teacher hidden states/heads; the student leaves require grad, the teacher's too
+    (to check that they get none)."""
+    g = gen(seed)
+    shape = lead or (n,)
+
+    def randn(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    student = dict(hidden=randn(*shape, d), weight=randn(v, d, scale=0.7), bias=randn(v) if bias else None)
+    teacher = dict(hidden=randn(*shape, dt), weight=randn(v, dt, scale=0.9), bias=randn(v) if bias else None)
+    return student, teacher
+
+
+def dense(student, teacher, target, **kw):
+    def logits(side):
+        z = side["hidden"] @ side["weight"].T
+        return z if side["bias"] is None else z + side["bias"]
+
+    kw.pop("chunk_size", None)
+    return leanloss.distill_loss(logits(student), logits(teacher).detach(), target, **kw)
+
+
+def fused(student, teacher, target, **kw):
+    return leanloss.linear_distill_loss(
+        student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target,
+        student_bias=student["bias"], teacher_bias=teacher["bias"], **kw)
+
+
+def student_leaves(student):
+    return [t for t in (student["hidden"], student["weight"], student["bias"]) if t is not None]
+
+
+def check_fused_vs_dense(student, teacher, target, tol_dtype=torch.float64, ref_student=None,
+                         ref_teacher=None, scale=1.0, **kw):
+    """Value and student gradients (random upstream for 'none'); the teacher gets no gradient."""
+    out = fused(student, teacher, target, **kw)
+    ref = dense(ref_student or student, ref_teacher or teacher, target, **kw)
+    assert out.shape == ref.shape
+    assert_close(out, ref, tol_dtype, "value", scale)
+    grad_out = upstream(ref)
+    grads = torch.autograd.grad(out, student_leaves(student), grad_out.to(out.dtype))
+    ref_grads = torch.autograd.grad(ref, student_leaves(ref_student or student), grad_out)
+    for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert_close(g, r, tol_dtype, f"grad of student {name}", scale)
+    return out
+
+
+KIND_BETAS = [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 0.5), ("jsd", 1.0)]
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_fused_matches_dense_every_kind(kind, beta):
+    """Pairwise over (temperature, hard_weight, reduction, chunk size, bias)."""
+    cases = [(1.0, 0.0, "mean", 4, True), (2.0, 0.4, "sum", 3, False), (2.0, 0.0, "none", 5, True),
+             (1.0, 0.3, "none", None, False), (0.5, 1.0, "mean", 16, True)]
+    for i, (temperature, hard_weight, reduction, chunk, bias) in enumerate(cases):
+        student, teacher = heads(bias=bias, seed=i)
+        target = torch.randint(0, 13, (11,), generator=gen(i))
+        target[:: 2 + i % 3] = IGNORE
+        check_fused_vs_dense(student, teacher, target, kind=kind, beta=beta, temperature=temperature,
+                             hard_weight=hard_weight, reduction=reduction, chunk_size=chunk)
+    student, teacher = heads(seed=9)  # no target at all
+    check_fused_vs_dense(student, teacher, None, kind=kind, beta=beta, temperature=2.0, chunk_size=4)
+
+
+def test_teacher_gets_no_gradient_and_inputs_are_untouched():
+    student, teacher = heads()
+    before = {k: v.detach().clone() for k, v in teacher.items()}
+    s_before = student["hidden"].detach().clone()
+    loss = fused(student, teacher, None, kind="jsd", temperature=2.0, chunk_size=4)
+    loss.backward()
+    assert all(t.grad is None for t in teacher.values())
+    assert student["hidden"].grad is not None and student["weight"].grad is not None
+    assert all(torch.equal(teacher[k], before[k]) for k in before)
+    assert torch.equal(student["hidden"].detach(), s_before)
+
+
+def test_leading_shape_all_ignored_and_no_grad():
+    student, teacher = heads(lead=(2, 5), seed=3)
+    target = torch.randint(0, 13, (2, 5), generator=gen(3))
+    target[1, ::2] = IGNORE
+    out = check_fused_vs_dense(student, teacher, target, kind="reverse", temperature=2.0, hard_weight=0.5,
+                               reduction="none", chunk_size=3)
+    assert out.shape == (2, 5) and bool((out[1, ::2] == 0).all())
+    all_ignored = torch.full((2, 5), IGNORE)
+    assert torch.isnan(fused(student, teacher, all_ignored))
+    total = fused(student, teacher, all_ignored, reduction="sum")
+    total.backward()
+    assert total == 0 and bool((student["hidden"].grad == 0).all())
+    with torch.no_grad():
+        value = fused(student, teacher, target, kind="jsd", chunk_size=4)
+    assert not value.requires_grad
+    assert_close(value, dense(student, teacher, target, kind="jsd"), torch.float64, "no_grad value")
+
+
+def test_float32_and_teacher_underflow():
+    student, teacher = heads(n=20, v=40, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        teacher["bias"][::5] = -1e4  # those teacher probabilities underflow to exactly 0
+    target = torch.randint(0, 40, (20,), generator=gen(4))
+    target[::4] = IGNORE
+    for kind, beta in (("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)):
+        out = check_fused_vs_dense(student, teacher, target, tol_dtype=torch.float32, scale=5.0, kind=kind,
+                                   beta=beta, temperature=2.0, hard_weight=0.2, chunk_size=7)
+        assert bool(torch.isfinite(out))
+
+
+@pytest.mark.parametrize("kind", ("forward", "jsd"))
+def test_bfloat16_inputs_against_float64(kind):
+    student, teacher = heads(n=24, d=16, dt=12, v=64, dtype=torch.bfloat16, seed=5)
+    up = lambda side: {k: None if v is None else v.detach().double().requires_grad_() for k, v in side.items()}  # noqa: E731
+    target = torch.randint(0, 64, (24,), generator=gen(5))
+    target[::5] = IGNORE
+    out = check_fused_vs_dense(student, teacher, target, tol_dtype=torch.bfloat16, ref_student=up(student),
+                               ref_teacher=up(teacher), kind=kind, beta=0.3, hard_weight=0.3, chunk_size=10)
+    assert out.dtype == torch.float32
+    assert student["weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(student_weight=torch.zeros(13, 7)), "'student_weight'"),
+        (dict(teacher_weight=torch.zeros(13, 6)), "'teacher_weight'"),
+        (dict(teacher_weight=torch.zeros(12, 5)), "'teacher_weight'"),
+        (dict(teacher_hidden=torch.zeros(10, 5)), "'teacher_hidden'"),
+        (dict(student_bias=torch.zeros(12)), "'student_bias'"),
+        (dict(target=torch.zeros(10, dtype=torch.long)), "'target'"),
+        (dict(temperature=0.0), "'temperature'"),
+        (dict(beta=1.1), "'beta'"),
+        (dict(hard_weight=-0.5), "'hard_weight'"),
+        (dict(hard_weight=0.5, target=None), "'target'"),
+    ],
+)
+def test_errors_name_the_argument(change, message):
+    args = dict(student_hidden=torch.zeros(11, 6), student_weight=torch.zeros(13, 6), teacher_hidden=torch.zeros(11, 5),
+                teacher_weight=torch.zeros(13, 5), target=torch.zeros(11, dtype=torch.long))
+    kwargs = {k: change.pop(k) for k in list(change) if k not in args}
+    args.update(change)
+    with pytest.raises(ValueError) as info:
+        leanloss.linear_distill_loss(**args, **kwargs)
+    assert message in str(info.value)
+
+
+def test_module_matches_function():
+    student, teacher = heads(seed=6)
+    target = torch.randint(0, 13, (11,), generator=gen(6))
+    kw = dict(kind="jsd", beta=0.3, temperature=2.0, hard_weight=0.2, reduction="sum")
+    module = leanloss.LinearDistillLoss(chunk_size=4, **kw)
+    assert "kind='jsd'" in repr(module)
+    value = module(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target,
+                   student_bias=student["bias"], teacher_bias=teacher["bias"])
+    assert_close(value, fused(student, teacher, target, **kw), torch.float64, "LinearDistillLoss")
