@@ -18,6 +18,7 @@ from .functional import (
     nll_loss,
 )
 from .distill_modules import DistillLoss, LinearDistillLoss
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -48,6 +49,8 @@ __all__ = [
     "linear_distill_loss",
     "DistillLoss",
     "LinearDistillLoss",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
     "InputWarning",
     "set_checks",
     "get_checks",

@@ -60,6 +60,13 @@ class Scorer:
     Returns the ``(n,)`` per-row losses in the compute dtype, already weighted so that the
     ``'sum'`` reduction is their plain sum. Scorers may also record per-row by-products (a
     log-sum-exp, say) in buffers of their own, indexed by ``rows``.
+
+    Optional row-scaled gradient: when ``grad_scale`` is given a scorer may instead return
+    ``(per_row_loss, row_scale)`` with ``row_scale`` of shape ``(n,)``, meaning the gradient
+    is ``row_scale[:, None] * logits`` (for a softmax loss ``logits`` then holds the
+    probabilities and ``row_scale`` the per-row coefficient). The engine applies the scale to the
+    ``(n, D)`` operands of the backward matmuls instead of the ``(n, V)`` block, which saves
+    one full pass over the block.
     """
 
     def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
@@ -94,17 +101,31 @@ class _Grads:
             if (self.need_b and bias is not None) else None
         )
 
-    def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice) -> None:
+    def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice,
+                  row_scale: Optional[Tensor] = None) -> None:
+        """Add one block's gradient ``dz`` (times ``row_scale[:, None]`` when given)."""
         if self.b is not None:
-            self.b += dz.sum(0)
-        dz_in = dz if dz.dtype == weight.dtype else dz.to(weight.dtype)
+            self.b += dz.sum(0) if row_scale is None else row_scale @ dz
+        if dz.dtype == weight.dtype:
+            dz_in = dz
+        elif row_scale is None:
+            dz_in = dz.to(weight.dtype)
+        else:  # the low-precision cast is a full pass anyway: fold the row scale into it
+            dz_in = torch.empty(dz.shape, dtype=weight.dtype, device=dz.device)
+            torch.mul(dz, row_scale.unsqueeze(1), out=dz_in)
+            row_scale = None
+        col = None if row_scale is None else row_scale.unsqueeze(1)
         if self.h is not None:
-            torch.mm(dz_in, weight, out=self.h[rows])
+            out = self.h[rows]
+            torch.mm(dz_in, weight, out=out)
+            if col is not None:
+                out.mul_(col)
         if self.w is not None:
+            hs = h if col is None else h * col
             if self.w.dtype == weight.dtype:
-                self.w.addmm_(dz_in.T, h)
+                self.w.addmm_(dz_in.T, hs)
             else:
-                self.w += (dz_in.T @ h).to(self.w.dtype)
+                self.w += (dz_in.T @ hs).to(self.w.dtype)
 
     def finish(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
         gw = None if self.w is None else self.w.to(weight.dtype)
@@ -122,9 +143,13 @@ def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs):
         h = hidden[rows]
         z = _block_logits(h, weight, bias, dtype)
         scale = None if grads is None else grad_scale_of(rows, z.shape[0], dtype)
-        losses[rows] = scorer.score(z, rows, scale)
+        out = scorer.score(z, rows, scale)
+        row_scale = None
+        if isinstance(out, tuple):
+            out, row_scale = out
+        losses[rows] = out
         if grads is not None:
-            grads.add_block(z, h, weight, rows)
+            grads.add_block(z, h, weight, rows, row_scale)
     return losses, grads
 
 
@@ -134,34 +159,40 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.needs = needs
         want_grad = any(needs)
+        if want_grad:
+            # References only (no copies): 'none' recomputes from them in backward, and so does
+            # a second backward through a retained graph after the stored gradients were handed out.
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.scorer, ctx.chunk = scorer, chunk
         if reduction == "none" or not want_grad:
             losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs)
-            if want_grad:
-                ctx.save_for_backward(hidden, weight, bias)
-                ctx.scorer, ctx.chunk = scorer, chunk
             return losses if reduction == "none" else _reduce_rows(losses, reduction, divisor)
 
-        scale = 1.0 if reduction == "sum" else 1.0 / divisor
-
-        def grad_scale_of(rows, n, dtype):
-            return torch.full((n, 1), scale, dtype=dtype, device=hidden.device)
-
-        losses, grads = _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs)
-        gh, gw, gb = grads.finish(hidden, weight, bias)
-        ctx.grads = (gh, gw, gb)
+        ctx.scale = scale = 1.0 if reduction == "sum" else 1.0 / divisor
+        losses, grads = _run(hidden, weight, bias, scorer, chunk,
+                             _constant_scale(scale, hidden.device), needs)
+        ctx.grads = grads.finish(hidden, weight, bias)
         return _reduce_rows(losses, reduction, divisor)
 
     @staticmethod
     def backward(ctx, grad_out):
+        hidden, weight, bias = ctx.saved_tensors
         if ctx.reduction != "none":
-            gh, gw, gb = ctx.grads
-            del ctx.grads
+            grads = getattr(ctx, "grads", None)
+            if grads is None:  # second backward of a retained graph: recompute the same way
+                _, acc = _run(hidden, weight, bias, ctx.scorer, ctx.chunk,
+                              _constant_scale(ctx.scale, hidden.device), ctx.needs)
+                grads = acc.finish(hidden, weight, bias)
+            else:
+                # Hand the buffers to autograd without another reference (so it need not copy).
+                del ctx.grads
+            gh, gw, gb = grads
+            del grads
             if not (isinstance(grad_out, Tensor) and grad_out.numel() == 1 and bool(grad_out == 1)):
                 gh = None if gh is None else gh.mul_(grad_out.to(gh.dtype))
                 gw = None if gw is None else gw.mul_(grad_out.to(gw.dtype))
                 gb = None if gb is None else gb.mul_(grad_out.to(gb.dtype))
             return gh, gw, gb, None, None, None, None, None
-        hidden, weight, bias = ctx.saved_tensors
         go = grad_out.contiguous()
 
         def grad_scale_of(rows, n, dtype):
@@ -170,6 +201,13 @@ class _FusedLinearLoss(torch.autograd.Function):
         _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, grad_scale_of, ctx.needs)
         gh, gw, gb = grads.finish(hidden, weight, bias)
         return gh, gw, gb, None, None, None, None, None
+
+
+def _constant_scale(scale: float, device: torch.device):
+    """``grad_scale_of`` for the scalar reductions: every row's gradient is scaled by ``scale``."""
+    def grad_scale_of(rows, n, dtype):
+        return torch.full((n, 1), scale, dtype=dtype, device=device)
+    return grad_scale_of
 
 
 def _reduce_rows(losses: Tensor, reduction: str, divisor) -> Tensor:

@@ -1,0 +1,16 @@
+"""Fused linear-head losses: loss(hidden @ weight.T + bias) without the (tokens, vocab) logits.
+
+All of them run on one chunked engine (:mod:`leanloss.linear._engine`) with a per-block scorer.
+"""
+from ._engine import Scorer, default_chunk_size, fused_linear_loss
+from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
+from .modules import LinearCrossEntropyLoss
+
+__all__ = [
+    "Scorer",
+    "fused_linear_loss",
+    "default_chunk_size",
+    "CrossEntropyScorer",
+    "linear_cross_entropy",
+    "LinearCrossEntropyLoss",
+]

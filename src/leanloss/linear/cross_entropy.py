@@ -1,0 +1,282 @@
+"""Fused linear cross entropy: the LM-head loss without the ``(tokens, vocab)`` logits.
+
+``linear_cross_entropy`` drops ignored tokens, then hands the kept rows to the chunked engine
+(:mod:`leanloss.linear._engine`) with :class:`CrossEntropyScorer`, the per-block math below.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._reduce import resolve_reduction
+from ._engine import Scorer, fused_linear_loss
+
+__all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
+
+_FN = "linear_cross_entropy"
+# A target probability below this is recomputed exactly from the row's logits (float32's
+# normal range ends at 1.2e-38; below it ``log(p_t)`` would lose digits or be -inf).
+_TINY_PROB = 1e-30
+
+
+def _softmax_(z: Tensor) -> Tensor:
+    """Row softmax written over ``z`` itself (one pass, each row stays in cache on CPU)."""
+    if z.device.type == "cpu":
+        return torch.ops.aten._softmax.out(z, 1, False, out=z)
+    return z.copy_(torch.softmax(z, 1))
+
+
+class CrossEntropyScorer(Scorer):
+    """Per-block cross entropy with class weights, smoothing, z-loss, softcap and logit scale.
+
+    For a block of raw logits ``x`` (rows ``r`` with targets ``t``), with ``s = logit_scale``,
+    ``k = softcap``, ``w`` the class weights (ones when ``None``), ``e = label_smoothing``,
+    ``C`` classes and ``W = sum_c w_c``::
+
+        z      = k * tanh(s * x / k)          (z = s * x without softcap)
+        lse    = logsumexp_c z_c,   q = z - lse,   p = softmax(z)
+        loss_r = (1-e) w_t (-q_t) + (e/C) sum_c w_c (-q_c) + z_loss w_t lse^2
+        dloss_r/dz_c = a_r p_c - (1-e) w_t [c = t] - (e/C) w_c,
+                       a_r = (1-e) w_t + e W / C + 2 z_loss w_t lse
+        dloss/dx = dloss/dz * s * (1 - tanh^2)           (dloss/dz * s without softcap)
+
+    ``recompute(idx)`` returns the transformed logits of the given kept rows; it is used only
+    for rows whose target probability underflows (a loss above ~69), to keep the loss exact.
+    """
+
+    def __init__(self, target: Tensor, class_weight: Optional[Tensor], label_smoothing: float,
+                 z_loss: float, softcap: Optional[float], logit_scale: float,
+                 hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 lse_out: Optional[Tensor] = None) -> None:
+        dtype = compute_dtype(hidden.dtype)
+        self.target = target
+        self.cw = None if class_weight is None else class_weight.to(dtype)
+        self.w_target = None if self.cw is None else self.cw[target]
+        self.w_total = float(weight.shape[0]) if self.cw is None else float(self.cw.sum())
+        self.eps = float(label_smoothing)
+        self.z_loss = float(z_loss)
+        self.softcap = None if softcap is None else float(softcap)
+        self.scale = float(logit_scale)
+        self.num_classes = weight.shape[0]
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.lse_out = lse_out
+        # Row-scaled gradients need a_r >= 0 with a_r == 0 only where the whole row gradient is
+        # zero: true without z-loss for non-negative class weights.
+        self.row_scaled = (self.softcap is None and self.z_loss == 0.0
+                           and (self.cw is None or bool((self.cw >= 0).all())))
+
+    # -- the transform z = softcap(scale * x) ------------------------------------------------
+    def _transform_(self, z: Tensor, keep_tanh: bool) -> Optional[Tensor]:
+        if self.softcap is not None:
+            z.mul_(self.scale / self.softcap).tanh_()
+            tanh = z.clone() if keep_tanh else None
+            z.mul_(self.softcap)
+            return tanh
+        if self.scale != 1.0:
+            z.mul_(self.scale)
+        return None
+
+    def recompute_lse(self, idx: Tensor) -> Tensor:
+        h = self.hidden.index_select(0, idx)
+        z = h @ self.weight.T if self.bias is None else torch.addmm(self.bias, h, self.weight.T)
+        z = z.to(compute_dtype(h.dtype))
+        self._transform_(z, keep_tanh=False)
+        return torch.logsumexp(z, 1)
+
+    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]):
+        t = self.target[rows]
+        tanh = self._transform_(z, keep_tanh=grad_scale is not None)
+        t_col = t.unsqueeze(1)
+        z_t = z.gather(1, t_col).squeeze(1)
+        eps = self.eps
+        if eps > 0.0:
+            z_wsum = z.sum(1) if self.cw is None else z @ self.cw
+        p = _softmax_(z)
+        p_t = p.gather(1, t_col).squeeze(1)
+        log_p_t = p_t.log()
+        tiny = p_t < _TINY_PROB
+        if bool(tiny.any()):
+            local = tiny.nonzero().squeeze(1)
+            lse_tiny = self.recompute_lse(local + rows.start)
+            log_p_t[local] = z_t[local] - lse_tiny
+        lse = z_t - log_p_t
+        if self.lse_out is not None:
+            self.lse_out[rows] = lse
+        w_t = None if self.w_target is None else self.w_target[rows]
+        nll = -log_p_t if w_t is None else -log_p_t * w_t
+        loss = nll if eps == 0.0 else nll * (1.0 - eps)
+        if eps > 0.0:
+            loss = loss + (eps / self.num_classes) * (self.w_total * lse - z_wsum)
+        if self.z_loss != 0.0:
+            zl = lse.square() * self.z_loss
+            loss = loss + (zl if w_t is None else zl * w_t)
+        if grad_scale is None:
+            return loss
+
+        g = grad_scale.squeeze(1) * self.scale  # chain rule of the logit scale
+        wt = 1.0 if w_t is None else w_t
+        a = ((1.0 - eps) * wt + eps * self.w_total / self.num_classes) * g
+        if self.z_loss != 0.0:
+            a = a + (2.0 * self.z_loss) * lse * wt * g
+        c = (1.0 - eps) * wt * g  # subtracted at the target
+        smooth = (eps / self.num_classes) * g  # times w_c, subtracted everywhere
+        if self.row_scaled:
+            inv = torch.where(a != 0, a.reciprocal(), torch.zeros_like(a))
+            p.scatter_add_(1, t_col, (-(c * inv)).unsqueeze(1))
+            if eps > 0.0:
+                self._sub_smooth(p, smooth * inv)
+            return loss, a
+        p.mul_(a.unsqueeze(1))
+        p.scatter_add_(1, t_col, (-c).unsqueeze(1))
+        if eps > 0.0:
+            self._sub_smooth(p, smooth)
+        if tanh is not None:
+            p.mul_(tanh.square_().neg_().add_(1.0))
+        return loss
+
+    def _sub_smooth(self, p: Tensor, coef: Tensor) -> None:
+        """``p[r, c] -= coef[r] * w_c``."""
+        if self.cw is None:
+            p.sub_(coef.unsqueeze(1))
+        else:
+            p.addcmul_(coef.unsqueeze(1), self.cw.unsqueeze(0), value=-1.0)
+
+
+def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
+           logit_scale, ignore_index):
+    if not _checks.shapes_enabled():
+        return
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        _checks.check_tensor(_FN, name, t)
+    _checks.check_floating(_FN, "hidden", hidden)
+    _checks.check_floating(_FN, "weight", weight)
+    _checks.check_index_target_dtype(_FN, target)
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise _checks.LeanlossValueError(
+            f"{_FN}: argument 'weight' must have shape (V, D) with D = hidden.shape[-1]; got "
+            f"'hidden' of shape {_checks.fmt_shape(hidden)} and 'weight' of shape "
+            f"{_checks.fmt_shape(weight)}")
+    if hidden.dtype != weight.dtype:
+        raise _checks.LeanlossTypeError(
+            f"{_FN}: argument 'weight' must have the dtype of 'hidden' ({hidden.dtype}), got "
+            f"{weight.dtype}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise _checks.LeanlossValueError(
+            f"{_FN}: argument 'target' must have shape {tuple(hidden.shape[:-1])} (hidden's "
+            f"shape without its last dimension), got {tuple(target.shape)}")
+    if bias is not None:
+        _checks.check_tensor(_FN, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+            raise _checks.LeanlossValueError(
+                f"{_FN}: argument 'bias' must be a ({weight.shape[0]},) tensor of dtype "
+                f"{weight.dtype}, got shape {_checks.fmt_shape(bias)} and dtype {bias.dtype}")
+    _checks.check_same_device(_FN, hidden=hidden, weight=weight, target=target, bias=bias,
+                              class_weight=class_weight)
+    _checks.check_class_weight(_FN, "class_weight", class_weight, weight.shape[0])
+    _checks.check_label_smoothing(_FN, label_smoothing)
+    if not float(z_loss) >= 0.0:
+        raise _checks.LeanlossValueError(f"{_FN}: argument 'z_loss' must be >= 0, got {z_loss}")
+    if softcap is not None and not float(softcap) > 0.0:
+        raise _checks.LeanlossValueError(
+            f"{_FN}: argument 'softcap' must be None or > 0, got {softcap}")
+    if not float(logit_scale) > 0.0:
+        raise _checks.LeanlossValueError(
+            f"{_FN}: argument 'logit_scale' must be > 0, got {logit_scale}")
+    _checks.check_index_target_range(_FN, target, weight.shape[0], ignore_index)
+
+
+@torch.compiler.disable
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: Optional[Tensor] = None,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    num_items: Optional[Union[int, float, Tensor]] = None,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """Cross entropy of ``hidden @ weight.T + bias`` without materializing the logits.
+
+    Same value and gradients as the dense reference::
+
+        z = softcap(logit_scale * (hidden @ weight.T + bias)),   softcap(x) = c * tanh(x / c)
+        torch.nn.functional.cross_entropy(z, target, weight=class_weight,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        + z_loss * (mean of lse**2 over kept tokens)
+
+    Exactly, per kept token ``r`` (``target_r != ignore_index``) with target ``t``,
+    ``lse_r = logsumexp_c z_rc``, ``q = z - lse``, ``w`` = ``class_weight`` (ones when
+    ``None``), ``e = label_smoothing`` and ``C = V``::
+
+        loss_r = (1-e) * w_t * (-q_t) + e * sum_c w_c * (-q_c) / C + z_loss * w_t * lse_r**2
+
+    ``'sum'`` is ``sum_r loss_r``; ``'mean'`` is that sum divided by ``num_items`` when given,
+    else by ``sum_r w_t`` (the number of kept tokens without class weights) -- torch's
+    convention, so smoothing and z-loss are weighted and normalized like the CE term; all
+    ignored gives ``nan`` (``'mean'``) or ``0`` (``'sum'``) like torch. ``'none'`` returns
+    ``loss_r`` with the shape of ``target`` and ``0`` at ignored tokens.
+
+    Args:
+        hidden: ``(..., D)`` floating; weight: ``(V, D)``; target: ``(...)`` int64 class indices;
+            bias: ``(V,)`` or ``None``.
+        ignore_index: tokens with this target are dropped before any matmul.
+        num_items: divisor of ``'mean'`` (e.g. the global token count with gradient
+            accumulation, as transformers' ``num_items_in_batch``).
+        return_lse: also return ``lse_r`` (shape of ``target``, float32/float64, ``0`` at
+            ignored tokens, not differentiable).
+        chunk_size: rows per block (default: about 32 MiB of float32 logits).
+
+    Dtypes: matmuls run in the input dtype; softmax, log-sum-exp and gradient accumulation in
+    float32 (float64 for float64 inputs); the loss is float32 for bf16/fp16 inputs.
+    Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
+    ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
+    """
+    reduction = resolve_reduction(reduction)
+    _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
+           logit_scale, ignore_index)
+    lead_shape = target.shape
+    d = hidden.shape[-1]
+    dtype = compute_dtype(hidden.dtype)
+    h_all = hidden.reshape(-1, d)
+    t_all = target.reshape(-1).long()
+    n = t_all.shape[0]
+    keep = t_all != ignore_index
+    if bool(keep.all()):
+        idx, h, t = None, h_all, t_all
+    else:
+        idx = keep.nonzero().squeeze(1)
+        h, t = h_all.index_select(0, idx), t_all.index_select(0, idx)
+    lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
+    scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
+                                h.detach(), weight.detach(),
+                                None if bias is None else bias.detach(), lse_out)
+    if reduction == "mean" and num_items is None:
+        divisor = t.shape[0] if scorer.w_target is None else scorer.w_target.sum()
+    else:
+        divisor = num_items
+    loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
+                             chunk_size=chunk_size)
+    if reduction == "none":
+        loss = _scatter_rows(loss, idx, n).reshape(lead_shape)
+    if not return_lse:
+        return loss
+    return loss, _scatter_rows(lse_out, idx, n).reshape(lead_shape)
+
+
+def _scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:
+    """Per-kept-row values back to all ``n`` rows, ``0`` at the dropped ones (differentiable)."""
+    if idx is None:
+        return values
+    return values.new_zeros(n).index_copy(0, idx, values)
