@@ -1,0 +1,13 @@
+"""Vocab-parallel cross entropy over ``torch.distributed``: sharded logits and sharded LM heads.
+
+* :func:`vocab_parallel_cross_entropy`: each rank holds ``(..., V_local)`` logits.
+* :func:`vocab_parallel_linear_cross_entropy`: each rank holds ``(V_local, D)`` rows of the LM
+  head; the fused engine never materializes the logits.
+
+Both equal the unsharded loss on every rank, in value and gradient; only per-token statistics
+cross ranks.
+"""
+from .cross_entropy import vocab_parallel_cross_entropy
+from .linear import vocab_parallel_linear_cross_entropy
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]

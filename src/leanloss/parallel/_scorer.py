@@ -1,0 +1,151 @@
+"""Per-row cross-entropy statistics over a vocabulary split across ranks.
+
+Every rank holds a block ``z`` of shape ``(n, V_local)``: the logits of ``n`` tokens over its
+slice ``[start, start + V_local)`` of the global vocabulary of ``V`` classes. The loss of a row
+needs four global quantities, each reduced from one number per row and rank:
+
+* ``m   = max_c z_c``                      (all-reduce MAX)
+* ``s   = sum_c exp(z_c - m)``             (all-reduce SUM; ``lse = m + log s``)
+* ``z_t``: the target's logit, 0 on ranks that do not own the target (all-reduce SUM)
+* ``S   = sum_c w_c z_c``                  (all-reduce SUM; only with label smoothing)
+
+The three sums travel in one ``(n, k)`` all-reduce. With ``q_c = z_c - lse``, ``w`` the class
+weights (ones without ``class_weight``), ``W = sum_c w_c`` over all ``V`` classes and smoothing
+``e``, the row loss is the fused cross entropy's::
+
+    loss = (1 - e) * w_t * (-q_t) + (e / V) * sum_c w_c (-q_c) + z_loss * w_t * lse**2
+         = (1 - e) * w_t * (lse - z_t) + (e / V) * (W * lse - S) + z_loss * w_t * lse**2
+
+and its gradient with respect to this rank's logits, with ``p_c = exp(q_c)``, is local::
+
+    dloss/dz_c = p_c * ((1 - e) * w_t + e * W / V + 2 * z_loss * w_t * lse)
+                 - (1 - e) * w_t * [c == t] - (e / V) * w_c
+
+so no logits (nor their gradient) ever cross ranks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..linear._engine import Scorer
+from ._comm import VocabShard, all_reduce_
+
+__all__ = ["VocabParallelScorer"]
+
+
+class VocabParallelScorer(Scorer):
+    """:class:`~leanloss.linear._engine.Scorer` of the vocab-parallel cross entropy.
+
+    ``target`` holds the global class ids of the ``M`` rows that count (ignored rows already
+    dropped, identical on every rank). The first ``score`` of a block runs the collectives and
+    records each row's ``lse`` and loss; a later ``score`` of the same block with a
+    ``grad_scale`` (the engine's ``reduction='none'`` backward, or the backward of the
+    local-logits loss) reuses them and communicates nothing.
+    """
+
+    def __init__(
+        self,
+        shard: VocabShard,
+        target: Tensor,
+        class_weight: Optional[Tensor],
+        label_smoothing: float,
+        z_loss: float,
+        dtype: torch.dtype,
+    ):
+        self.shard = shard
+        self.eps = float(label_smoothing)
+        self.z_loss = float(z_loss)
+        local = target - shard.start
+        self.owned = (local >= 0) & (local < shard.size)
+        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
+        if class_weight is not None:
+            w = class_weight.to(dtype)
+            self.w_target = w[target]
+            self.w_local = w[shard.start: shard.start + shard.size]
+            self.weight_total = w.sum()
+        else:
+            self.w_target = torch.ones(target.shape, dtype=dtype, device=target.device)
+            self.w_local = None
+            self.weight_total = float(shard.vocab)
+        # the part of the softmax coefficient that does not depend on the row: e * W / V
+        self.smooth_mass = self.eps * self.weight_total / shard.vocab if self.eps > 0 else 0.0
+        self.lse = torch.empty(target.shape, dtype=dtype, device=target.device)
+        self.loss = torch.empty_like(self.lse)
+        self._scored = set()
+
+    # ---------------------------------------------------------------------------------------
+    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
+        key = (rows.start, rows.stop)
+        if key in self._scored:
+            if grad_scale is not None:  # p = exp(z - lse), from the recorded lse
+                logits.sub_(self.lse[rows].unsqueeze(1)).exp_()
+                self._gradient_(logits, rows, grad_scale, None)
+            return self.loss[rows]
+        inv_sum = self._statistics_(logits, rows)
+        self._scored.add(key)
+        if grad_scale is not None:  # logits now hold exp(z - m); p = that / s
+            self._gradient_(logits, rows, grad_scale, inv_sum)
+        return self.loss[rows]
+
+    def _statistics_(self, z: Tensor, rows: slice) -> Tensor:
+        """Global row statistics; records ``lse`` and loss; leaves ``exp(z - m)`` in ``z``.
+
+        Returns ``1 / s`` per row, so that ``softmax = z * (1 / s)`` afterwards.
+        """
+        shard, n = self.shard, z.shape[0]
+        if n == 0:  # same on every rank: no collective is skipped by only some of them
+            return z.new_empty(0)
+        if shard.size > 0:
+            m = z.amax(dim=1)
+        else:
+            m = z.new_full((n,), float("-inf"))
+        all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay nan
+        sums = z.new_zeros(n, 3 if self.eps > 0 else 2)
+        if shard.size > 0:
+            owned = self.owned[rows]
+            picked = z.gather(1, self.local_target[rows].unsqueeze(1)).squeeze(1)
+            sums[:, 1] = torch.where(owned, picked, torch.zeros_like(picked))
+            if self.eps > 0:
+                sums[:, 2] = z.sum(1) if self.w_local is None else z @ self.w_local
+            z.sub_(m.unsqueeze(1)).exp_()
+            sums[:, 0] = z.sum(1)
+        all_reduce_(sums, dist.ReduceOp.SUM, shard.group, shard.world_size)
+        lse = m + sums[:, 0].log()
+        w_t = self.w_target[rows]
+        loss = (1.0 - self.eps) * w_t * (lse - sums[:, 1])
+        if self.eps > 0:
+            loss = loss + (self.eps / shard.vocab) * (self.weight_total * lse - sums[:, 2])
+        if self.z_loss:
+            loss = loss + self.z_loss * w_t * lse.square()
+        self.lse[rows] = lse
+        self.loss[rows] = loss
+        return sums[:, 0].reciprocal()
+
+    def _gradient_(self, p: Tensor, rows: slice, grad_scale: Tensor, inv_sum: Optional[Tensor]) -> None:
+        """Overwrite ``p`` (the unnormalized softmax ``exp(z - shift)``) with ``g * dloss/dz``."""
+        g = grad_scale.reshape(-1)
+        w_t = self.w_target[rows]
+        coef = (1.0 - self.eps) * w_t + self.smooth_mass
+        if self.z_loss:
+            coef = coef + (2.0 * self.z_loss) * w_t * self.lse[rows]
+        coef = coef * g
+        if inv_sum is not None:
+            coef = coef * inv_sum
+        p.mul_(coef.unsqueeze(1))
+        if self.shard.size == 0:
+            return
+        if self.eps < 1.0:
+            hit = -(1.0 - self.eps) * w_t * g
+            hit = torch.where(self.owned[rows], hit, torch.zeros_like(hit))
+            p.scatter_add_(1, self.local_target[rows].unsqueeze(1), hit.unsqueeze(1))
+        if self.eps > 0:
+            scale = self.eps / self.shard.vocab
+            if self.w_local is None:
+                p.sub_(g.unsqueeze(1) * scale)
+            else:
+                p.addcmul_(g.unsqueeze(1), self.w_local.unsqueeze(0), value=-scale)

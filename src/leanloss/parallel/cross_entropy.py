@@ -1,0 +1,134 @@
+"""Cross entropy on vocab-sharded logits: each rank holds a slice of the vocabulary dimension."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._reduce import reduce_loss, resolve_reduction
+from ._setup import prepare_rows, scatter_rows
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+
+def _kept_block(logits: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """A fresh, writable ``(M, V_local)`` copy of the kept rows in the compute dtype."""
+    if keep is None:
+        return logits.to(dtype, copy=True)
+    return logits.index_select(0, keep).to(dtype)
+
+
+class _LocalLogitsLoss(torch.autograd.Function):
+    """Per-row losses of the kept rows; backward = ``g_r * dloss_r/dz`` from the recorded lse.
+
+    The gradient with respect to the local logits is local (see ``_scorer``), so backward
+    communicates nothing and never gathers logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, scorer, keep):
+        z = _kept_block(logits, keep, scorer.lse.dtype)
+        losses = scorer.score(z, slice(0, z.shape[0]), None).clone()
+        ctx.save_for_backward(logits)
+        ctx.scorer, ctx.keep = scorer, keep
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (logits,) = ctx.saved_tensors
+        scorer, keep = ctx.scorer, ctx.keep
+        z = _kept_block(logits, keep, scorer.lse.dtype)
+        scorer.score(z, slice(0, z.shape[0]), grad_losses.to(z.dtype).unsqueeze(1))
+        if keep is not None:
+            z = z.new_zeros(logits.shape).index_copy_(0, keep, z)
+        return z.to(logits.dtype), None, None
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    group=None,
+    *,
+    vocab_start: Optional[int] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: Optional[Tensor] = None,
+    z_loss: float = 0.0,
+    num_items=None,
+) -> Tensor:
+    r"""Cross entropy of logits whose vocabulary dimension is split across the ranks of ``group``.
+
+    Equals ``leanloss.cross_entropy`` (``torch.nn.functional.cross_entropy``) plus the z-loss on
+    the logits concatenated over the ranks along the last dimension, in value and in gradient,
+    on every rank. With ``q = log_softmax(z)`` over all ``V`` classes, ``lse`` the row's
+    log-sum-exp, ``w`` the class weights (ones by default), ``t`` the target and smoothing ``e``:
+
+    .. math::
+        \ell_r = (1-e)\, w_t (-q_t) + \frac{e}{V} \sum_{c<V} w_c (-q_c)
+                 + z_{loss}\, w_t\, \mathrm{lse}_r^2
+
+    zero for ``target == ignore_index``; ``'mean'`` divides the sum by ``num_items`` when given,
+    else by :math:`\sum_r w_{t_r}` over the rows that are not ignored (nan when all are, as torch).
+
+    Only per-row numbers cross ranks (a max and one stacked sum of the sum-exp, target logit
+    and, with smoothing, :math:`\sum_c w_c z_c`); label smoothing is exact for any number of
+    ranks (the sum runs over every slice, divided by the global ``V``). The gradient with respect
+    to ``local_logits`` is this rank's slice of the full gradient, computed without any
+    communication in backward.
+
+    Args:
+        local_logits: ``(..., V_local)``, this rank's slice of the logits (classes LAST).
+            Slices may be uneven.
+        target: ``(...)`` int64 GLOBAL class ids in ``[0, V)`` or ``ignore_index``; identical on
+            every rank.
+        group: the ``torch.distributed`` process group sharding the vocabulary; ``None`` is the
+            default group, or a single process when ``torch.distributed`` is not initialized.
+        vocab_start: first global class id of this rank's slice; default: the sum of the slice
+            sizes of the lower ranks of ``group`` (found with one all-gather of one number).
+        class_weight: the FULL ``(V,)`` per-class weights, the same on every rank (each rank
+            uses its slice, and ``w_t`` for targets owned by other ranks).
+        reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (shape of ``target``).
+        label_smoothing, z_loss, num_items, ignore_index: as in ``linear_cross_entropy``.
+
+    Returns the loss in ``local_logits``' dtype, as ``cross_entropy`` does; bfloat16/float16
+    logits are reduced in float32. Every rank returns the same value. Collective calls happen in
+    forward only, so every rank of ``group`` must call this function together.
+    """
+    fn = "vocab_parallel_cross_entropy"
+    reduction = resolve_reduction(reduction)
+    _checks.check_tensor(fn, "local_logits", local_logits)
+    if _checks.shapes_enabled():
+        _checks.check_floating(fn, "local_logits", local_logits, "logits")
+        if local_logits.dim() < 1:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'local_logits' must have a last (vocabulary) dimension, got a "
+                f"0-dim tensor"
+            )
+        _checks.check_same_device(fn, local_logits=local_logits, target=target)
+    local_vocab = local_logits.shape[-1]
+    setup = prepare_rows(
+        fn,
+        local_vocab=local_vocab,
+        batch_shape=local_logits.shape[:-1],
+        target=target,
+        group=group,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        z_loss=z_loss,
+        num_items=num_items,
+        dtype=compute_dtype(local_logits.dtype),
+        device=local_logits.device,
+    )
+    flat = local_logits.reshape(setup.batch_shape.numel(), local_vocab)
+    losses = _LocalLogitsLoss.apply(flat, setup.scorer, setup.keep)
+    if reduction == "none":
+        out = scatter_rows(losses, setup)
+    else:
+        out = reduce_loss(losses, reduction, weight_sum=setup.divisor)
+    return out.to(local_logits.dtype)

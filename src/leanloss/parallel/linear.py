@@ -1,0 +1,115 @@
+"""Fused LM-head cross entropy with the head's rows (the vocabulary) split across ranks."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._reduce import resolve_reduction
+from ..linear._engine import default_chunk_size, fused_linear_loss
+from ._comm import copy_to_vocab_parallel
+from ._setup import prepare_rows, scatter_rows
+
+__all__ = ["vocab_parallel_linear_cross_entropy"]
+
+
+def _check_head(fn: str, hidden: Tensor, local_weight: Tensor, bias: Optional[Tensor]) -> None:
+    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+        _checks.check_tensor(fn, name, t)
+        _checks.check_floating(fn, name, t)
+    if hidden.dim() < 1 or local_weight.dim() != 2 or local_weight.shape[1] != hidden.shape[-1]:
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument 'local_weight' must be (V_local, D) with D = hidden.shape[-1], got "
+            f"'local_weight' of shape {_checks.fmt_shape(local_weight)} and 'hidden' of shape "
+            f"{_checks.fmt_shape(hidden)}"
+        )
+    if bias is not None:
+        _checks.check_tensor(fn, "bias", bias)
+        if tuple(bias.shape) != (local_weight.shape[0],):
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'bias' must be this rank's ({local_weight.shape[0]},) slice, got "
+                f"shape {_checks.fmt_shape(bias)}"
+            )
+    _checks.check_same_device(fn, hidden=hidden, local_weight=local_weight, bias=bias)
+
+
+def vocab_parallel_linear_cross_entropy(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    group=None,
+    *,
+    bias: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    class_weight: Optional[Tensor] = None,
+    z_loss: float = 0.0,
+    num_items=None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Cross entropy of ``hidden @ W.T + b`` where each rank holds rows of the LM head ``W``.
+
+    Equals ``linear_cross_entropy(hidden, W, target, b, ...)`` with ``W``/``b`` the
+    concatenation of every rank's ``local_weight``/``bias`` (dense reference:
+    ``leanloss.cross_entropy`` plus the z-loss on ``hidden @ W.T + b``), with the formula of
+    :func:`vocab_parallel_cross_entropy`:
+
+    .. math::
+        \ell_r = (1-e)\, w_t (-q_t) + \frac{e}{V} \sum_{c<V} w_c (-q_c)
+                 + z_{loss}\, w_t\, \mathrm{lse}_r^2
+
+    No rank ever holds its ``(tokens, V_local)`` logits: the fused engine walks blocks of
+    ``chunk_size`` rows, and per block only per-row statistics cross ranks (one all-reduce MAX
+    and one stacked all-reduce SUM). Gradients: ``local_weight`` and ``bias`` get this rank's
+    slice of the full gradient; ``hidden`` gets the FULL gradient on every rank (the partial
+    gradients ``dz_local @ W_local`` are summed with one all-reduce in backward), as for an
+    input replicated over the tensor-parallel group.
+
+    Args:
+        hidden: ``(..., D)``, the same on every rank of ``group``.
+        local_weight: ``(V_local, D)``, this rank's rows of the head; slices may be uneven.
+        target: ``(...)`` GLOBAL class ids, identical on every rank.
+        group, vocab_start, class_weight (the FULL ``(V,)`` vector), ignore_index, reduction,
+            label_smoothing, z_loss, num_items: as in :func:`vocab_parallel_cross_entropy`.
+        bias: this rank's ``(V_local,)`` slice of the head's bias, or ``None``.
+        chunk_size: rows per block, the same on every rank (default: from the largest slice,
+            so that every rank walks the same blocks and issues the same collectives).
+
+    Returns the loss in float32 for bfloat16/float16 inputs (matmuls in the input dtype,
+    statistics in float32), as ``linear_cross_entropy`` does; ``'none'`` has ``target``'s
+    shape. Every rank of ``group`` must call this function together (and its backward).
+    """
+    fn = "vocab_parallel_linear_cross_entropy"
+    reduction = resolve_reduction(reduction)
+    if _checks.shapes_enabled():
+        _check_head(fn, hidden, local_weight, bias)
+    dtype = compute_dtype(hidden.dtype)
+    setup = prepare_rows(
+        fn,
+        local_vocab=local_weight.shape[0],
+        batch_shape=hidden.shape[:-1],
+        target=target,
+        group=group,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        class_weight=class_weight,
+        z_loss=z_loss,
+        num_items=num_items,
+        dtype=dtype,
+        device=hidden.device,
+    )
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if setup.keep is not None:
+        h = h.index_select(0, setup.keep)
+    h = copy_to_vocab_parallel(h, setup.shard)
+    rows = h.shape[0]
+    chunk = chunk_size or default_chunk_size(rows, setup.shard.max_size)
+    out = fused_linear_loss(
+        h, local_weight, bias, setup.scorer, reduction=reduction, divisor=setup.divisor, chunk_size=chunk
+    )
+    return scatter_rows(out, setup) if reduction == "none" else out

@@ -1,0 +1,297 @@
+"""leanloss.parallel against the unsharded float64 reference, in real gloo worlds.
+
+Spawning a world is the slow part, so each world size is spawned ONCE and runs every case;
+the parent builds the inputs and the float64 references, the ranks write their losses and
+gradients to files, and the parent compares (one assertion listing every failing case).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import leanloss
+from leanloss._checks import LeanlossValueError, TargetOutOfRangeError
+from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+# ------------------------------------------------------------------------------------------
+# cases
+# ------------------------------------------------------------------------------------------
+
+# Uneven slices everywhere; V=10 over 4 ranks as the issue asks.
+DEFAULT_SIZES = {1: [7], 2: [4, 3], 4: [3, 3, 2, 2]}
+
+OPTIONS = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "class_weight": {"class_weight": True},
+    "smoothing": {"label_smoothing": 0.2},
+    "smoothing_one": {"label_smoothing": 1.0, "class_weight": True},
+    "z_loss": {"z_loss": 0.1},
+    "num_items": {"num_items": 13},
+    "ignore": {"ignore": True},
+    "ignore_index_in_vocab": {"ignore_index": 2, "ignore": True},
+    "combined": {"class_weight": True, "label_smoothing": 0.1, "z_loss": 0.05, "ignore": True, "num_items": 11},
+    "combined_sum": {"reduction": "sum", "class_weight": True, "label_smoothing": 0.3, "z_loss": 0.2, "ignore": True},
+    "combined_none": {"reduction": "none", "class_weight": True, "label_smoothing": 0.1, "z_loss": 0.05, "ignore": True},
+}
+
+
+def _cases(world: int) -> dict:
+    """name -> spec; the specs are the same for both forms unless a form is named."""
+    cases = {}
+    for form in ("logits", "linear"):
+        for opt_name, opts in OPTIONS.items():
+            cases[f"{form}/{opt_name}"] = {"form": form, "opts": opts}
+        specials = {
+            "all_ignored_mean": {"opts": {"ignore_all": True}},
+            "all_ignored_sum": {"opts": {"ignore_all": True, "reduction": "sum"}},
+            "targets_on_last_rank": {"opts": {"class_weight": True, "label_smoothing": 0.1}, "targets": "last_rank"},
+            "leading_shape": {"shape": (2, 3, 4), "opts": {"ignore": True, "z_loss": 0.1}},
+            "explicit_vocab_start": {"explicit_start": True, "opts": {"class_weight": True, "label_smoothing": 0.2}},
+            "bf16": {"dtype": torch.bfloat16, "opts": {"class_weight": True, "label_smoothing": 0.1, "z_loss": 0.05, "ignore": True}},
+            "bf16_none": {"dtype": torch.bfloat16, "opts": {"reduction": "none", "ignore": True}},
+            "out_of_vocab": {"targets": "out_of_vocab", "opts": {}},
+        }
+        if world == 4:
+            specials["empty_slice"] = {"sizes": [4, 0, 3, 3], "opts": {"label_smoothing": 0.2, "class_weight": True}}
+        for name, spec in specials.items():
+            cases[f"{form}/{name}"] = {"form": form, **spec}
+    cases["linear/no_bias_chunked"] = {"form": "linear", "bias": False, "chunk": 2, "opts": {"z_loss": 0.1}}
+    cases["linear/one_chunk"] = {"form": "linear", "chunk": 64, "opts": {"label_smoothing": 0.1}}
+    return cases
+
+
+def _layout(spec: dict, world: int):
+    """(vocab, sizes per rank, start per rank)."""
+    sizes = spec.get("sizes", DEFAULT_SIZES[world])
+    order = list(range(world))[::-1] if spec.get("explicit_start") else list(range(world))
+    starts, offset = [0] * world, 0
+    for r in order:  # explicit_start: rank 0 holds the LAST slice of the vocabulary
+        starts[r], offset = offset, offset + sizes[r]
+    return sum(sizes), sizes, starts
+
+
+def _build(spec: dict, world: int, gen: torch.Generator) -> dict:
+    vocab, sizes, starts = _layout(spec, world)
+    shape = spec.get("shape", (9,))
+    opts = dict(spec["opts"])
+    dtype = spec.get("dtype", torch.float64)
+    ignore_index = opts.get("ignore_index", -100)
+    n = torch.Size(shape).numel()
+    target = torch.randint(vocab, (n,), generator=gen)
+    if spec.get("targets") == "last_rank":
+        last = max(range(world), key=lambda r: starts[r])
+        target = starts[last] + torch.randint(sizes[last], (n,), generator=gen)
+    if opts.pop("ignore", False):
+        target[torch.randperm(n, generator=gen)[: n // 3]] = ignore_index
+    if opts.pop("ignore_all", False):
+        target[:] = ignore_index
+    if spec.get("targets") == "out_of_vocab":
+        target[n // 2] = vocab
+    target = target.reshape(shape)
+    if opts.pop("class_weight", False):
+        opts["class_weight"] = torch.rand(vocab, generator=gen, dtype=torch.float64) + 0.2
+    case = {"spec": spec, "opts": opts, "target": target, "vocab": vocab, "sizes": sizes, "starts": starts}
+    if spec["form"] == "logits":
+        case["logits"] = (3 * torch.randn(*shape, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    else:
+        d = 5
+        case["hidden"] = torch.randn(*shape, d, generator=gen, dtype=torch.float64).to(dtype)
+        case["weight"] = torch.randn(vocab, d, generator=gen, dtype=torch.float64).to(dtype)
+        if spec.get("bias", True):
+            case["bias"] = torch.randn(vocab, generator=gen, dtype=torch.float64).to(dtype)
+    if opts.get("reduction") == "none":
+        case["upstream"] = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return case
+
+
+# ------------------------------------------------------------------------------------------
+# one rank's work
+# ------------------------------------------------------------------------------------------
+
+
+def _run_case(case: dict, rank: int) -> dict:
+    spec, opts = case["spec"], dict(case["opts"])
+    start, size = case["starts"][rank], case["sizes"][rank]
+    if spec.get("explicit_start"):
+        opts["vocab_start"] = start
+    local = slice(start, start + size)
+    leaves = {}
+    if spec["form"] == "logits":
+        leaves["logits"] = case["logits"][..., local].detach().clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(leaves["logits"], case["target"], **opts)
+    else:
+        leaves["hidden"] = case["hidden"].detach().clone().requires_grad_()
+        leaves["weight"] = case["weight"][local].detach().clone().requires_grad_()
+        if "bias" in case:
+            leaves["bias"] = case["bias"][local].detach().clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(
+            leaves["hidden"], leaves["weight"], case["target"], bias=leaves.get("bias"),
+            chunk_size=spec.get("chunk", 4), **opts,
+        )
+    upstream = case.get("upstream")
+    loss.backward(None if upstream is None else upstream.to(loss.dtype))
+    return {"loss": loss.detach(), "grads": {k: v.grad for k, v in leaves.items()}}
+
+
+def _run_all(cases: dict, rank: int) -> dict:
+    """Every case in order; after an unexpected error the ranks may be out of step, so stop."""
+    results, broken = {}, None
+    for name, case in cases.items():
+        if broken is not None:
+            results[name] = {"error": RuntimeError, "message": f"not run: {broken} failed before"}
+            continue
+        try:
+            results[name] = _run_case(case, rank)
+        except Exception as exc:  # recorded; the parent decides whether it was expected
+            results[name] = {"error": exc.__class__, "message": str(exc)}
+            if not isinstance(exc, TargetOutOfRangeError):
+                broken = name
+    return results
+
+
+def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=20),
+    )
+    try:
+        torch.set_num_threads(1)
+        results = _run_all(torch.load(inputs_path, weights_only=False), rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------
+# the float64 reference and the comparison
+# ------------------------------------------------------------------------------------------
+
+
+def _reference(case: dict) -> dict:
+    """Unsharded loss and gradients in float64: torch's CE per row plus the z-loss, reduced."""
+    opts, target = case["opts"], case["target"]
+    form = case["spec"]["form"]
+    leaves = {k: case[k].to(torch.float64, copy=True).requires_grad_() for k in ("logits", "hidden", "weight", "bias") if k in case}
+    if form == "logits":
+        z = leaves["logits"]
+    else:
+        z = leaves["hidden"] @ leaves["weight"].T
+        z = z + leaves["bias"] if "bias" in leaves else z
+    z2, t = z.reshape(-1, case["vocab"]), target.reshape(-1)
+    ignore_index = opts.get("ignore_index", -100)
+    weight, eps = opts.get("class_weight"), opts.get("label_smoothing", 0.0)
+    valid = t != ignore_index
+    safe_t = torch.where(valid, t, 0)
+    w_t = (weight[safe_t] if weight is not None else torch.ones(t.shape, dtype=torch.float64)) * valid
+    ce = F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=eps)
+    lse = torch.logsumexp(z2, dim=1)
+    rows = ce + torch.where(valid, opts.get("z_loss", 0.0) * w_t * lse.square(), 0.0)
+    reduction = opts.get("reduction", "mean")
+    if reduction == "none":
+        loss = rows.reshape(target.shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / (opts["num_items"] if "num_items" in opts else w_t.sum())
+    if not opts.get("z_loss") and "num_items" not in opts:  # the composition is torch's own CE
+        torch.testing.assert_close(
+            loss, F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index,
+                                  reduction=reduction, label_smoothing=eps).reshape(loss.shape),
+            equal_nan=True,
+        )
+    grads = torch.autograd.grad(loss, list(leaves.values()), case.get("upstream"), allow_unused=True)
+    return {"loss": loss.detach(), "grads": dict(zip(leaves, grads))}
+
+
+def _close(got, want, low_precision: bool) -> bool:
+    got, want = got.double(), want.double()
+    if got.shape != want.shape:
+        return False
+    scale = max(1.0, float(want.abs().nan_to_num().max())) if want.numel() else 1.0
+    atol, rtol = (3e-2 * scale, 3e-2) if low_precision else (1e-10 * scale, 1e-9)
+    return torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _check(name: str, case: dict, results_by_rank: list) -> list:
+    """Failure messages for one case over all ranks (empty when every rank matches)."""
+    spec = case["spec"]
+    if spec.get("targets") == "out_of_vocab":
+        failures = []
+        for rank, res in enumerate(results_by_rank):
+            if not (res.get("error") is TargetOutOfRangeError and issubclass(res["error"], IndexError)
+                    and "'target'" in res["message"] and str(case["vocab"]) in res["message"]):
+                failures.append(f"{name} rank {rank}: expected TargetOutOfRangeError naming 'target', got {res}")
+        return failures
+    ref = _reference(case)
+    low = spec.get("dtype", torch.float64) != torch.float64
+    failures = []
+    for rank, res in enumerate(results_by_rank):
+        if "error" in res:
+            failures.append(f"{name} rank {rank}: raised {res['error'].__name__}: {res['message']}")
+            continue
+        local = slice(case["starts"][rank], case["starts"][rank] + case["sizes"][rank])
+        if not _close(res["loss"], ref["loss"], low):
+            failures.append(f"{name} rank {rank}: loss {res['loss']} != reference {ref['loss']}")
+        for key, want in ref["grads"].items():
+            if key == "logits":
+                want = want[..., local]
+            elif key in ("weight", "bias"):
+                want = want[local]
+            got = res["grads"][key]
+            if got is None or got.dtype != case[key].dtype or not _close(got, want, low):
+                failures.append(f"{name} rank {rank}: grad of {key} differs: {got} vs {want}")
+    return failures
+
+
+def _cases_with_inputs(world: int) -> dict:
+    gen = torch.Generator().manual_seed(1234 + world)
+    return {name: _build(spec, world, gen) for name, spec in _cases(world).items()}
+
+
+def _spawn_world(world: int, tmp_path) -> tuple:
+    cases = _cases_with_inputs(world)
+    inputs = str(tmp_path / "inputs.pt")
+    torch.save(cases, inputs)
+    mp.start_processes(_child, args=(world, _free_port(), inputs, str(tmp_path)), nprocs=world,
+                       join=True, start_method="spawn")
+    return cases, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------
+# tests
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_case_equals_unsharded_reference(world, tmp_path):
+    cases, results = _spawn_world(world, tmp_path)
+    failures = []
+    for name, case in cases.items():
+        failures += _check(name, case, [res[name] for res in results])
+    assert len(cases) > 40 and not failures, "\n".join(failures)
+
+
+def test_world_of_one_equals_unsharded_with_and_without_process_group():
+    cases = _cases_with_inputs(1)
+    failures = [f for name, case in cases.items() for f in _check(name, case, [_run_all({name: case}, 0)[name]])]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        failures += [f for name, case in cases.items() for f in _check(name, case, [_run_all({name: case}, 0)[name]])]
+    finally:
+        dist.destroy_process_group()
+    assert not failures, "\n".join(failures)
