@@ -296,6 +296,22 @@ def test_refuses_what_it_cannot_reproduce():
         patched(**_batch(1000), output_router_logits=True)
 
 
+def test_verify_false_skips_the_probe():
+    torch.manual_seed(0)
+    model = _TripledLogits(LlamaConfig(vocab_size=1000, **COMMON))
+    assert is_leanloss_applied(apply_leanloss(model, verify=False))  # the user's responsibility
+
+
+def test_bfloat16_model_matches_within_bf16_rounding():
+    patched, ref = _pair("gemma2")
+    patched.to(torch.bfloat16), ref.to(torch.bfloat16)
+    apply_leanloss(patched)  # the probe accepts bf16 rounding
+    inputs = _batch(1500)
+    out, expected = patched(**inputs), ref(**inputs)
+    assert out.loss.dtype == torch.float32 and out.logits is None
+    torch.testing.assert_close(out.loss, expected.loss.float(), rtol=2e-2, atol=0)
+
+
 def test_refuses_a_head_that_is_not_a_plain_linear():
     torch.manual_seed(0)
     model = _llama()
