@@ -147,46 +147,22 @@ class CrossEntropyScorer(Scorer):
 
 
 def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
-           logit_scale, ignore_index):
+           logit_scale, ignore_index) -> None:
+    vocab = _checks.check_linear_shapes(_FN, hidden, weight, bias, target)
     if not _checks.shapes_enabled():
         return
-    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
-        _checks.check_tensor(_FN, name, t)
-    _checks.check_floating(_FN, "hidden", hidden)
-    _checks.check_floating(_FN, "weight", weight)
-    _checks.check_index_target_dtype(_FN, target)
-    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise _checks.LeanlossValueError(
-            f"{_FN}: argument 'weight' must have shape (V, D) with D = hidden.shape[-1]; got "
-            f"'hidden' of shape {_checks.fmt_shape(hidden)} and 'weight' of shape "
-            f"{_checks.fmt_shape(weight)}")
-    if hidden.dtype != weight.dtype:
+    if bias is not None and bias.dtype != weight.dtype:
         raise _checks.LeanlossTypeError(
-            f"{_FN}: argument 'weight' must have the dtype of 'hidden' ({hidden.dtype}), got "
-            f"{weight.dtype}")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise _checks.LeanlossValueError(
-            f"{_FN}: argument 'target' must have shape {tuple(hidden.shape[:-1])} (hidden's "
-            f"shape without its last dimension), got {tuple(target.shape)}")
-    if bias is not None:
-        _checks.check_tensor(_FN, "bias", bias)
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
-            raise _checks.LeanlossValueError(
-                f"{_FN}: argument 'bias' must be a ({weight.shape[0]},) tensor of dtype "
-                f"{weight.dtype}, got shape {_checks.fmt_shape(bias)} and dtype {bias.dtype}")
-    _checks.check_same_device(_FN, hidden=hidden, weight=weight, target=target, bias=bias,
-                              class_weight=class_weight)
-    _checks.check_class_weight(_FN, "class_weight", class_weight, weight.shape[0])
+            f"{_FN}: argument 'bias' must have the dtype of 'weight' ({weight.dtype}), got "
+            f"{bias.dtype}")
+    _checks.check_same_device(_FN, hidden=hidden, class_weight=class_weight)
+    _checks.check_class_weight(_FN, "class_weight", class_weight, vocab)
     _checks.check_label_smoothing(_FN, label_smoothing)
-    if not float(z_loss) >= 0.0:
-        raise _checks.LeanlossValueError(f"{_FN}: argument 'z_loss' must be >= 0, got {z_loss}")
-    if softcap is not None and not float(softcap) > 0.0:
-        raise _checks.LeanlossValueError(
-            f"{_FN}: argument 'softcap' must be None or > 0, got {softcap}")
-    if not float(logit_scale) > 0.0:
-        raise _checks.LeanlossValueError(
-            f"{_FN}: argument 'logit_scale' must be > 0, got {logit_scale}")
-    _checks.check_index_target_range(_FN, target, weight.shape[0], ignore_index)
+    _checks.check_in_closed_interval(_FN, "z_loss", z_loss, 0.0, float("inf"))
+    if softcap is not None:
+        _checks.check_positive(_FN, "softcap", softcap)
+    _checks.check_positive(_FN, "logit_scale", logit_scale)
+    _checks.check_index_target_range(_FN, target, vocab, ignore_index)
 
 
 @torch.compiler.disable
