@@ -155,6 +155,10 @@ def compare(ours: Callable, theirs: Callable, args: Sequence, kwargs: Optional[d
     up_args = [_upcast_arg(a) for a in args]
     up_kwargs = {k: _upcast_arg(v) for k, v in kwargs.items()}
     ref64, ref64_grads, _ = _run(theirs, up_args, up_kwargs, grad_seed)
+    # the float64 reference rounded to the result's dtype: the best answer that dtype can hold
+    # (e.g. torch's BCE gradient 1e12 at x = 0 is inf in float16)
+    ref64 = ref64.to(out.dtype)
+    ref64_grads = [r.to(g.dtype) for g, r in zip(grads, ref64_grads)]
     assert_close(out, ref64, dtype, "value vs torch float64")
     for i, g, r in zip(leaves, grads, ref64_grads):
         assert_close(g, r, dtype, f"gradient of argument {i} vs torch float64")
@@ -166,13 +170,19 @@ def compare(ours: Callable, theirs: Callable, args: Sequence, kwargs: Optional[d
 
 
 def _assert_near_low_precision(out: Tensor, ref: Tensor, ref64: Tensor, dtype: torch.dtype, what: str) -> None:
-    """``|out - ref| <= 2 (atol + rtol |ref64|) + |ref - ref64|`` elementwise (nan where torch's is)."""
+    """``|out - ref| <= 2 (atol + rtol |ref64|) + |ref - ref64|`` elementwise (nan where torch's is).
+
+    ``ref64`` is torch's float64 result rounded to the result's dtype."""
     rtol, atol = TOL[dtype]
     out, ref, ref64 = out.double(), ref.double(), ref64.double()
     both_nan = torch.isnan(out) & torch.isnan(ref)
     same_inf = torch.isinf(out) & (out == ref)
     allowed = 2 * (atol + rtol * ref64.abs()) + (ref - ref64).abs()
-    ok = both_nan | same_inf | ((out - ref).abs() <= allowed)
+    # where torch's own low-precision arithmetic overflows to inf/nan but float64 does not
+    # (float16 BCE: its 1e-12 epsilon underflows, 0/0 at x = t in {0, 1}), leanloss, already
+    # checked against the float64 reference, keeps the finite answer
+    torch_lost = ~torch.isfinite(ref) & torch.isfinite(ref64)
+    ok = both_nan | same_inf | torch_lost | ((out - ref).abs() <= allowed)
     if not bool(ok.all()):
         bad = (~ok).nonzero()[0].tolist()
         raise AssertionError(

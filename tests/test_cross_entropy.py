@@ -237,3 +237,19 @@ def test_negative_label_smoothing_is_rejected():
     assert torch.equal(F.cross_entropy(x, t, label_smoothing=-0.1), F.cross_entropy(x, t))
     with pytest.raises(ValueError, match="label_smoothing"):
         leanloss.cross_entropy(x, t, label_smoothing=-0.1)
+
+
+@pytest.mark.parametrize("dtypes", ((torch.float32, torch.float64, None), (torch.float64, torch.float32, None),
+                                    (torch.float32, torch.float32, torch.float64),
+                                    (torch.float64, torch.float64, torch.float32),
+                                    (torch.bfloat16, torch.bfloat16, torch.float32),
+                                    (torch.bfloat16, torch.float32, None)), ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_mixed_dtypes(dtypes, reduction):
+    """torch computes log_softmax(x) * p * w: the result promotes over all three dtypes."""
+    shape = (3, 4, 2)
+    x, p = logits(shape, dtypes[0]), probs(shape, dtypes[1])
+    w = None if dtypes[2] is None else _weight(shape, dtypes[2])
+    lowest = max((d for d in dtypes if d is not None), key=lambda d: torch.finfo(d).eps)
+    compare(leanloss.cross_entropy, F.cross_entropy, (x, p), {"reduction": reduction, "weight": w,
+                                                            "label_smoothing": 0.1}, dtype=lowest)

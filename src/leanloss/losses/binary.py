@@ -163,5 +163,6 @@ def binary_cross_entropy_with_logits(
     loss = (1 - t) * x - log_sig
     if weight is not None:
         loss = loss * upcast(weight)
-    out_dtype = input.dtype
+    # torch builds the loss in place on (1 - target): its result has the target's dtype
+    out_dtype = target.dtype
     return reduce_loss(loss, reduction).to(out_dtype)

@@ -222,7 +222,10 @@ def _probability_target_loss(
         _checks.check_class_weight(fn, "weight", weight, num_classes)
     _heuristics.warn_if_probabilities(fn, input, class_dim)
     _heuristics.warn_if_not_distribution(fn, "target", target, class_dim)
+    # torch computes (log_softmax(input) * target * weight): the result takes all three dtypes
     out_dtype = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
     log_probs = torch.log_softmax(upcast(input), dim=class_dim)
     p = upcast(target)
     if label_smoothing > 0.0:
@@ -231,6 +234,6 @@ def _probability_target_loss(
     if weight is not None:
         shape = [1] * input.dim()
         shape[class_dim] = num_classes
-        terms = terms * weight.to(terms.dtype).view(shape)
+        terms = terms * upcast(weight).view(shape)
     # 'mean' divides by the element count N * d1 * ... * dK (nan when empty), as torch does
     return reduce_loss(-terms.sum(class_dim), reduction).to(out_dtype)
