@@ -142,6 +142,27 @@ def _run_case(case: dict, rank: int) -> dict:
     return {"loss": loss.detach(), "grads": {k: v.grad for k, v in leaves.items()}}
 
 
+class _CommLog:
+    """Records the number of elements of every collective call (to prove logits never travel)."""
+
+    def __init__(self):
+        self.sizes = []
+        self._originals = {op: getattr(dist, op) for op in ("all_reduce", "all_gather")}
+
+    def __enter__(self):
+        for op, original in self._originals.items():
+            def logged(tensor_or_list, *args, _original=original, **kwargs):
+                t = tensor_or_list[0] if isinstance(tensor_or_list, list) else tensor_or_list
+                self.sizes.append(t.numel())
+                return _original(tensor_or_list, *args, **kwargs)
+            setattr(dist, op, logged)
+        return self
+
+    def __exit__(self, *exc):
+        for op, original in self._originals.items():
+            setattr(dist, op, original)
+
+
 def _run_all(cases: dict, rank: int) -> dict:
     """Every case in order; after an unexpected error the ranks may be out of step, so stop."""
     results, broken = {}, None
@@ -150,7 +171,9 @@ def _run_all(cases: dict, rank: int) -> dict:
             results[name] = {"error": RuntimeError, "message": f"not run: {broken} failed before"}
             continue
         try:
-            results[name] = _run_case(case, rank)
+            with _CommLog() as log:
+                results[name] = _run_case(case, rank)
+            results[name]["comm_sizes"] = log.sizes
         except Exception as exc:  # recorded; the parent decides whether it was expected
             results[name] = {"error": exc.__class__, "message": str(exc)}
             if not isinstance(exc, TargetOutOfRangeError):
@@ -245,6 +268,9 @@ def _check(name: str, case: dict, results_by_rank: list) -> list:
             failures.append(f"{name} rank {rank}: raised {res['error'].__name__}: {res['message']}")
             continue
         local = slice(case["starts"][rank], case["starts"][rank] + case["sizes"][rank])
+        if len(results_by_rank) > 1 and not _only_row_statistics_travel(case, res["comm_sizes"]):
+            failures.append(f"{name} rank {rank}: a collective moved more than per-row statistics: "
+                            f"{res['comm_sizes']}")
         if not _close(res["loss"], ref["loss"], low):
             failures.append(f"{name} rank {rank}: loss {res['loss']} != reference {ref['loss']}")
         for key, want in ref["grads"].items():
@@ -256,6 +282,17 @@ def _check(name: str, case: dict, results_by_rank: list) -> list:
             if got is None or got.dtype != case[key].dtype or not _close(got, want, low):
                 failures.append(f"{name} rank {rank}: grad of {key} differs: {got} vs {want}")
     return failures
+
+
+def _only_row_statistics_travel(case: dict, sizes: list) -> bool:
+    """Collectives carry at most 3 numbers per row of a block (plus, for the linear form, the
+    (rows, D) gradient of the replicated hidden states); some communication must have happened."""
+    rows = int((case["target"] != case["opts"].get("ignore_index", -100)).sum())
+    if case["spec"]["form"] == "logits":
+        return bool(sizes) and max(sizes) <= max(3 * rows, 1)
+    chunk = min(rows, case["spec"].get("chunk", 4))
+    block_sizes = [s for s in sizes if s != rows * case["hidden"].shape[-1]]
+    return bool(block_sizes) and max(block_sizes) <= max(3 * chunk, 1)
 
 
 def _cases_with_inputs(world: int) -> dict:
@@ -295,3 +332,60 @@ def test_world_of_one_equals_unsharded_with_and_without_process_group():
     finally:
         dist.destroy_process_group()
     assert not failures, "\n".join(failures)
+
+
+def test_world_of_one_equals_leanloss_cross_entropy_and_linear_cross_entropy():
+    """The single-process functions are the unsharded ones (dense CE, and the fused CE's engine)."""
+    checked = 0
+    for name, case in _cases_with_inputs(1).items():
+        opts, spec = dict(case["opts"]), case["spec"]
+        if spec.get("targets") == "out_of_vocab":
+            continue
+        got = _run_case(case, 0)
+        low = spec.get("dtype", torch.float64) != torch.float64
+        if spec["form"] == "linear":
+            leaves = {k: case[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias") if k in case}
+            want = leanloss.linear_cross_entropy(leaves["hidden"], leaves["weight"], case["target"],
+                                                 leaves.get("bias"), **opts)
+        elif opts.pop("z_loss", 0.0) or opts.pop("num_items", None) is not None:
+            continue
+        else:
+            leaves = {"logits": case["logits"].detach().clone().requires_grad_()}
+            z = leaves["logits"].movedim(-1, 1) if leaves["logits"].dim() > 2 else leaves["logits"]
+            want = leanloss.cross_entropy(z, case["target"], weight=opts.pop("class_weight", None), **opts)
+        want.backward(None if case.get("upstream") is None else case["upstream"].to(want.dtype))
+        assert want.dtype == got["loss"].dtype, name
+        assert _close(got["loss"], want.detach(), low), name
+        for key, leaf in leaves.items():
+            assert _close(got["grads"][key], leaf.grad, low), (name, key)
+        checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"target": torch.tensor([0, 7, 1])}, TargetOutOfRangeError, ["'target'", "7"]),
+        ({"target": torch.tensor([0, -3, 1])}, IndexError, ["'target'", "-3"]),
+        ({"target": torch.tensor([0, 1])}, LeanlossValueError, ["'target'", "(3,)"]),
+        ({"target": torch.tensor([0.0, 1.0, 2.0])}, TypeError, ["'target'", "int64"]),
+        ({"class_weight": torch.ones(3)}, LeanlossValueError, ["'class_weight'", "7"]),
+        ({"vocab_start": 2}, LeanlossValueError, ["'vocab_start'", "[0, 0]"]),
+        ({"group": object()}, LeanlossValueError, ["'group'", "init_process_group"]),
+        ({"z_loss": -1.0}, LeanlossValueError, ["'z_loss'"]),
+        ({"label_smoothing": 1.5}, LeanlossValueError, ["'label_smoothing'"]),
+        ({"reduction": "avg"}, ValueError, ["'reduction'"]),
+    ],
+)
+@pytest.mark.parametrize("form", ["logits", "linear"])
+def test_errors_name_the_argument(form, kwargs, error, words):
+    kwargs = dict(kwargs)
+    target = kwargs.pop("target", torch.tensor([0, 6, 1]))
+    if form == "logits":
+        call = lambda: vocab_parallel_cross_entropy(torch.randn(3, 7), target, **kwargs)  # noqa: E731
+    else:
+        call = lambda: vocab_parallel_linear_cross_entropy(torch.randn(3, 4), torch.randn(7, 4), target, **kwargs)  # noqa: E731
+    with pytest.raises(error) as info:
+        call()
+    for word in words:
+        assert word in str(info.value)

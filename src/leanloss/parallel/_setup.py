@@ -50,6 +50,7 @@ def prepare_rows(
             )
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
+    z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
     shard = vocab_shard(fn, group, local_vocab, vocab_start, device)
     if _checks.shapes_enabled():
         _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)

@@ -15,26 +15,6 @@ from ._setup import prepare_rows, scatter_rows
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
-def _check_head(fn: str, hidden: Tensor, local_weight: Tensor, bias: Optional[Tensor]) -> None:
-    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
-        _checks.check_tensor(fn, name, t)
-        _checks.check_floating(fn, name, t)
-    if hidden.dim() < 1 or local_weight.dim() != 2 or local_weight.shape[1] != hidden.shape[-1]:
-        raise _checks.LeanlossValueError(
-            f"{fn}: argument 'local_weight' must be (V_local, D) with D = hidden.shape[-1], got "
-            f"'local_weight' of shape {_checks.fmt_shape(local_weight)} and 'hidden' of shape "
-            f"{_checks.fmt_shape(hidden)}"
-        )
-    if bias is not None:
-        _checks.check_tensor(fn, "bias", bias)
-        if tuple(bias.shape) != (local_weight.shape[0],):
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'bias' must be this rank's ({local_weight.shape[0]},) slice, got "
-                f"shape {_checks.fmt_shape(bias)}"
-            )
-    _checks.check_same_device(fn, hidden=hidden, local_weight=local_weight, bias=bias)
-
-
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     local_weight: Tensor,
@@ -85,8 +65,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     fn = "vocab_parallel_linear_cross_entropy"
     reduction = resolve_reduction(reduction)
-    if _checks.shapes_enabled():
-        _check_head(fn, hidden, local_weight, bias)
+    _checks.check_linear_shapes(fn, hidden, local_weight, bias, target, weight_name="local_weight")
     dtype = compute_dtype(hidden.dtype)
     setup = prepare_rows(
         fn,
