@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from typing import Iterator, Optional, Sequence
 
@@ -30,6 +31,7 @@ __all__ = [
     "LeanlossValueError",
     "LeanlossTypeError",
     "TargetOutOfRangeError",
+    "UnsupportedDtypeError",
     "set_checks",
     "get_checks",
     "checks",
@@ -52,6 +54,11 @@ class LeanlossTypeError(TypeError, RuntimeError):
 
 class TargetOutOfRangeError(IndexError, ValueError):
     """A class-index target lies outside ``[0, C)`` (an ``IndexError``, as torch raises)."""
+
+
+class UnsupportedDtypeError(LeanlossTypeError, NotImplementedError):
+    """Integer, boolean or complex values where floats belong (torch's kernels raise
+    ``NotImplementedError``: "... not implemented for 'Long'")."""
 
 
 def _mode_from_env() -> str:
@@ -107,9 +114,20 @@ def values_enabled() -> bool:
     return _MODE == "full" and not _compiling()
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside the leanloss package (the user's call)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn(message: str) -> None:
-    """Emit an :class:`InputWarning` pointing at the caller's code."""
-    warnings.warn(message, InputWarning, stacklevel=4)
+    """Emit an :class:`InputWarning` pointing at the first line of the caller's code."""
+    warnings.warn(message, InputWarning, stacklevel=_user_stacklevel())
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,10 +146,26 @@ def check_tensor(fn: str, name: str, value) -> None:
 
 
 def check_floating(fn: str, name: str, t: Tensor, what: str = "floating-point values") -> None:
-    """Integer, boolean or complex tensors where floats belong (torch raises RuntimeError)."""
+    """Integer, boolean or complex tensors where floats belong (torch raises
+    NotImplementedError or RuntimeError; :class:`UnsupportedDtypeError` is both)."""
     if not t.is_floating_point():
+        raise UnsupportedDtypeError(
+            f"{fn}: argument '{name}' must be a floating-point tensor of {what}, got dtype "
+            f"{t.dtype} (not implemented for {_dtype_name(t.dtype)!r})"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """torch's C++ scalar-type name (Float, Double, Long, BFloat16, ...), as in its messages."""
+    return torch.empty((), dtype=dtype, device="meta").type().split(".")[-1].replace("Tensor", "")
+
+
+def check_same_dtype(fn: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` must have ``ref``'s dtype (torch raises RuntimeError "Found dtype X but expected Y")."""
+    if t.dtype != ref.dtype:
         raise LeanlossTypeError(
-            f"{fn}: argument '{name}' must be a floating-point tensor of {what}, got dtype {t.dtype}"
+            f"{fn}: Found dtype {_dtype_name(t.dtype)} but expected {_dtype_name(ref.dtype)}: "
+            f"argument '{name}' must have the dtype of '{ref_name}' ({ref.dtype}), got {t.dtype}"
         )
 
 
@@ -148,16 +182,24 @@ def check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
             )
 
 
-def check_class_weight(fn: str, name: str, weight: Optional[Tensor], num_classes: int) -> None:
-    """``weight`` must be a 1-D floating tensor with one entry per class."""
+def check_class_weight(
+    fn: str, name: str, weight: Optional[Tensor], num_classes: int, dtype: Optional[torch.dtype] = None
+) -> None:
+    """``weight`` must be a 1-D floating tensor with one entry per class and, when ``dtype`` is
+    given, that dtype (torch's nll_loss: "expected scalar type Float but found Double")."""
     if weight is None:
         return
     check_tensor(fn, name, weight)
     if weight.dim() != 1 or weight.numel() != num_classes:
         raise LeanlossValueError(
-            f"{fn}: argument '{name}' should be defined either for all {num_classes} classes or "
-            f"no classes, i.e. a 1-D tensor of shape ({num_classes},), but got weight tensor of "
-            f"shape: {fmt_shape(weight)}"
+            f"{fn}: weight tensor should be defined either for all {num_classes} classes or no "
+            f"classes: argument '{name}' must be a 1-D tensor of shape ({num_classes},), but got "
+            f"weight tensor of shape: {fmt_shape(weight)}"
+        )
+    if dtype is not None and weight.dtype != dtype:
+        raise LeanlossTypeError(
+            f"{fn}: expected scalar type {_dtype_name(dtype)} but found {_dtype_name(weight.dtype)}: "
+            f"argument '{name}' must have the dtype of 'input' ({dtype}), got {weight.dtype}"
         )
     check_floating(fn, name, weight, "per-class weights")
 
@@ -166,7 +208,8 @@ def check_label_smoothing(fn: str, label_smoothing: float) -> float:
     value = float(label_smoothing)
     if not (0.0 <= value <= 1.0):
         raise LeanlossValueError(
-            f"{fn}: argument 'label_smoothing' must be between 0.0 and 1.0, got {label_smoothing}"
+            f"{fn}: label_smoothing must be between 0.0 and 1.0: argument 'label_smoothing' "
+            f"must lie in [0, 1], got {label_smoothing}"
         )
     return value
 
@@ -174,7 +217,8 @@ def check_label_smoothing(fn: str, label_smoothing: float) -> float:
 def check_index_target_dtype(fn: str, target: Tensor) -> None:
     if target.dtype not in (torch.int64, torch.uint8):
         raise LeanlossTypeError(
-            f"{fn}: argument 'target' must hold class indices as an int64 (Long) tensor, got "
+            f"{fn}: expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}: "
+            f"argument 'target' must hold class indices as an int64 (Long) tensor, got "
             f"dtype {target.dtype}"
             + (
                 "; for class probabilities pass a floating tensor of the same shape as 'input'"
@@ -190,11 +234,19 @@ def check_index_target_shape(fn: str, input: Tensor, target: Tensor) -> None:
         raise LeanlossValueError(
             f"{fn}: argument 'input' expected 1 or more dimensions (got {input.dim()})"
         )
+    if target.dim() > 1 and input.dim() <= 2:
+        raise LeanlossValueError(
+            f"{fn}: 0D or 1D target tensor expected, multi-target not supported: argument "
+            f"'target' for 'input' of shape {fmt_shape(input)} must be {'()' if input.dim() == 1 else '(N,)'}"
+            f" class indices, got shape {fmt_shape(target)}"
+        )
     if input.dim() == 1:
-        if target.dim() != 0:
+        if target.dim() == 1 and target.shape[0] != 1:
             raise LeanlossValueError(
-                f"{fn}: for 'input' of shape (C,) = {fmt_shape(input)} argument 'target' must be "
-                f"a 0-dim class index, got shape {fmt_shape(target)}"
+                f"{fn}: For 1D input, 1D target must have size 1, but got target size: "
+                f"{target.shape[0]}: argument 'target' for 'input' of shape (C,) = "
+                f"{fmt_shape(input)} must be a 0-dim class index (or shape (1,)), got shape "
+                f"{fmt_shape(target)}"
             )
         return
     if target.dim() == 0 or input.shape[0] != target.shape[0]:
@@ -223,8 +275,8 @@ def check_index_target_range(fn: str, target: Tensor, num_classes: int, ignore_i
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        value = int(target[position].item()) if target.dim() else int(target.item())
+        position = first_position(bad)
+        value = int(target[position].item())
         raise TargetOutOfRangeError(
             f"{fn}: Target {value} is out of bounds: argument 'target' must hold class indices "
             f"in [0, {num_classes - 1}] (or ignore_index={ignore_index}), got {value} at "
@@ -233,16 +285,37 @@ def check_index_target_range(fn: str, target: Tensor, num_classes: int, ignore_i
 
 
 def check_unit_interval(fn: str, name: str, t: Tensor, hint: str = "") -> None:
-    """All values in [0, 1] (torch's BCE raises RuntimeError)."""
+    """All values in [0, 1], NaN excluded (torch's BCE raises RuntimeError). One ``aminmax``
+    pass; the offending value and its position are computed only on the failure path."""
     if not values_enabled() or t.numel() == 0:
         return
-    bad = ~((t >= 0) & (t <= 1))
-    if bool(bad.any()):
-        position = tuple(int(i) for i in bad.nonzero()[0].tolist())
-        value = t[position].item() if t.dim() else t.item()
+    lo, hi = torch.aminmax(t.detach())
+    if not (float(lo) >= 0.0 and float(hi) <= 1.0):  # False for NaN too
+        bad = ~((t >= 0) & (t <= 1))
+        position = first_position(bad)
+        value = t[position].item()
         raise LeanlossValueError(
             f"{fn}: all elements of input should be between 0 and 1: argument '{name}' must hold "
             f"probabilities in [0, 1], got {value} at position {position}{hint}"
+        )
+
+
+def first_position(mask: Tensor) -> tuple:
+    """Index tuple of the first True element of ``mask`` (``()`` for a 0-dim mask); for error
+    messages only, so it runs on the failure path."""
+    return tuple(int(i) for i in mask.nonzero()[0].tolist()) if mask.dim() else ()
+
+
+def check_plus_minus_one(fn: str, name: str, target: Tensor, hint: str = "") -> None:
+    """Every value is 1 or -1 (cosine embedding targets; torch does not check)."""
+    if not values_enabled() or target.numel() == 0:
+        return
+    bad = (target != 1) & (target != -1)
+    if bool(bad.any()):
+        position = first_position(bad)
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' must hold only 1 (similar) or -1 (dissimilar), got "
+            f"{target[position].item()} at position {position}{hint}"
         )
 
 

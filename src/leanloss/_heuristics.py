@@ -1,124 +1,169 @@
 """Warnings for inputs that are valid but almost certainly a mistake.
 
 Each heuristic reads tensor values, so it runs only when value checks are enabled
-(``leanloss.set_checks('full')``, eager mode). Cost is bounded: one ``aminmax`` pass over the
-input (which also catches NaN/Inf), and row-wise tests on at most ``_SAMPLE_ROWS`` rows.
+(``leanloss.set_checks('full')``, eager mode). The cost is bounded and independent of the batch
+size: a heuristic looks at the first ``_SAMPLE_ROWS`` rows (class dimension last) of its
+argument, never at the whole tensor. NaN and Inf are found from the loss instead of the
+inputs: :func:`finite_or_warn` tests the (small) result, and only when it is not finite does it
+scan the inputs to say which argument holds the NaN/Inf and where.
+
+What "ordinary" inputs look like, and never trigger a warning: random normal logits,
+``log_softmax`` outputs, one-hot or label-smoothed probability targets, sigmoid outputs given
+to ``binary_cross_entropy``, ``-inf`` logits that mask classes (as long as the loss is finite).
 """
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _checks
 
-_SAMPLE_ROWS = 64
-_SUM_TOL = 1e-3
+_SAMPLE_ROWS = 16  # rows read by a row-wise heuristic
+_SAMPLE_COLS = 4096  # elements per row read by an elementwise heuristic
+_MIN_ELEMENTS = 16  # an elementwise heuristic needs this many values to say anything
+_POSITIVE_TOL = 1e-3  # log-probabilities may exceed 0 by rounding, not by more
 
 
-def _rows(t: Tensor, class_dim: int) -> Tensor:
-    """A bounded sample of rows, classes last, in float32 or wider."""
-    x = t.movedim(class_dim, -1).reshape(-1, t.shape[class_dim])
-    x = x[:_SAMPLE_ROWS]
+def _rows(t: Tensor, class_dim: int, max_cols: Optional[int] = None) -> Tensor:
+    """The first ``_SAMPLE_ROWS`` rows of ``t`` with the class dimension last, as a 2-D tensor
+    in float32 (float64 stays float64). Only the sampled rows are ever copied."""
+    x = t.detach()
+    if x.dim() == 0:
+        x = x.reshape(1)
+    x = x.movedim(class_dim, -1)
+    kept = 1
+    for d in range(x.dim() - 2, -1, -1):  # narrow the leading dims, innermost first
+        n = min(x.shape[d], max(1, -(-_SAMPLE_ROWS // kept)))
+        x = x.narrow(d, 0, n)
+        kept *= n
+    if max_cols is not None:
+        x = x.narrow(-1, 0, min(x.shape[-1], max_cols))
+    x = x.reshape(-1, x.shape[-1])[:_SAMPLE_ROWS]
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _range(t: Tensor):
-    lo, hi = torch.aminmax(t.detach())
-    return float(lo), float(hi)
+def _sum_tol(t: Tensor, num_classes: int) -> float:
+    """How far from 1 a row of probabilities of ``t``'s dtype may sum after rounding."""
+    eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+    return max(1e-3, 4.0 * math.sqrt(max(num_classes, 1)) * eps)
 
 
-def _nonfinite(fn: str, name: str, lo: float, hi: float) -> bool:
-    if lo != lo or hi != hi or lo in (float("inf"), float("-inf")) or hi in (float("inf"), float("-inf")):
-        _checks.warn(
-            f"{fn}: argument '{name}' contains NaN or Inf values; the loss will not be finite. "
-            f"Check the model's outputs (learning rate, fp16 overflow) before the loss."
-        )
-        return True
-    return False
+def _lse_tol(t: Tensor) -> float:
+    """How far from 0 the logsumexp of a row of log-probabilities may be after rounding."""
+    return 1e-2 if t.dtype in (torch.float32, torch.float64) else 0.1
+
+
+def _range(x: Tensor):
+    """``(min, max, finite)`` of ``x`` in one ``aminmax`` pass (NaN propagates into both;
+    ``torch.isfinite`` is an order of magnitude slower on CPU)."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = float(lo), float(hi)
+    return lo, hi, math.isfinite(lo) and math.isfinite(hi)
+
+
+def _sums_to_one(rows: Tensor, tol: float) -> bool:
+    """Every sampled row sums to 1 within ``tol``."""
+    return bool(((rows.sum(-1) - 1).abs() <= tol).all())
 
 
 def warn_if_probabilities(fn: str, input: Tensor, class_dim: int) -> None:
     """``cross_entropy`` expects logits; rows in [0, 1] summing to 1 are probabilities."""
-    if not _checks.values_enabled() or input.numel() == 0:
+    if not _checks.values_enabled() or input.numel() == 0 or input.shape[class_dim] < 2:
         return
-    lo, hi = _range(input)
-    if _nonfinite(fn, "input", lo, hi) or input.shape[class_dim] < 2:
-        return
-    if lo >= 0.0 and hi <= 1.0:
-        sums = _rows(input, class_dim).sum(-1)
-        if bool(((sums - 1).abs() <= _SUM_TOL).all()):
-            _checks.warn(
-                f"{fn}: argument 'input' looks like probabilities (every row lies in [0, 1] and "
-                f"sums to 1), but {fn} expects unnormalized logits and applies log_softmax itself. "
-                f"Pass the logits (before softmax), or use nll_loss(torch.log(probs), target)."
-            )
+    rows = _rows(input, class_dim)
+    lo, hi, finite = _range(rows)
+    if finite and lo >= 0.0 and hi <= 1.0 and _sums_to_one(rows, _sum_tol(input, input.shape[class_dim])):
+        _checks.warn(
+            f"{fn}: argument 'input' looks like probabilities (every row lies in [0, 1] and "
+            f"sums to 1), but {fn} expects unnormalized logits and applies log_softmax itself. "
+            f"Pass the logits (before softmax), or use nll_loss(torch.log(probs), target)."
+        )
 
 
 def warn_if_not_log_probs(fn: str, input: Tensor, class_dim: int) -> None:
     """``nll_loss`` expects log-probabilities: rows with logsumexp 0, all values <= 0."""
-    if not _checks.values_enabled() or input.numel() == 0:
-        return
-    lo, hi = _range(input)
-    if _nonfinite(fn, "input", lo, hi) or input.shape[class_dim] < 2:
+    if not _checks.values_enabled() or input.numel() == 0 or input.shape[class_dim] < 2:
         return
     rows = _rows(input, class_dim)
+    lo, hi, _ = _range(rows)
+    if hi != hi or hi == math.inf:
+        return  # NaN or +inf: finite_or_warn reports it from the loss (-inf is log 0, fine)
     lse = torch.logsumexp(rows, dim=-1)
-    if hi > _SUM_TOL or not bool((lse.abs() <= 1e-2).all()):
-        what = "probabilities (rows in [0, 1] summing to 1)" if (lo >= 0 and hi <= 1) else "raw scores (logits)"
-        _checks.warn(
-            f"{fn}: argument 'input' does not look like log-probabilities (logsumexp of a row "
-            f"is {float(lse[0]):.4g}, expected 0); it looks like {what}. Apply log_softmax first, "
-            f"or call cross_entropy on the logits."
-        )
+    off = (lse.abs() > _lse_tol(input)).nonzero()
+    if hi <= _POSITIVE_TOL and off.numel() == 0:
+        return
+    row = int(off[0, 0]) if off.numel() else 0
+    what = (
+        "probabilities (rows in [0, 1] summing to 1)"
+        if lo >= 0.0 and hi <= 1.0
+        else "raw scores (logits)"
+    )
+    _checks.warn(
+        f"{fn}: argument 'input' does not look like log-probabilities: expected rows with "
+        f"values <= 0 and logsumexp 0, got max {hi:.4g} and logsumexp {float(lse[row]):.4g} in "
+        f"row {row}; it looks like {what}. Apply log_softmax first, or call cross_entropy on "
+        f"the logits."
+    )
 
 
 def warn_if_not_distribution(fn: str, name: str, target: Tensor, class_dim: int) -> None:
     """Probability targets should be non-negative and sum to 1 along the class dimension."""
     if not _checks.values_enabled() or target.numel() == 0:
         return
-    lo, hi = _range(target)
-    if _nonfinite(fn, name, lo, hi):
-        return
-    sums = _rows(target, class_dim).sum(-1)
-    if lo < 0.0 or not bool(((sums - 1).abs() <= _SUM_TOL).all()):
+    rows = _rows(target, class_dim)
+    lo, _, finite = _range(rows)
+    if finite and (lo < 0.0 or not _sums_to_one(rows, _sum_tol(target, target.shape[class_dim]))):
+        sums = rows.sum(-1)
+        row = int((sums - 1).abs().argmax())
         _checks.warn(
-            f"{fn}: argument '{name}' is read as class probabilities (it has the shape of 'input') "
-            f"but its rows do not form distributions (min {lo:.4g}, first row sums to "
-            f"{float(sums[0]):.4g}, expected non-negative rows summing to 1). Apply softmax to "
-            f"target logits, or pass class indices."
+            f"{fn}: argument '{name}' is read as class probabilities (it has the shape of "
+            f"'input'), so its rows should be non-negative and sum to 1; got min "
+            f"{lo:.4g} and a row (row {row}) summing to {float(sums[row]):.4g}. "
+            f"Apply softmax to target logits, or pass class indices."
         )
 
 
 def warn_kl_inputs(fn: str, input: Tensor, target: Tensor, log_target: bool) -> None:
     """``kl_div(input, target)``: input must be log-probabilities; target probabilities unless
-    ``log_target``."""
+    ``log_target`` (then log-probabilities)."""
     if not _checks.values_enabled():
         return
     if input.numel():
-        lo, hi = _range(input)
-        if not _nonfinite(fn, "input", lo, hi) and hi > _SUM_TOL:
+        _, hi, _ = _range(_rows(input, -1, _SAMPLE_COLS))
+        if math.isfinite(hi) and hi > _POSITIVE_TOL:
             _checks.warn(
-                f"{fn}: argument 'input' has positive values (max {hi:.4g}), so it is not in log "
-                f"space; kl_div expects log-probabilities as input. Pass log_softmax(logits)."
+                f"{fn}: argument 'input' is not in log space: expected log-probabilities "
+                f"(values <= 0), got a value of {hi:.4g}. kl_div(input, target) "
+                f"takes input = log_softmax(logits) (and target as probabilities)."
             )
     if target.numel():
-        lo, hi = _range(target)
-        if not _nonfinite(fn, "target", lo, hi) and not log_target and lo < 0.0:
+        lo, hi, _ = _range(_rows(target, -1, _SAMPLE_COLS))
+        if not log_target and lo < 0.0 and math.isfinite(lo):
             _checks.warn(
-                f"{fn}: argument 'target' has negative values (min {lo:.4g}): it looks like "
-                f"log-probabilities, but log_target=False reads it as probabilities. Pass "
-                f"log_target=True, or target.exp()."
+                f"{fn}: argument 'target' has negative values (min {lo:.4g}): it "
+                f"looks like log-probabilities, but log_target=False reads it as probabilities. "
+                f"Pass log_target=True, or target.exp()."
+            )
+        elif log_target and hi > _POSITIVE_TOL and math.isfinite(hi):
+            _checks.warn(
+                f"{fn}: argument 'target' has positive values (max {hi:.4g}): it "
+                f"looks like probabilities, but log_target=True reads it as log-probabilities. "
+                f"Pass log_target=False, or target.log()."
             )
 
 
 def warn_if_sigmoid_outputs(fn: str, input: Tensor) -> None:
     """BCE-with-logits given values that all lie in [0, 1] (looks like sigmoid outputs)."""
-    if not _checks.values_enabled() or input.numel() == 0:
+    if not _checks.values_enabled() or input.numel() < _MIN_ELEMENTS:
         return
-    lo, hi = _range(input)
-    if _nonfinite(fn, "input", lo, hi):
+    sample = _rows(input, -1, _SAMPLE_COLS)
+    if sample.numel() < _MIN_ELEMENTS:
         return
-    if input.numel() >= 8 and lo >= 0.0 and hi <= 1.0:
+    lo, hi, _ = _range(sample)
+    if 0.0 <= lo < hi <= 1.0:  # False for NaN
         _checks.warn(
             f"{fn}: every value of argument 'input' lies in [0, 1]; it looks like sigmoid "
             f"outputs, but {fn} expects logits and applies the sigmoid itself. Pass the logits, "
@@ -126,8 +171,26 @@ def warn_if_sigmoid_outputs(fn: str, input: Tensor) -> None:
         )
 
 
-def warn_if_nonfinite(fn: str, name: str, t: Tensor) -> None:
-    if not _checks.values_enabled() or t.numel() == 0 or not t.is_floating_point():
-        return
-    lo, hi = _range(t)
-    _nonfinite(fn, name, lo, hi)
+def finite_or_warn(fn: str, loss: Tensor, **inputs: Optional[Tensor]) -> Tensor:
+    """Return ``loss``; if it holds NaN/Inf, warn about each input that holds NaN/Inf.
+
+    The inputs are read only when the loss is not finite, so the normal path costs one pass
+    over the (reduced) loss. A non-finite loss from finite inputs (every target ignored with
+    ``reduction='mean'``, as in torch) gives no warning.
+    """
+    if not _checks.values_enabled() or loss.numel() == 0:
+        return loss
+    if math.isfinite(float(loss.detach().sum())) or bool(torch.isfinite(loss.detach()).all()):
+        return loss  # (the second test only runs when the sum overflows or is NaN)
+    for name, t in inputs.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            position = _checks.first_position(bad)
+            _checks.warn(
+                f"{fn}: argument '{name}' contains NaN or Inf (expected finite values, got "
+                f"{t[position].item()} at position {position}), so the loss is not finite. "
+                f"Check the model's outputs (learning rate, fp16 overflow) before the loss."
+            )
+    return loss

@@ -104,17 +104,17 @@ def binary_cross_entropy(
     if _checks.shapes_enabled():
         _checks.check_floating(fn, "input", input, "probabilities")
         _checks.check_floating(fn, "target", target, "probabilities")
+        _checks.check_same_dtype(fn, "target", target, "input", input)  # as torch (RuntimeError)
         _checks.check_same_device(fn, input=input, target=target, weight=weight)
     weight = _expand_weight(fn, "weight", weight, input.shape)
     _checks.check_unit_interval(
         fn, "input", input,
         "; if these are logits, use binary_cross_entropy_with_logits, which applies the sigmoid itself",
     )
-    _heuristics.warn_if_nonfinite(fn, "target", target)
     x, t = upcast(input), upcast(target)
     w = None if weight is None else weight.to(x.dtype)
     loss = _BinaryCrossEntropy.apply(x, t.to(x.dtype), w)
-    return reduce_loss(loss, reduction).to(input.dtype)
+    return _heuristics.finite_or_warn(fn, reduce_loss(loss, reduction).to(input.dtype), target=target)
 
 
 def binary_cross_entropy_with_logits(
@@ -165,4 +165,7 @@ def binary_cross_entropy_with_logits(
         loss = loss * upcast(weight)
     # torch builds the loss in place on (1 - target): its result has the target's dtype
     out_dtype = target.dtype
-    return reduce_loss(loss, reduction).to(out_dtype)
+    return _heuristics.finite_or_warn(
+        fn, reduce_loss(loss, reduction).to(out_dtype), input=input, target=target, weight=weight,
+        pos_weight=pos_weight,
+    )

@@ -6,13 +6,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _heuristics
 from .._dtypes import upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["cosine_embedding_loss"]
 
-_EPS = 1e-12
+# torch's EPSILON is a float32 constant (constexpr float 1e-12), then widened: match it exactly,
+# or cos (and its gradient) differs at 1e-9 relative where a vector is (near) zero
+_EPS = float(torch.tensor(1e-12, dtype=torch.float32))
 
 
 def cosine_embedding_loss(
@@ -52,16 +54,10 @@ def cosine_embedding_loss(
                 f"'input1' and 'input2' must be {'(N, D)' if want == 2 else '(D)'}"
             )
         _checks.check_same_device(fn, input1=input1, input2=input2, target=target)
-    if _checks.values_enabled() and target.numel():
-        bad = (target != 1) & (target != -1)
-        if bool(bad.any()):
-            pos = tuple(int(i) for i in bad.nonzero()[0].tolist())
-            val = target[pos].item() if target.dim() else target.item()
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'target' must hold only 1 (similar) or -1 (dissimilar), got "
-                f"{val} at position {pos}; a 0/1 target silently gives a zero loss for the 0 "
-                f"entries (use target * 2 - 1)"
-            )
+    _checks.check_plus_minus_one(
+        fn, "target", target,
+        "; a 0/1 target silently gives a zero loss for the 0 entries (use target * 2 - 1)",
+    )
     out_dtype = torch.promote_types(input1.dtype, input2.dtype)
     a, b = upcast(input1), upcast(input2)
     dim = target.dim()
@@ -72,4 +68,5 @@ def cosine_embedding_loss(
     zeros = torch.zeros_like(cos)
     pos = torch.where(target == 1, 1 - cos, zeros)
     neg = torch.where(target == -1, (cos - margin).clamp(min=0), zeros)
-    return reduce_loss(pos + neg, reduction).to(out_dtype)
+    loss = reduce_loss(pos + neg, reduction).to(out_dtype)
+    return _heuristics.finite_or_warn(fn, loss, input1=input1, input2=input2)

@@ -82,7 +82,8 @@ def _check_index_inputs(fn: str, input: Tensor, target: Tensor, weight: Optional
         _checks.check_index_target_shape(fn, input, target)
     num_classes = input.shape[_class_dim(input)]
     if _checks.shapes_enabled():
-        _checks.check_class_weight(fn, "weight", weight, num_classes)
+        # with class-index targets torch needs weight.dtype == input.dtype (RuntimeError)
+        _checks.check_class_weight(fn, "weight", weight, num_classes, dtype=input.dtype)
     _checks.check_index_target_range(fn, target, num_classes, ignore_index)
     return num_classes
 
@@ -125,11 +126,11 @@ def nll_loss(
 
     _heuristics.warn_if_not_log_probs(fn, input, _class_dim(input))
     log_probs = _classes_last(upcast(input))
-    tgt = target.unsqueeze(0) if input.dim() == 1 else target
+    tgt = target.reshape(1) if input.dim() == 1 else target  # () or (1,), as torch accepts
     loss = _index_loss(fn, log_probs, tgt, weight, ignore_index, reduction, 0.0)
     if input.dim() == 1 and reduction == "none":
         loss = loss.squeeze(0)
-    return loss.to(input.dtype)
+    return _heuristics.finite_or_warn(fn, loss.to(input.dtype), input=input)
 
 
 def cross_entropy(
@@ -185,11 +186,11 @@ def cross_entropy(
     class_dim = _class_dim(input)
     _heuristics.warn_if_probabilities(fn, input, class_dim)
     log_probs = _classes_last(torch.log_softmax(upcast(input), dim=class_dim))
-    tgt = target.unsqueeze(0) if input.dim() == 1 else target
+    tgt = target.reshape(1) if input.dim() == 1 else target  # () or (1,), as torch accepts
     loss = _index_loss(fn, log_probs, tgt, weight, ignore_index, reduction, label_smoothing)
     if input.dim() == 1 and reduction == "none":
         loss = loss.squeeze(0)
-    return loss.to(input.dtype)
+    return _heuristics.finite_or_warn(fn, loss.to(input.dtype), input=input)
 
 
 def _probability_target_loss(
@@ -236,4 +237,5 @@ def _probability_target_loss(
         shape[class_dim] = num_classes
         terms = terms * upcast(weight).view(shape)
     # 'mean' divides by the element count N * d1 * ... * dK (nan when empty), as torch does
-    return reduce_loss(-terms.sum(class_dim), reduction).to(out_dtype)
+    loss = reduce_loss(-terms.sum(class_dim), reduction).to(out_dtype)
+    return _heuristics.finite_or_warn(fn, loss, input=input, target=target)

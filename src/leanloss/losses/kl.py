@@ -73,9 +73,12 @@ def kl_div(
         pointwise = torch.xlogy(t, t) - t * x
     if reduction == "batchmean":
         if input.dim() == 0:
-            return pointwise.sum().to(out_dtype)
-        return reduce_loss(pointwise, "batchmean", batch_size=input.shape[0]).to(out_dtype)
-    return reduce_loss(pointwise, reduction).to(out_dtype)
+            loss = pointwise.sum()
+        else:
+            loss = reduce_loss(pointwise, "batchmean", batch_size=input.shape[0])
+    else:
+        loss = reduce_loss(pointwise, reduction)
+    return _heuristics.finite_or_warn(fn, loss.to(out_dtype), input=input, target=target)
 
 
 def entropy(logits: Optional[Tensor] = None, probs: Optional[Tensor] = None, dim: int = -1) -> Tensor:
@@ -84,7 +87,9 @@ def entropy(logits: Optional[Tensor] = None, probs: Optional[Tensor] = None, dim
     Give exactly one of ``logits`` (unnormalized; :math:`p = \mathrm{softmax}(\text{logits})`)
     or ``probs`` (non-negative; normalized along ``dim`` as
     ``torch.distributions.Categorical`` does). Terms with :math:`p_c = 0` contribute 0, so the
-    result is finite when some probabilities are 0 (or some logits are ``-inf``).
+    result is finite when some probabilities are 0 (or some logits are ``-inf``); with ``probs``
+    the log is taken of ``p`` clamped to ``[eps, 1 - eps]`` (``eps`` of the accumulation dtype),
+    as ``Categorical`` does, so the gradient stays finite there too.
 
     Equals ``torch.distributions.Categorical(logits=...|probs=...).entropy()`` for ``dim=-1``;
     shape: the input's shape without ``dim``.
@@ -109,5 +114,7 @@ def entropy(logits: Optional[Tensor] = None, probs: Optional[Tensor] = None, dim
         if _checks.values_enabled() and x.numel() and bool((x < 0).any()):
             raise _checks.LeanlossValueError(f"{fn}: argument 'probs' must be non-negative")
         p = xc / xc.sum(dim, keepdim=True)
-        log_p = torch.log(p)
+        # log of p clamped to [eps, 1 - eps], as Categorical's logits: finite gradients at p = 0
+        eps = torch.finfo(xc.dtype).eps
+        log_p = torch.log(p.clamp(min=eps, max=1 - eps))
     return -(p * log_p.clamp(min=min_real)).sum(dim).to(x.dtype)
