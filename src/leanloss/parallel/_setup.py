@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._dtypes import compute_dtype
 from ._comm import VocabShard, vocab_shard
 from ._scorer import VocabParallelScorer
 
@@ -25,9 +26,8 @@ class RowSetup:
 
 def prepare_rows(
     fn: str,
-    *,
+    like: Tensor,
     local_vocab: int,
-    batch_shape: torch.Size,
     target: Tensor,
     group,
     vocab_start: Optional[int],
@@ -36,10 +36,13 @@ def prepare_rows(
     class_weight: Optional[Tensor],
     z_loss: float,
     num_items,
-    dtype: torch.dtype,
-    device,
 ) -> RowSetup:
-    """Validate the shared arguments, find the shard (one all-gather), drop ignored rows."""
+    """Validate the shared arguments, find the shard (one all-gather), drop ignored rows.
+
+    ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
+    it gives the batch shape, the compute dtype and the device.
+    """
+    batch_shape = like.shape[:-1]
     _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
         _checks.check_index_target_dtype(fn, target)
@@ -51,7 +54,7 @@ def prepare_rows(
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard = vocab_shard(fn, group, local_vocab, vocab_start, device)
+    shard = vocab_shard(fn, group, local_vocab, vocab_start, like.device)
     if _checks.shapes_enabled():
         _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)
     _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
@@ -60,7 +63,9 @@ def prepare_rows(
     if keep.numel() == flat.numel():
         keep = None
     kept_target = (flat if keep is None else flat[keep]).long()
-    scorer = VocabParallelScorer(shard, kept_target, class_weight, label_smoothing, z_loss, dtype)
+    scorer = VocabParallelScorer(
+        shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
+    )
     divisor = num_items if num_items is not None else scorer.w_target.sum()
     return RowSetup(shard, scorer, keep, torch.Size(batch_shape), divisor)
 

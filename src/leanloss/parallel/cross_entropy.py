@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import compute_dtype
 from .._reduce import reduce_loss, resolve_reduction
 from ._setup import prepare_rows, scatter_rows
 
@@ -47,6 +46,7 @@ class _LocalLogitsLoss(torch.autograd.Function):
         return z.to(logits.dtype), None, None
 
 
+@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,
@@ -110,21 +110,8 @@ def vocab_parallel_cross_entropy(
             )
         _checks.check_same_device(fn, local_logits=local_logits, target=target)
     local_vocab = local_logits.shape[-1]
-    setup = prepare_rows(
-        fn,
-        local_vocab=local_vocab,
-        batch_shape=local_logits.shape[:-1],
-        target=target,
-        group=group,
-        vocab_start=vocab_start,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        class_weight=class_weight,
-        z_loss=z_loss,
-        num_items=num_items,
-        dtype=compute_dtype(local_logits.dtype),
-        device=local_logits.device,
-    )
+    setup = prepare_rows(fn, local_logits, local_vocab, target, group, vocab_start, ignore_index,
+                         label_smoothing, class_weight, z_loss, num_items)
     flat = local_logits.reshape(setup.batch_shape.numel(), local_vocab)
     losses = _LocalLogitsLoss.apply(flat, setup.scorer, setup.keep)
     if reduction == "none":

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ..linear._engine import default_chunk_size, fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -15,6 +15,7 @@ from ._setup import prepare_rows, scatter_rows
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
+@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     local_weight: Tensor,
@@ -66,22 +67,8 @@ def vocab_parallel_linear_cross_entropy(
     fn = "vocab_parallel_linear_cross_entropy"
     reduction = resolve_reduction(reduction)
     _checks.check_linear_shapes(fn, hidden, local_weight, bias, target, weight_name="local_weight")
-    dtype = compute_dtype(hidden.dtype)
-    setup = prepare_rows(
-        fn,
-        local_vocab=local_weight.shape[0],
-        batch_shape=hidden.shape[:-1],
-        target=target,
-        group=group,
-        vocab_start=vocab_start,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        class_weight=class_weight,
-        z_loss=z_loss,
-        num_items=num_items,
-        dtype=dtype,
-        device=hidden.device,
-    )
+    setup = prepare_rows(fn, hidden, local_weight.shape[0], target, group, vocab_start, ignore_index,
+                         label_smoothing, class_weight, z_loss, num_items)
     h = hidden.reshape(-1, hidden.shape[-1])
     if setup.keep is not None:
         h = h.index_select(0, setup.keep)
