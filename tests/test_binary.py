@@ -134,6 +134,8 @@ def _errors():
     yield bce, "target_shape", (x, t.t()), {}
     yield bce, "weight_not_broadcastable", (x, t), {"weight": torch.ones(2, dtype=torch.float64)}
     yield bce, "input_above_one", (x * 3, t), {}
+    yield bce, "target_float32_input_float64", (x, t.float()), {}
+    yield bce, "target_bfloat16_input_float32", (x.float(), t.bfloat16()), {}
     yield bce, "integer_target", (x, t.long()), {}
     yield bce, "bad_reduction", (x, t), {"reduction": "avg"}
     yield bcel, "target_shape", (x, t.t()), {}

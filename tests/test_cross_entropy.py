@@ -221,6 +221,8 @@ def _errors():
     yield "smoothing_above_one", (x, torch.zeros(3, dtype=torch.long)), {"label_smoothing": 1.5}
     yield "probs_wrong_shape", (x, torch.rand(3, 5, dtype=torch.float64)), {}
     yield "probs_with_ignore_index", (x, torch.rand(3, 4, dtype=torch.float64)), {"ignore_index": 1}
+    yield "weight_dtype_differs", (x, torch.zeros(3, dtype=torch.long)), {"weight": torch.ones(4)}
+    yield "weight_bf16_input_bf16_f32", (x.bfloat16(), torch.zeros(3, dtype=torch.long)), {"weight": torch.ones(4)}
     yield "int_probs_same_shape", (x, torch.zeros(3, 4, dtype=torch.long)), {}
     yield "scalar_input", (torch.tensor(1.0), torch.tensor(0)), {}
 

@@ -97,6 +97,7 @@ def _errors():
     yield "spatial_mismatch", (log_probs((2, 4, 3)).detach(), torch.zeros(2, 2, dtype=torch.long)), {}
     yield "class_out_of_range", (x, torch.tensor([0, 1, 4])), {}
     yield "weight_length", (x, long), {"weight": torch.ones(5, dtype=torch.float64)}
+    yield "weight_dtype_differs", (x, long), {"weight": torch.ones(4)}
     yield "bad_reduction", (x, long), {"reduction": "batchmean"}
     yield "scalar_input", (torch.tensor(0.5), torch.tensor(0)), {}
 
