@@ -389,3 +389,39 @@ def test_errors_name_the_argument(form, kwargs, error, words):
         call()
     for word in words:
         assert word in str(info.value)
+
+
+def test_single_row_logits_and_zero_dim_target_follow_torch():
+    logits = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor(4)
+    for reduction in ("mean", "sum", "none"):
+        got = vocab_parallel_cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+        want = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
+        assert got.shape == want.shape
+        grads = [torch.autograd.grad(x, logits)[0] for x in (got, want)]
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(*grads)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_single_process_matches_cpu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen).to(dtype)
+    weight = torch.randn(300, 16, generator=gen).to(dtype)
+    target = torch.randint(300, (37,), generator=gen)
+    target[::5] = -100
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-2, "class_weight": torch.rand(300, generator=gen) + 0.5}
+    results = []
+    for device in ("cpu", "cuda"):
+        h = hidden.to(device, copy=True).requires_grad_()
+        w = weight.to(device, copy=True).requires_grad_()
+        kw = {**opts, "class_weight": opts["class_weight"].to(device)}
+        lin = vocab_parallel_linear_cross_entropy(h, w, target.to(device), chunk_size=8, **kw)
+        z = (h.detach() @ w.detach().T).requires_grad_()
+        dense = vocab_parallel_cross_entropy(z, target.to(device), **kw)
+        (lin + dense).backward()
+        results.append([t.detach().double().cpu() for t in (lin, dense, h.grad, w.grad, z.grad)])
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda, cpu, rtol=tol, atol=tol)
