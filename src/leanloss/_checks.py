@@ -135,6 +135,21 @@ def warn(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def fmt_value(t: Tensor) -> str:
+    """One element for a message: ints as they are, floats with 6 significant digits."""
+    value = t.item()
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def check_same_shape(fn: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` must have exactly ``ref``'s shape (no broadcasting)."""
+    if t.shape != ref.shape:
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' must have the shape of '{ref_name}' {fmt_shape(ref)}, got "
+            f"{fmt_shape(t)}"
+        )
+
+
 def fmt_shape(t: Tensor) -> str:
     """A tensor's shape written as a Python tuple: ``(3,)``, ``(2, 5)``, ``()``."""
     return str(tuple(t.shape))
@@ -293,10 +308,21 @@ def check_unit_interval(fn: str, name: str, t: Tensor, hint: str = "") -> None:
     if not (float(lo) >= 0.0 and float(hi) <= 1.0):  # False for NaN too
         bad = ~((t >= 0) & (t <= 1))
         position = first_position(bad)
-        value = t[position].item()
         raise LeanlossValueError(
             f"{fn}: all elements of input should be between 0 and 1: argument '{name}' must hold "
-            f"probabilities in [0, 1], got {value} at position {position}{hint}"
+            f"probabilities in [0, 1], got {fmt_value(t[position])} at position {position}{hint}"
+        )
+
+
+def check_nonnegative(fn: str, name: str, t: Tensor) -> None:
+    """All values >= 0 (e.g. unnormalized probabilities); NaN fails too."""
+    if not values_enabled() or t.numel() == 0:
+        return
+    if not float(t.detach().min()) >= 0.0:
+        position = first_position(~(t >= 0))
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' must be non-negative, got {fmt_value(t[position])} at "
+            f"position {position}"
         )
 
 
@@ -315,7 +341,7 @@ def check_plus_minus_one(fn: str, name: str, target: Tensor, hint: str = "") -> 
         position = first_position(bad)
         raise LeanlossValueError(
             f"{fn}: argument '{name}' must hold only 1 (similar) or -1 (dissimilar), got "
-            f"{target[position].item()} at position {position}{hint}"
+            f"{fmt_value(target[position])} at position {position}{hint}"
         )
 
 

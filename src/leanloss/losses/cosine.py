@@ -53,6 +53,12 @@ def cosine_embedding_loss(
                 f"inputs with sizes {list(input1.shape)} and {list(input2.shape)}: arguments "
                 f"'input1' and 'input2' must be {'(N, D)' if want == 2 else '(D)'}"
             )
+        _checks.check_same_shape(fn, "input2", input2, "input1", input1)
+        if target.dim() == 1 and target.shape[0] != input1.shape[0]:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'target' must have shape ({input1.shape[0]},), one entry per "
+                f"row of 'input1' {_checks.fmt_shape(input1)}, got {_checks.fmt_shape(target)}"
+            )
         _checks.check_same_device(fn, input1=input1, input2=input2, target=target)
     _checks.check_plus_minus_one(
         fn, "target", target,

@@ -111,8 +111,7 @@ def entropy(logits: Optional[Tensor] = None, probs: Optional[Tensor] = None, dim
         log_p = torch.log_softmax(xc, dim=dim)
         p = log_p.exp()
     else:
-        if _checks.values_enabled() and x.numel() and bool((x < 0).any()):
-            raise _checks.LeanlossValueError(f"{fn}: argument 'probs' must be non-negative")
+        _checks.check_nonnegative(fn, "probs", x)
         p = xc / xc.sum(dim, keepdim=True)
         # log of p clamped to [eps, 1 - eps], as Categorical's logits: finite gradients at p = 0
         eps = torch.finfo(xc.dtype).eps
