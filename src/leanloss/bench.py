@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,15 @@ from typing import Dict, List, Optional, Sequence
 SCHEMA_VERSION = 1
 # Baselines each row is compared with, in the order of the table's ratio columns.
 BASELINES = (
-    ("roofline", "x roofline"),
+    ("roofline", "x roof"),
     ("torch_eager", "x eager"),
     ("torch_compile", "x compile"),
     ("cut_cross_entropy", "x cce"),
 )
 GROUP_KEYS = ("suite", "N", "D", "V", "dtype")
+# Implementations whose children spend most of their time compiling: left out of --quick (a
+# smoke test that must finish in a minute on 2 cores) unless --only names them.
+QUICK_SKIPS = ("torch_compile", "cut_cross_entropy")
 
 
 class BenchSetupError(RuntimeError):
@@ -139,9 +143,11 @@ def _split_only(only: Optional[Sequence[str]], suite_names: Sequence[str]):
     return suites or None, impls or None
 
 
-def select_cases(suites: Suites, sel: Selection) -> List[dict]:
-    """Every case to run, in suite order, without duplicates."""
+def select_cases(suites: Suites, sel: Selection, skipped: Optional[List[dict]] = None) -> List[dict]:
+    """Every case to run, in suite order, without duplicates; cases of ``QUICK_SKIPS`` that
+    ``--quick`` leaves out are appended to ``skipped``."""
     only_suites, only_impls = _split_only(sel.only, list(suites.modules) + suites.missing + list(suites.broken))
+    skipped = [] if skipped is None else skipped
     cases: List[dict] = []
     seen = set()
     for name, module in suites.modules.items():
@@ -159,6 +165,9 @@ def select_cases(suites: Suites, sel: Selection) -> List[dict]:
                 for case in listed:
                     case = {"suite": name, **case}
                     if only_impls and case.get("impl") not in only_impls:
+                        continue
+                    if sel.quick and case.get("impl") in QUICK_SKIPS and not only_impls:
+                        skipped.append(case)
                         continue
                     key = json.dumps(case, sort_keys=True)
                     if key not in seen:
@@ -202,7 +211,9 @@ def run_cases(harness: ModuleType, cases: List[dict], timeout: float, jobs: int,
     results: List[Optional[dict]] = [None] * len(cases)
 
     def one(i: int) -> None:
+        start = time.perf_counter()
         results[i] = harness.run_in_subprocess(cases[i]["suite"], cases[i], timeout)
+        results[i]["child_wall_s"] = round(time.perf_counter() - start, 3)
         if progress is not None:
             progress(cases[i], results[i])
 
@@ -267,7 +278,7 @@ def write_plot(path: Path, results: List[dict]) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if "error" not in r and "time_s" in r]
-    suites = sorted({r["suite"] for r in ok}) or ["(no results)"]
+    suites = list(dict.fromkeys(r["suite"] for r in ok)) or ["(no results)"]
     fig, axes = plt.subplots(len(suites), 2, figsize=(11, 3.6 * len(suites)), squeeze=False)
     for row_axes, suite in zip(axes, suites):
         rows = [r for r in ok if r["suite"] == suite]
@@ -282,9 +293,12 @@ def write_plot(path: Path, results: List[dict]) -> None:
         m_ax.set_ylabel("MiB")
         for ax in row_axes:
             ax.set_xlabel("vocab size V")
-            vs = [r.get("V") or 0 for r in rows]
+            vs = sorted({r.get("V") or 0 for r in rows})
             if vs and min(vs) > 0 and max(vs) / min(vs) >= 4:
                 ax.set_xscale("log", base=2)
+            if vs:
+                ax.set_xticks(vs, [str(v) for v in vs])
+                ax.minorticks_off()
             ax.grid(True, alpha=0.3)
             if rows:
                 ax.legend(fontsize=8)
@@ -308,7 +322,7 @@ def table_rows(results: List[dict]) -> (List[str], List[List[str]]):
         row = [str(r.get("suite", "")), str(r.get("impl", "")), str(r.get("N", "")), str(r.get("D", "")),
                str(r.get("V", "")), str(r.get("dtype", ""))]
         if "error" in r:
-            row += ["error: " + str(r["error"]).splitlines()[-1][:60]] + [""] * (len(header) - len(row) - 1)
+            row += ["error"] + [""] * (len(header) - len(row) - 1)
         else:
             row += [_num(r.get("time_s"), ".4f"), _num(r.get("peak_rss_mb"), ".1f"), _num(r.get("extra_mb"), ".1f")]
             row += [_num(r.get(f"x_{impl}"), ".2f") for impl, _ in ratio_cols]
@@ -324,10 +338,16 @@ def print_table(console, results: List[dict]) -> None:
     header, cells = table_rows(results)
     table = Table(title="leanloss bench", show_lines=False)
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 2 or name == "dtype" else "right", no_wrap=i < 2)
+        table.add_column(name, justify="left" if i < 2 or name == "dtype" else "right", no_wrap=True)
     for row in cells:
         table.add_row(*row)
     console.print(table)
+    from rich.markup import escape
+
+    for r in results:
+        if "error" in r:
+            console.print(f"[red]error[/red] in {r.get('suite')} {r.get('impl')} V={r.get('V')}: "
+                          + escape(str(r["error"])), highlight=False)
 
 
 def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Optional[int] = None) -> int:
@@ -338,17 +358,22 @@ def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Opt
     except ImportError:
         print("leanloss bench needs rich and matplotlib: pip install 'leanloss[bench]'", file=sys.stderr)
         return 2
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
         suites = load_suites()
     except BenchSetupError as exc:
         console.print(f"[red]leanloss bench:[/red] {exc}")
         return 2
-    cases = select_cases(suites, sel)
+    skipped: List[dict] = []
+    cases = select_cases(suites, sel, skipped)
     for name in suites.missing:
         console.print(f"suite {name}: not present yet (benchmarks/{name}.py), skipped")
     for name, why in suites.broken.items():
         console.print(f"[red]suite {name} failed to load:[/red] {why}")
+    if skipped:
+        impls = sorted({c["impl"] for c in skipped})
+        console.print(f"--quick leaves out {len(skipped)} case(s) of {', '.join(impls)} (compile time); "
+                      f"name them with --only to run them")
     if not cases:
         console.print("[yellow]no benchmark cases selected[/yellow]")
     timeout = timeout if timeout is not None else (120.0 if sel.quick else 1800.0)
@@ -367,7 +392,8 @@ def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Opt
     print_table(console, results)
     out.mkdir(parents=True, exist_ok=True)
     args = {"quick": sel.quick, "vocab": sel.vocab, "tokens": sel.tokens, "hidden": sel.hidden,
-            "dtype": sel.dtype, "only": sel.only, "jobs": jobs, "timeout_s": timeout}
+            "dtype": sel.dtype, "only": sel.only, "jobs": jobs, "timeout_s": timeout,
+            "quick_skipped": sorted({c["impl"] for c in skipped})}
     write_json(out / "bench.json", results, suites, args)
     write_plot(out / "bench.png", results)
     console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
