@@ -162,3 +162,13 @@ def test_bce_with_logits_mixed_dtypes(dtypes, reduction):
     kw = {"reduction": reduction, "weight": positive((4,), torch.float64), "pos_weight": positive((4,), dtypes[0])}
     lowest = max(dtypes, key=lambda d: torch.finfo(d).eps)
     compare(leanloss.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, t), kw, dtype=lowest)
+
+
+@pytest.mark.parametrize("reduction", ("none", "sum", "mean"))
+def test_bce_with_logits_weight_gradients(reduction):
+    """torch gives no gradient for weight/pos_weight; leanloss does: checked numerically."""
+    x, t = logits((2, 3)), unit((2, 3), seed=1)
+    w, pw = positive((3,), grad=True), positive((2, 1), seed=4, grad=True)
+    f = lambda a, b, c, d: leanloss.binary_cross_entropy_with_logits(a, b, c, pos_weight=d, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, t, w, pw))
+    assert torch.autograd.gradgradcheck(f, (x, t, w, pw))

@@ -50,6 +50,52 @@ class _BinaryCrossEntropy(torch.autograd.Function):
         return grad_x, grad_t, None
 
 
+class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
+    """Elementwise ``w [(1 - t) x - (1 + (p_w - 1) t) log sigmoid(x)]`` with torch's gradients.
+
+    The gradients are torch's closed forms rather than autograd's chain through ``logsigmoid``,
+    which cancels ``(1 - t) - (1 - sigmoid(x))`` and drifts a few float32 ulps from torch:
+
+    * input:  ``w ((p_w t + 1 - t) sigmoid(x) - p_w t)`` (``w (sigmoid(x) - t)`` without ``p_w``),
+    * target: ``w (log sigmoid(-x) - p_w log sigmoid(x))`` (``-w x`` without ``p_w``),
+    * weight: the unweighted loss; pos_weight: ``-w t log sigmoid(x)`` (torch gives neither).
+
+    The backward is written in differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor]) -> Tensor:
+        log_sig = torch.nn.functional.logsigmoid(x)
+        scale = log_sig if pw is None else log_sig * ((pw - 1) * t + 1)
+        loss = (1 - t) * x - scale
+        ctx.save_for_backward(x, t, w, pw)
+        return loss if w is None else loss * w
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, t, w, pw = ctx.saved_tensors
+        scale = grad if w is None else grad * w
+        grad_x = grad_t = grad_w = grad_pw = None
+        if ctx.needs_input_grad[0]:
+            if pw is None:
+                grad_x = (torch.sigmoid(x) - t) * scale
+            else:
+                pt = pw * t
+                grad_x = ((pt + 1 - t) * torch.sigmoid(x) - pt) * scale
+        if ctx.needs_input_grad[1]:
+            if pw is None:
+                grad_t = -x * scale
+            else:
+                grad_t = (torch.nn.functional.logsigmoid(-x) - pw * torch.nn.functional.logsigmoid(x)) * scale
+        if ctx.needs_input_grad[2]:
+            log_sig = torch.nn.functional.logsigmoid(x)
+            unweighted = (1 - t) * x - (log_sig if pw is None else log_sig * ((pw - 1) * t + 1))
+            grad_w = (grad * unweighted).sum_to_size(w.shape)
+        if ctx.needs_input_grad[3]:
+            grad_pw = (-t * torch.nn.functional.logsigmoid(x) * scale).sum_to_size(pw.shape)
+        return grad_x, grad_t, grad_w, grad_pw
+
+
 def _expand_weight(fn: str, name: str, weight: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
     if weight is None:
         return None
@@ -157,12 +203,9 @@ def binary_cross_entropy_with_logits(
             ) from None
     _heuristics.warn_if_sigmoid_outputs(fn, input)
     x, t = upcast(input), upcast(target)
-    log_sig = torch.nn.functional.logsigmoid(x)
-    if pos_weight is not None:
-        log_sig = log_sig * ((upcast(pos_weight) - 1) * t + 1)
-    loss = (1 - t) * x - log_sig
-    if weight is not None:
-        loss = loss * upcast(weight)
+    w = None if weight is None else upcast(weight)
+    pw = None if pos_weight is None else upcast(pos_weight)
+    loss = _BinaryCrossEntropyWithLogits.apply(x, t, w, pw)
     # torch builds the loss in place on (1 - target): its result has the target's dtype
     out_dtype = target.dtype
     return _heuristics.finite_or_warn(
