@@ -77,7 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "tour":
         from . import tour
 
-        return tour.run(args.section)
+        try:
+            return tour.run(args.section)
+        except BrokenPipeError:  # `leanloss tour | head`: the reader left, nothing to report
+            sys.stderr.close()
+            return 0
     from . import bench
 
     only = _flatten([[o for o in group.split(",") if o] for group in args.only]) if args.only else None
