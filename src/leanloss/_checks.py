@@ -114,13 +114,16 @@ def values_enabled() -> bool:
     return _MODE == "full" and not _compiling()
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# frames in these directories are not the user's code (leanloss itself, torch's Module.__call__)
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__)
+)
 
 
 def _user_stacklevel() -> int:
-    """The ``stacklevel`` of the first frame outside the leanloss package (the user's call)."""
+    """The ``stacklevel`` of the first frame outside leanloss and torch (the user's call)."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
     return level
 
