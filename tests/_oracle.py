@@ -191,6 +191,14 @@ def _assert_near_low_precision(out: Tensor, ref: Tensor, ref64: Tensor, dtype: t
         )
 
 
+def module_oracle(make_module: Callable[[], torch.nn.Module]) -> Callable:
+    """A torch module as an oracle for :func:`compare`: built fresh per call and moved to the dtype
+    of the call's first input, so the float64 reference run gets float64 buffers too."""
+    def call(*args, **kwargs):
+        return make_module().to(args[0].dtype)(*args, **kwargs)
+    return call
+
+
 def raises_like(ours: Callable, theirs: Callable, *args, **kwargs) -> Tuple[BaseException, BaseException]:
     """Assert torch raises on the call and leanloss raises an instance of torch's exception class."""
     try:
@@ -216,5 +224,5 @@ def all_finite(t: Tensor) -> bool:
 __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
     "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
-    "raises_like", "all_finite",
+    "raises_like", "all_finite", "module_oracle",
 ]

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import leanloss
-from _oracle import compare
+from _oracle import compare, module_oracle
 
 try:
     import expecttest  # noqa: F401
@@ -128,14 +128,12 @@ def test_opinfo_error_inputs(name):
 
 
 def _module_pair(module_info, constructor_input, dtype):
-    """leanloss's module in ``dtype``, and torch's module moved to the dtype of each call's
-    first input (so the float64 reference run of ``compare`` gets float64 buffers)."""
-    def torch_module(*args, **kwargs):
-        module = module_info.module_cls(*constructor_input.args, **constructor_input.kwargs)
-        return module.to(args[0].dtype)(*args, **kwargs)
+    """torch's module as an oracle (built per call, in the call's dtype) and leanloss's in ``dtype``."""
+    def make():
+        return module_info.module_cls(*constructor_input.args, **constructor_input.kwargs)
 
     ours = MODULES[module_info.module_cls](*constructor_input.args, **constructor_input.kwargs)
-    return torch_module, ours.to(dtype)
+    return module_oracle(make), ours.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
