@@ -338,8 +338,8 @@ def _confusions() -> List[Confusion]:
     logits = torch.randn(4, 5, generator=g) * 2
     y = torch.tensor([0, 3, 1, 4])
     probs = logits.softmax(-1)
-    bl = torch.randn(8, generator=g) * 2
-    bt = (torch.rand(8, generator=g) > 0.5).float()
+    bl = torch.randn(4, 8, generator=g) * 2  # a batch of 4 samples x 8 binary labels
+    bt = (torch.rand(4, 8, generator=g) > 0.5).float()
     log_q, p = torch.randn(4, 5, generator=g).log_softmax(-1), torch.randn(4, 5, generator=g).softmax(-1)
     v1, v2 = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
     y01 = torch.tensor([1, 0, 1, 0])
@@ -354,7 +354,7 @@ def _confusions() -> List[Confusion]:
                   lambda: leanloss.nll_loss(probs, y), "take the log first"),
         Confusion("logits into BCE", lambda: F.binary_cross_entropy(bl, bt),
                   lambda: leanloss.binary_cross_entropy(bl, bt), "use the with_logits form"),
-        Confusion("sigmoid outputs into BCE-logits",
+        Confusion("sigmoid probs into BCE-logits",
                   lambda: F.binary_cross_entropy_with_logits(torch.sigmoid(bl), bt),
                   lambda: leanloss.binary_cross_entropy_with_logits(torch.sigmoid(bl), bt),
                   "pass the logits"),
