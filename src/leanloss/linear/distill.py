@@ -20,10 +20,12 @@ Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathr
 * hard term: :math:`\mathrm{CE} = \mathrm{lse}(z_s) - z_{s,y}`, gradient
   :math:`\mathrm{softmax}(z_s) - \mathrm{onehot}(y)`;
 
-and the row loss :math:`a_h \mathrm{CE} + (1-a_h) T^2 D` has the gradient
-:math:`a_h(\ldots) + (1-a_h) T\, \partial D/\partial a` with respect to :math:`z_s`.
+and the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`. :func:`linear_distill_loss` folds
+:math:`1/T` into the student's hidden states and bias (an ``(N, D)`` operation), so the engine's
+block is :math:`a` itself and the scorer writes the gradient with respect to :math:`a`:
+:math:`a_h T(\mathrm{softmax}(z_s) - \mathrm{onehot}(y)) + (1-a_h) T^2 \partial D/\partial a`.
 The log-sum-exps come from the softmax itself (:math:`\mathrm{lse}(x) = \max x - \log
-\mathrm{softmax}(x)_{\arg\max}`), so each side costs one softmax and one max per block. The
+\max \mathrm{softmax}(x)`), so each side costs one softmax and two read-only max passes. The
 jsd mixture is formed in probability space and floored at the smallest normal float before its
 log; the terms this can affect weigh less than ``1e-35``.
 """
@@ -44,23 +46,47 @@ from ._engine import Scorer, fused_linear_loss
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
 
-def _softmax_lse(x: Tensor):
-    """``softmax(x)`` along dim 1 and the log-sum-exp of each row, from one softmax and one max."""
-    xmax, where = x.max(1, keepdim=True)
-    p = torch.softmax(x, 1)
-    return p, (xmax - p.gather(1, where).log()).squeeze(1)
+def _softmax_lse(x: Tensor, out: Tensor):
+    """``softmax(x)`` along dim 1 into ``out``, and each row's log-sum-exp
+    ``max(x) - log(max(softmax(x)))``: one softmax and two read-only max passes (cheaper than
+    ``logsumexp``, which materializes ``exp(x - max)``, or than a max with indices)."""
+    torch.ops.aten._softmax.out(x, 1, False, out=out)
+    return out, x.amax(1) - out.amax(1).log()
 
 
-def _rowdot(x: Tensor, y: Tensor) -> Tensor:
-    """``(x * y).sum(1)`` without the product tensor."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+def _rowdot(x: Tensor, y: Tensor, scratch: Tensor) -> Tensor:
+    """``(x * y).sum(1)``, the product written to ``scratch`` (which may be ``y``); pairwise
+    summation (a batched matmul is slower here and less accurate)."""
+    return torch.mul(x, y, out=scratch).sum(1)
+
+
+class _Workspace:
+    """``(n, V)`` buffers reused by every block of one pass over the rows.
+
+    A fresh block-sized tensor per block is a fresh ``mmap`` (page faults and kernel zeroing of
+    every page); the buffers are allocated at the first (largest) block and dropped after the
+    last one, so nothing outlives the pass.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict = {}
+
+    def get(self, name: str, n: int, vocab: int, dtype: torch.dtype, device) -> Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < n or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty((n, vocab), dtype=dtype, device=device)
+        return buf[:n]
+
+    def clear(self) -> None:
+        self.buffers.clear()
 
 
 class DistillScorer(Scorer):
     """The per-block distillation math of :func:`linear_distill_loss` (see the module docstring).
 
-    ``teacher_hidden`` ``(M, Dt)``, ``target`` ``(M,)`` (or ``None``) are aligned with the rows
-    the engine walks; the teacher tensors must not require grad.
+    The engine's blocks must be the student logits divided by ``temperature``;
+    ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` (or ``None``) are aligned with the
+    rows the engine walks; the teacher tensors must not require grad.
     """
 
     def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
@@ -70,66 +96,73 @@ class DistillScorer(Scorer):
         self.target = target
         self.kind = {0.0: "forward", 1.0: "reverse"}.get(beta, kind) if kind == "jsd" else kind
         self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
+        self.ws = _Workspace()
 
-    def teacher_logits(self, rows: slice, dtype: torch.dtype) -> Tensor:
-        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in ``dtype``."""
+    def buffer(self, name: str, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return self.ws.get(name, like.shape[0], like.shape[1], dtype or like.dtype, like.device)
+
+    def teacher_logits(self, rows: slice, like: Tensor) -> Tensor:
+        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in ``like``'s dtype."""
         h, w, bias = self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias
         inv_t = 1.0 / self.temperature
-        if bias is None:
-            b = torch.mm(h, w.T) if inv_t == 1.0 else torch.addmm(h.new_zeros(()), h, w.T, beta=0, alpha=inv_t)
+        out = self.buffer("teacher", like, h.dtype)
+        if bias is None and inv_t == 1.0:
+            torch.mm(h, w.T, out=out)
         else:
-            b = torch.addmm(bias, h, w.T, beta=inv_t, alpha=inv_t)
-        return b if b.dtype == dtype else b.to(dtype)
+            base = h.new_zeros(()) if bias is None else bias
+            torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
+        return out if out.dtype == like.dtype else self.buffer("b", like).copy_(out)
 
     def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
-        z, hw, temp = logits, self.hard_weight, self.temperature
+        # ``logits`` is a = z_s / T: the caller folded 1/T into the student's hidden and bias.
+        a, hw, temp = logits, self.hard_weight, self.temperature
         soft, hard = hw < 1.0, hw > 0.0
         if hard:
             y = self.target[rows].unsqueeze(1)
-            z_y = z.gather(1, y).squeeze(1)
+            z_y = a.gather(1, y).squeeze(1) * temp
             hard_probs = hard_lse = None
             if not soft or temp != 1.0:
-                hard_probs, hard_lse = _softmax_lse(z)
-        loss = z.new_zeros(z.shape[0])
+                z = a if temp == 1.0 else torch.mul(a, temp, out=self.buffer("z", a))
+                hard_probs, hard_lse = _softmax_lse(z, self.buffer("hard", a))
+        loss = a.new_zeros(a.shape[0])
         if soft:
             with torch.no_grad():
-                b = self.teacher_logits(rows, z.dtype)
-            if temp != 1.0:
-                z.mul_(1.0 / temp)
-            g = None if grad_scale is None else grad_scale * ((1.0 - hw) * temp)
-            div, q, lse_a = getattr(self, "_" + self.kind)(z, b, g)
+                b = self.teacher_logits(rows, a)
+            g = None if grad_scale is None else grad_scale * ((1.0 - hw) * temp * temp)
+            div, q, lse_a = getattr(self, "_" + self.kind)(a, b, g)
             loss += ((1.0 - hw) * temp * temp) * div
             if hard and hard_probs is None:
                 hard_probs, hard_lse = q, lse_a
         if hard:
             loss += hw * (hard_lse - z_y)
             if grad_scale is not None:
-                g_hard = grad_scale * hw
+                g_hard = grad_scale * (hw * temp)  # d/da = T * d/dz
                 if soft:
-                    z.addcmul_(hard_probs, g_hard)
+                    a.addcmul_(hard_probs, g_hard)
                 else:
-                    torch.mul(hard_probs, g_hard, out=z)
-                z.scatter_add_(1, y, -g_hard)
+                    torch.mul(hard_probs, g_hard, out=a)
+                a.scatter_add_(1, y, -g_hard)
+        if rows.stop >= self.teacher_hidden.shape[0]:
+            self.ws.clear()  # last block of this pass
         return loss
 
     # Each kind: (a, b, g) -> (divergence per row, q, lse(a)); with g (n, 1) given, overwrites
-    # a with g * dD/da (a is the engine's block; b is the scorer's own teacher block).
+    # a with g * dD/da. ``b`` (the teacher block) and the workspace are the scorer's own.
 
-    @staticmethod
-    def _forward(a: Tensor, b: Tensor, g: Optional[Tensor]):
-        p, lse_b = _softmax_lse(b)
-        q, lse_a = _softmax_lse(a)
-        div = _rowdot(p, b.sub_(a)) + (lse_a - lse_b)
+    def _forward(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+        p, lse_b = _softmax_lse(b, self.buffer("p", a))
+        q, lse_a = _softmax_lse(a, self.buffer("q", a))
+        div = _rowdot(p, b.sub_(a), b) + (lse_a - lse_b)
         if g is not None:
             torch.sub(q, p, out=a).mul_(g)
         return div, q, lse_a
 
-    @staticmethod
-    def _reverse(a: Tensor, b: Tensor, g: Optional[Tensor]):
-        _, lse_b = _softmax_lse(b)
-        q, lse_a = _softmax_lse(a)
+    def _reverse(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+        q = self.buffer("q", a)
+        _, lse_b = _softmax_lse(b, q)  # the teacher's probabilities are not needed
+        q, lse_a = _softmax_lse(a, q)
         e = b.sub_(a)  # b - a
-        r = _rowdot(q, e).unsqueeze(1)
+        r = _rowdot(q, e, self.buffer("p", a)).unsqueeze(1)
         div = (lse_b - lse_a) - r.squeeze(1)
         if g is not None:
             torch.addcmul(r * g, e, -g, out=e)  # g * (a - b - <q, a - b>)
@@ -139,11 +172,14 @@ class DistillScorer(Scorer):
     def _jsd(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
         beta = self.beta
         log_rest = math.log1p(-beta)
-        p, lse_b = _softmax_lse(b)
-        q, lse_a = _softmax_lse(a)
-        lam = torch.add(q, p, alpha=beta / (1.0 - beta)).clamp_min_(torch.finfo(a.dtype).tiny).log_()
-        kl_pm = _rowdot(p, b.sub_(lam)) - lse_b - log_rest
-        r = _rowdot(q, a.sub_(lam)).unsqueeze(1)
+        p, lse_b = _softmax_lse(b, self.buffer("p", a))
+        q, lse_a = _softmax_lse(a, self.buffer("q", a))
+        lam = torch.add(q, p, alpha=beta / (1.0 - beta), out=self.buffer("lam", a))
+        lam.clamp_min_(torch.finfo(a.dtype).tiny).log_()
+        b.sub_(lam)
+        a.sub_(lam)
+        kl_pm = _rowdot(p, b, lam) - lse_b - log_rest
+        r = _rowdot(q, a, b).unsqueeze(1)
         kl_qm = r.squeeze(1) - lse_a - log_rest
         div = beta * kl_pm + (1.0 - beta) * kl_qm
         if g is not None:
@@ -256,6 +292,9 @@ def linear_distill_loss(
             kept = keep.nonzero().squeeze(1)
             hs, ht, tgt = hs.index_select(0, kept), ht.index_select(0, kept), tgt.index_select(0, kept)
         tgt = tgt.long()
+    if temperature != 1.0:  # the engine's blocks become z_s / T: no (N, V) scaling pass
+        hs = hs * (1.0 / temperature)
+        student_bias = None if student_bias is None else student_bias * (1.0 / temperature)
     scorer = DistillScorer(
         ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), tgt,
         kind=kind, beta=beta, temperature=temperature, hard_weight=hard_weight,
