@@ -165,3 +165,23 @@ def test_module_matches_function():
     value = module(student["hidden"], student["weight"], teacher["hidden"], teacher["weight"], target,
                    student_bias=student["bias"], teacher_bias=teacher["bias"])
     assert_close(value, fused(student, teacher, target, **kw), torch.float64, "LinearDistillLoss")
+
+
+def test_mixed_teacher_dtype_and_workspace_released():
+    """A bfloat16 teacher with a float32 student; the scorer's block buffers do not outlive a pass."""
+    from leanloss.linear._engine import fused_linear_loss
+    from leanloss.linear.distill import DistillScorer
+
+    student, teacher = heads(n=9, v=20, dtype=torch.float32, seed=7)
+    teacher = {k: v.detach().bfloat16() for k, v in teacher.items()}
+    check_fused_vs_dense(student, teacher, None, tol_dtype=torch.bfloat16, kind="jsd", beta=0.3, chunk_size=4)
+    scorer = DistillScorer(teacher["hidden"], teacher["weight"], teacher["bias"], None, kind="forward",
+                           beta=0.5, temperature=1.0, hard_weight=0.0)
+    loss = fused_linear_loss(student["hidden"], student["weight"], student["bias"], scorer, chunk_size=4)
+    assert scorer.ws.buffers == {} and loss.requires_grad
+
+
+def test_student_dtype_mismatch_is_a_type_error():
+    with pytest.raises(TypeError, match="'student_weight'"):
+        leanloss.linear_distill_loss(torch.zeros(3, 4), torch.zeros(5, 4, dtype=torch.float64),
+                                     torch.zeros(3, 2), torch.zeros(5, 2))

@@ -195,29 +195,14 @@ def _rows(t: Tensor) -> Tensor:
 
 def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias) -> None:
-    named = (("student_hidden", student_hidden), ("student_weight", student_weight),
-             ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight))
-    for name, t in named:
-        _checks.check_tensor(fn, name, t)
-    if not _checks.shapes_enabled():
-        return
-    for name, t in named + (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if t is not None:
-            _checks.check_floating(fn, name, t)
-    _checks.check_same_device(fn, student_hidden=student_hidden, student_weight=student_weight,
-                              student_bias=student_bias, teacher_hidden=teacher_hidden,
-                              teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    """Each head's shapes (``check_linear_shapes``), then the pairing of the two heads."""
     for side, h, w, bias in (("student", student_hidden, student_weight, student_bias),
                              ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument '{side}_weight' must have shape (V, D) with D the last dimension of "
-                f"'{side}_hidden' {_checks.fmt_shape(h)}, got {_checks.fmt_shape(w)}"
-            )
-        if bias is not None and tuple(bias.shape) != (w.shape[0],):
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument '{side}_bias' must have shape ({w.shape[0]},), got {_checks.fmt_shape(bias)}"
-            )
+        _checks.check_linear_shapes(fn, h, w, bias, None, hidden_name=f"{side}_hidden",
+                                    weight_name=f"{side}_weight", bias_name=f"{side}_bias")
+    if not _checks.shapes_enabled():
+        return
+    _checks.check_same_device(fn, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
     if teacher_weight.shape[0] != student_weight.shape[0]:
         raise _checks.LeanlossValueError(
             f"{fn}: argument 'teacher_weight' must have the student's vocabulary size "
@@ -274,7 +259,7 @@ def linear_distill_loss(
     """
     fn = "linear_distill_loss"
     reduction = resolve_reduction(reduction)
-    check_distill_options(fn, kind, beta, temperature, hard_weight)
+    beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
     _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias)
     lead = tuple(student_hidden.shape[:-1])

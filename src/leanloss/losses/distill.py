@@ -76,16 +76,15 @@ def divergence_terms(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5)
     return beta * _xlogratio(p, log_p, log_m) + (1.0 - beta) * _xlogratio(q, log_q, log_m)
 
 
-def check_distill_options(fn: str, kind: str, beta: float, temperature: float, hard_weight: float) -> None:
-    """Argument checks shared by the dense and fused distillation losses."""
+def check_distill_options(fn: str, kind: str, beta, temperature, hard_weight):
+    """Argument checks shared by the dense and fused distillation losses; returns
+    ``(beta, temperature, hard_weight)`` as floats."""
     _checks.choices(fn, "kind", kind, KINDS)
-    for name, value in (("beta", beta), ("hard_weight", hard_weight)):
-        if not (0.0 <= float(value) <= 1.0):
-            raise _checks.LeanlossValueError(f"{fn}: argument '{name}' must lie in [0, 1], got {value}")
-    if not float(temperature) > 0.0:
-        raise _checks.LeanlossValueError(
-            f"{fn}: argument 'temperature' must be a positive number, got {temperature}"
-        )
+    return (
+        _checks.check_in_closed_interval(fn, "beta", beta, 0.0, 1.0),
+        _checks.check_positive(fn, "temperature", temperature),
+        _checks.check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0),
+    )
 
 
 def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_classes: int,
@@ -163,7 +162,7 @@ def distill_loss(
     """
     fn = "distill_loss"
     reduction = resolve_reduction(reduction)
-    check_distill_options(fn, kind, beta, temperature, hard_weight)
+    beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
     _checks.check_tensor(fn, "student_logits", student_logits)
     _checks.check_tensor(fn, "teacher_logits", teacher_logits)
     if _checks.shapes_enabled():
@@ -180,11 +179,11 @@ def distill_loss(
                          ignore_index, hard_weight)
     dtype = compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-    inv_t = 1.0 / float(temperature)
-    log_q = torch.log_softmax(s * inv_t if inv_t != 1.0 else s, dim=-1)
-    log_p = torch.log_softmax(t * inv_t if inv_t != 1.0 else t, dim=-1)
-    loss = divergence_terms(log_p, log_q, kind, float(beta)).sum(-1)
-    loss = loss * ((1.0 - hard_weight) * float(temperature) ** 2)
+    inv_t = 1.0 / temperature
+    log_q = torch.log_softmax(s / temperature if inv_t != 1.0 else s, dim=-1)
+    log_p = torch.log_softmax(t / temperature if inv_t != 1.0 else t, dim=-1)
+    loss = divergence_terms(log_p, log_q, kind, beta).sum(-1)
+    loss = loss * ((1.0 - hard_weight) * temperature**2)
     keep = None
     if target is not None:
         keep = target != ignore_index
@@ -227,8 +226,7 @@ def jsd(
     """
     fn = "jsd"
     reduction = resolve_reduction(reduction, allowed=("none", "mean", "sum", "batchmean"))
-    if not (0.0 <= float(beta) <= 1.0):
-        raise _checks.LeanlossValueError(f"{fn}: argument 'beta' must lie in [0, 1], got {beta}")
+    beta = _checks.check_in_closed_interval(fn, "beta", beta, 0.0, 1.0)
     _checks.check_tensor(fn, "input", input)
     _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
@@ -245,6 +243,6 @@ def jsd(
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     log_q = upcast(input)
     log_p = upcast(target) if log_target else torch.log(upcast(target))
-    pointwise = divergence_terms(log_p, log_q, "jsd", float(beta))
+    pointwise = divergence_terms(log_p, log_q, "jsd", beta)
     batch = input.shape[0] if (reduction == "batchmean" and input.dim() > 0) else 1
     return reduce_loss(pointwise, reduction, batch_size=batch).to(out_dtype)
