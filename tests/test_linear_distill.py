@@ -185,3 +185,15 @@ def test_student_dtype_mismatch_is_a_type_error():
     with pytest.raises(TypeError, match="'student_weight'"):
         leanloss.linear_distill_loss(torch.zeros(3, 4), torch.zeros(5, 4, dtype=torch.float64),
                                      torch.zeros(3, 2), torch.zeros(5, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_dense():
+    student, teacher = heads(n=33, v=50, dtype=torch.float32, seed=8)
+    student = {k: v.detach().cuda().requires_grad_() for k, v in student.items()}
+    teacher = {k: v.detach().cuda() for k, v in teacher.items()}
+    target = torch.randint(0, 50, (33,), generator=gen(8)).cuda()
+    target[::4] = IGNORE
+    for kind, beta in (("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)):
+        check_fused_vs_dense(student, teacher, target, tol_dtype=torch.float32, scale=5.0, kind=kind, beta=beta,
+                             temperature=2.0, hard_weight=0.2, chunk_size=8)

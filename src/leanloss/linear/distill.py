@@ -22,7 +22,9 @@ Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathr
 
 and the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`. :func:`linear_distill_loss` folds
 :math:`1/T` into the student's hidden states and bias (an ``(N, D)`` operation), so the engine's
-block is :math:`a` itself and the scorer writes the gradient with respect to :math:`a`:
+block is :math:`a` itself, and the scorer hands the engine the gradient with respect to
+:math:`a` in row-scaled form (a block times a per-row scale that the engine applies on the
+``(n, D)`` side of the backward matmuls, one block pass less):
 :math:`a_h T(\mathrm{softmax}(z_s) - \mathrm{onehot}(y)) + (1-a_h) T^2 \partial D/\partial a`.
 The log-sum-exps come from the softmax itself (:math:`\mathrm{lse}(x) = \max x - \log
 \max \mathrm{softmax}(x)`), so each side costs one softmax and two read-only max passes. The
@@ -113,9 +115,12 @@ class DistillScorer(Scorer):
             torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
         return out if out.dtype == like.dtype else self.buffer("b", like).copy_(out)
 
-    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
+    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]):
+        """Per-row losses; with ``grad_scale`` also ``row_scale`` (the engine's row-scaled form:
+        the gradient is ``row_scale[:, None] * logits``, the scale applied on the (n, D) side)."""
         # ``logits`` is a = z_s / T: the caller folded 1/T into the student's hidden and bias.
         a, hw, temp = logits, self.hard_weight, self.temperature
+        want = grad_scale is not None
         soft, hard = hw < 1.0, hw > 0.0
         if hard:
             y = self.target[rows].unsqueeze(1)
@@ -125,51 +130,53 @@ class DistillScorer(Scorer):
                 z = a if temp == 1.0 else torch.mul(a, temp, out=self.buffer("z", a))
                 hard_probs, hard_lse = _softmax_lse(z, self.buffer("hard", a))
         loss = a.new_zeros(a.shape[0])
+        scale = hw * temp  # d/da of the hard term is T * d/dz
         if soft:
             with torch.no_grad():
                 b = self.teacher_logits(rows, a)
-            g = None if grad_scale is None else grad_scale * ((1.0 - hw) * temp * temp)
-            div, q, lse_a = getattr(self, "_" + self.kind)(a, b, g)
+            div, q, lse_a, factor = getattr(self, "_" + self.kind)(a, b, want)
             loss += ((1.0 - hw) * temp * temp) * div
             if hard and hard_probs is None:
                 hard_probs, hard_lse = q, lse_a
+            scale = (1.0 - hw) * temp * temp * factor  # a holds (T^2 (1 - hw) dD/da) / scale
         if hard:
             loss += hw * (hard_lse - z_y)
-            if grad_scale is not None:
-                g_hard = grad_scale * (hw * temp)  # d/da = T * d/dz
+            if want:
+                c = hw * temp / scale
                 if soft:
-                    a.addcmul_(hard_probs, g_hard)
+                    a.add_(hard_probs, alpha=c)
                 else:
-                    torch.mul(hard_probs, g_hard, out=a)
-                a.scatter_add_(1, y, -g_hard)
+                    a.copy_(hard_probs)
+                a.scatter_add_(1, y, torch.full_like(z_y, -c).unsqueeze(1))
         if rows.stop >= self.teacher_hidden.shape[0]:
             self.ws.clear()  # last block of this pass
-        return loss
+        return (loss, grad_scale.view(-1) * scale) if want else loss
 
-    # Each kind: (a, b, g) -> (divergence per row, q, lse(a)); with g (n, 1) given, overwrites
-    # a with g * dD/da. ``b`` (the teacher block) and the workspace are the scorer's own.
+    # Each kind: (a, b, want) -> (divergence per row, q, lse(a), factor); with ``want``,
+    # overwrites a with dD/da / factor. ``b`` (the teacher block) and the workspace are the
+    # scorer's own.
 
-    def _forward(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+    def _forward(self, a: Tensor, b: Tensor, want: bool):
         p, lse_b = _softmax_lse(b, self.buffer("p", a))
         q, lse_a = _softmax_lse(a, self.buffer("q", a))
         div = _rowdot(p, b.sub_(a), b) + (lse_a - lse_b)
-        if g is not None:
-            torch.sub(q, p, out=a).mul_(g)
-        return div, q, lse_a
+        if want:
+            torch.sub(q, p, out=a)
+        return div, q, lse_a, 1.0
 
-    def _reverse(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+    def _reverse(self, a: Tensor, b: Tensor, want: bool):
         q = self.buffer("q", a)
         _, lse_b = _softmax_lse(b, q)  # the teacher's probabilities are not needed
         q, lse_a = _softmax_lse(a, q)
         e = b.sub_(a)  # b - a
         r = _rowdot(q, e, self.buffer("p", a)).unsqueeze(1)
         div = (lse_b - lse_a) - r.squeeze(1)
-        if g is not None:
-            torch.addcmul(r * g, e, -g, out=e)  # g * (a - b - <q, a - b>)
+        if want:
+            torch.sub(r, e, out=e)  # (a - b) - <q, a - b>
             torch.mul(q, e, out=a)
-        return div, q, lse_a
+        return div, q, lse_a, 1.0
 
-    def _jsd(self, a: Tensor, b: Tensor, g: Optional[Tensor]):
+    def _jsd(self, a: Tensor, b: Tensor, want: bool):
         beta = self.beta
         log_rest = math.log1p(-beta)
         p, lse_b = _softmax_lse(b, self.buffer("p", a))
@@ -182,10 +189,9 @@ class DistillScorer(Scorer):
         r = _rowdot(q, a, b).unsqueeze(1)
         kl_qm = r.squeeze(1) - lse_a - log_rest
         div = beta * kl_pm + (1.0 - beta) * kl_qm
-        if g is not None:
-            g = g * (1.0 - beta)
-            torch.addcmul(-r * g, a, g, out=a).mul_(q)
-        return div, q, lse_a
+        if want:
+            a.sub_(r).mul_(q)  # q * (r_j - <q, r>), r = a - lambda
+        return div, q, lse_a, 1.0 - beta
 
 
 def _rows(t: Tensor) -> Tensor:
