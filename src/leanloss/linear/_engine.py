@@ -38,10 +38,13 @@ from .._dtypes import compute_dtype
 
 __all__ = ["Scorer", "fused_linear_loss", "default_chunk_size"]
 
-# Target size of one float32 logits block. 32 MiB keeps the block (and the scorer's in-place
-# work on it) near the cache hierarchy while the matmuls stay large enough to run at full speed.
-_BLOCK_BYTES = 32 * 2**20
-_MIN_CHUNK = 16
+# Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
+# cost that grows with the number of blocks and not with their size, so a block has at least
+# _MIN_CHUNK rows (measured on a 2-core CPU at D=1024: 256-row blocks cost ~4% over the
+# unchunked matmuls, 512-row ~2-3%, 1024-row ~1%). Above that, about _BLOCK_BYTES of float32
+# logits per block. The block is the engine's only (rows, V) buffer.
+_BLOCK_BYTES = 64 * 2**20
+_MIN_CHUNK = 512
 
 
 class Scorer:
@@ -50,7 +53,8 @@ class Scorer:
     ``score(logits, rows, grad_scale)``:
 
     * ``logits``: ``(n, V)`` block of ``hidden[rows] @ weight.T + bias`` in the compute dtype
-      (float32, or float64 for float64 inputs). The engine owns it: the scorer may overwrite it.
+      (float32, or float64 for float64 inputs). The engine owns it: the scorer may overwrite it,
+      and must not keep a reference past the call (the next block reuses its memory).
     * ``rows``: the ``slice`` of rows of ``hidden`` this block covers (index per-row state such
       as targets or teacher hidden states with it).
     * ``grad_scale``: ``None`` when no gradient is wanted; otherwise an ``(n, 1)`` tensor
@@ -73,10 +77,15 @@ class Scorer:
         raise NotImplementedError
 
 
-def default_chunk_size(num_rows: int, vocab: int) -> int:
-    """Rows per block: about ``_BLOCK_BYTES`` of float32 logits, at least 16 rows."""
-    rows = max(_MIN_CHUNK, _BLOCK_BYTES // (4 * max(vocab, 1)))
-    return max(1, min(num_rows, rows))
+def default_chunk_size(num_rows: int, vocab: int, *, block_bytes: int = _BLOCK_BYTES,
+                       min_rows: int = _MIN_CHUNK) -> int:
+    """Rows per block: about ``block_bytes`` of float32 logits, at least ``min_rows`` rows,
+    evened out so that the last block is not a sliver (same block count, smaller blocks)."""
+    rows = max(min_rows, block_bytes // (4 * max(vocab, 1)), 1)
+    if num_rows <= rows:
+        return max(1, num_rows)
+    blocks = -(-num_rows // rows)
+    return -(-num_rows // blocks)
 
 
 def _chunks(num_rows: int, chunk: int):
@@ -84,18 +93,42 @@ def _chunks(num_rows: int, chunk: int):
         yield slice(start, min(start + chunk, num_rows))
 
 
-def _block_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    z = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-    return z if z.dtype == dtype else z.to(dtype)
+class _Blocks:
+    """The logits block, allocated once per pass and reused by every chunk.
+
+    A fresh ``(chunk, V)`` tensor per chunk would be a fresh ``mmap`` (page faults and kernel
+    zeroing of the whole block each time); one buffer keeps the block's pages warm.
+    """
+
+    def __init__(self, chunk: int, weight: Tensor, dtype: torch.dtype) -> None:
+        shape = (chunk, weight.shape[0])
+        self.mm = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.z = self.mm if weight.dtype == dtype else torch.empty(shape, dtype=dtype, device=weight.device)
+
+    def logits(self, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        n = h.shape[0]
+        out = self.mm[:n]
+        if bias is None:
+            torch.mm(h, weight.T, out=out)
+        else:
+            torch.addmm(bias, h, weight.T, out=out)
+        if self.z is self.mm:
+            return out
+        return self.z[:n].copy_(out)
 
 
 class _Grads:
-    """Gradient buffers of the three inputs; low-precision ones accumulate in float32."""
+    """Gradient buffers of the three inputs; low-precision ones accumulate in float32.
+
+    ``grad_weight`` is written by the first block's matmul (no zero fill, no read of zeros) and
+    accumulated by ``addmm_`` afterwards.
+    """
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs, acc_dtype):
         self.need_h, self.need_w, self.need_b = needs
         self.h = torch.empty_like(hidden) if self.need_h else None
-        self.w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if self.need_w else None
+        self.w = torch.empty(weight.shape, dtype=acc_dtype, device=weight.device) if self.need_w else None
+        self.w_started = False
         self.b = (
             torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
             if (self.need_b and bias is not None) else None
@@ -114,7 +147,7 @@ class _Grads:
             dz_in = torch.empty(dz.shape, dtype=weight.dtype, device=dz.device)
             torch.mul(dz, row_scale.unsqueeze(1), out=dz_in)
             row_scale = None
-        col = None if row_scale is None else row_scale.unsqueeze(1)
+        col = None if row_scale is None else row_scale.unsqueeze(1).to(weight.dtype)
         if self.h is not None:
             out = self.h[rows]
             torch.mm(dz_in, weight, out=out)
@@ -122,12 +155,21 @@ class _Grads:
                 out.mul_(col)
         if self.w is not None:
             hs = h if col is None else h * col
-            if self.w.dtype == weight.dtype:
+            if self.w.dtype != weight.dtype:
+                part = (dz_in.T @ hs).to(self.w.dtype)
+                if self.w_started:
+                    self.w += part
+                else:
+                    self.w.copy_(part)
+            elif self.w_started:
                 self.w.addmm_(dz_in.T, hs)
             else:
-                self.w += (dz_in.T @ hs).to(self.w.dtype)
+                torch.mm(dz_in.T, hs, out=self.w)
+            self.w_started = True
 
     def finish(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+        if self.w is not None and not self.w_started:
+            self.w.zero_()
         gw = None if self.w is None else self.w.to(weight.dtype)
         gb = None if self.b is None else self.b.to(bias.dtype)
         return self.h, gw, gb
@@ -139,9 +181,10 @@ def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs):
     m = hidden.shape[0]
     losses = torch.empty(m, dtype=dtype, device=hidden.device)
     grads = _Grads(hidden, weight, bias, needs, dtype) if grad_scale_of is not None else None
+    blocks = _Blocks(min(chunk, m), weight, dtype) if m else None
     for rows in _chunks(m, chunk):
         h = hidden[rows]
-        z = _block_logits(h, weight, bias, dtype)
+        z = blocks.logits(h, weight, bias)
         scale = None if grads is None else grad_scale_of(rows, z.shape[0], dtype)
         out = scorer.score(z, rows, scale)
         row_scale = None
