@@ -184,6 +184,9 @@ def test_heuristics_read_a_bounded_sample(shape, class_dim):
     x = randn(*shape)
     rows = _heuristics._rows(x, class_dim)
     assert rows.shape == (min(_heuristics._SAMPLE_ROWS, x.numel() // 7), 7)
+    wide = _heuristics._rows(randn(40, 5000), 1)  # long rows: the element budget caps the rows
+    assert wide.shape == (_heuristics._SAMPLE_ELEMENTS // 5000, 5000)
+    assert _heuristics._rows(randn(3, 50_000), 1).shape == (1, 50_000)  # but never below one row
     # the sampled rows are rows of the input, classes last
     expected = x.movedim(class_dim, -1).reshape(-1, 7)
     assert any(torch.equal(rows[0], r) for r in expected[: x.numel() // 7])

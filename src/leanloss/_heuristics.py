@@ -2,8 +2,11 @@
 
 Each heuristic reads tensor values, so it runs only when value checks are enabled
 (``leanloss.set_checks('full')``, eager mode). The cost is bounded and independent of the batch
-size: a heuristic looks at the first ``_SAMPLE_ROWS`` rows (class dimension last) of its
-argument, never at the whole tensor. NaN and Inf are found from the loss instead of the
+size: a heuristic looks at the first rows (class dimension last) of its argument, at most
+``_SAMPLE_ROWS`` rows and, when rows are short, at most ``_SAMPLE_ELEMENTS`` values in all,
+never at the whole tensor. That budget is torch's CPU grain size, so the sample's reductions
+run on one thread: no parallel region (on a busy machine, waking the worker threads can cost
+far more than the sample itself). NaN and Inf are found from the loss instead of the
 inputs: :func:`finite_or_warn` tests the (small) result, and only when it is not finite does it
 scan the inputs to say which argument holds the NaN/Inf and where.
 
@@ -21,27 +24,30 @@ from torch import Tensor
 
 from . import _checks
 
-_SAMPLE_ROWS = 16  # rows read by a row-wise heuristic
+_SAMPLE_ROWS = 16  # rows read by a row-wise heuristic, at most
+_SAMPLE_ELEMENTS = 32768  # values read, at most, unless one row is longer (torch's GRAIN_SIZE)
 _SAMPLE_COLS = 4096  # elements per row read by an elementwise heuristic
 _MIN_ELEMENTS = 16  # an elementwise heuristic needs this many values to say anything
 _POSITIVE_TOL = 1e-3  # log-probabilities may exceed 0 by rounding, not by more
 
 
 def _rows(t: Tensor, class_dim: int, max_cols: Optional[int] = None) -> Tensor:
-    """The first ``_SAMPLE_ROWS`` rows of ``t`` with the class dimension last, as a 2-D tensor
-    in float32 (float64 stays float64). Only the sampled rows are ever copied."""
+    """The first rows of ``t`` with the class dimension last (at most ``_SAMPLE_ROWS``, and at
+    most ``_SAMPLE_ELEMENTS`` values unless a single row is longer), as a 2-D tensor in float32
+    (float64 stays float64). Only the sampled rows are ever copied."""
     x = t.detach()
     if x.dim() == 0:
         x = x.reshape(1)
     x = x.movedim(class_dim, -1)
-    kept = 1
-    for d in range(x.dim() - 2, -1, -1):  # narrow the leading dims, innermost first
-        n = min(x.shape[d], max(1, -(-_SAMPLE_ROWS // kept)))
-        x = x.narrow(d, 0, n)
-        kept *= n
     if max_cols is not None:
         x = x.narrow(-1, 0, min(x.shape[-1], max_cols))
-    x = x.reshape(-1, x.shape[-1])[:_SAMPLE_ROWS]
+    budget = max(1, min(_SAMPLE_ROWS, _SAMPLE_ELEMENTS // max(x.shape[-1], 1)))
+    kept = 1
+    for d in range(x.dim() - 2, -1, -1):  # narrow the leading dims, innermost first
+        n = min(x.shape[d], max(1, -(-budget // kept)))
+        x = x.narrow(d, 0, n)
+        kept *= n
+    x = x.reshape(-1, x.shape[-1])[:budget]
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -57,10 +63,10 @@ def _lse_tol(t: Tensor) -> float:
 
 
 def _range(x: Tensor):
-    """``(min, max, finite)`` of ``x`` in one ``aminmax`` pass (NaN propagates into both;
-    ``torch.isfinite`` is an order of magnitude slower on CPU)."""
-    lo, hi = torch.aminmax(x)
-    lo, hi = float(lo), float(hi)
+    """``(min, max, finite)`` of ``x`` (NaN propagates into both). ``min``/``max`` rather than
+    ``torch.isfinite`` (an order of magnitude slower on CPU) or ``torch.aminmax`` (whose
+    multi-threaded CPU path is ~50x slower than ``max`` on a (16, 32000) sample)."""
+    lo, hi = float(x.min()), float(x.max())
     return lo, hi, math.isfinite(lo) and math.isfinite(hi)
 
 

@@ -1,0 +1,110 @@
+"""What leanloss's safety checks cost: ``cross_entropy`` forward + backward per check mode.
+
+Case: logits ``(N, C)`` (requiring grad) and class-index targets, none ignored, ``reduction=
+'mean'``. Impls:
+
+* ``leanloss``: ``leanloss.cross_entropy`` with ``set_checks('full')`` (the default: shape,
+  dtype and value checks, the confusion heuristics);
+* ``leanloss_shapes``: the same with ``set_checks('shapes')`` (metadata checks only, no sync);
+* ``leanloss_off``: the same with ``set_checks('off')``;
+* ``torch_eager``: ``torch.nn.functional.cross_entropy``, for scale.
+
+Two runs in different processes differ by more than the few percent being measured, so every
+leanloss case times its own mode and ``'off'`` in the same process, alternating
+(off, mode, mode, off, ...), and reports ``overhead_pct``: the median over those pairs of
+``100 * (t_mode / t_off - 1)``, next to ``off_time_s`` (median time with checks off) and
+``overhead_min_pct`` (fastest run against fastest run). ``leanloss_off`` pairs 'off' with
+itself: its ``overhead_pct`` is the noise floor of the measurement.
+Goal of the issue: ``overhead_pct`` < 5 for ``leanloss`` at N=2048, C=32000, float32.
+Run one case: ``python -m benchmarks.checks_cost --case '{"impl": "leanloss", "N": 2048, ...}'``.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import leanloss  # imported before the baseline RSS is taken, for every impl alike
+from benchmarks import _harness
+
+SUITE = "checks_cost"
+MODES = {"leanloss": "full", "leanloss_shapes": "shapes", "leanloss_off": "off"}
+IMPLS = ("torch_eager", "leanloss_off", "leanloss_shapes", "leanloss")
+
+
+def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> list[dict]:
+    """Full: N=2048, C=32000, float32, 9 timed pairs. Quick: N=256, C=2000, 5 pairs.
+    ``hidden`` does not apply (no projection): ``D`` is 0."""
+    V = vocab or (2000 if quick else 32000)
+    N = tokens or (256 if quick else 2048)
+    return [
+        dict(suite=SUITE, impl=impl, N=N, D=0, V=V, dtype=dtype or "float32", repeats=5 if quick else 9)
+        for impl in IMPLS
+        if only is None or impl == only
+    ]
+
+
+def _inputs(case: dict):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(case["N"], case["V"], generator=g) * 2).to(getattr(torch, case["dtype"]))
+    target = torch.randint(0, case["V"], (case["N"],), generator=g)
+    return x.requires_grad_(), target
+
+
+def _step(loss_fn, x, target):
+    def step():
+        loss_fn(x, target).backward()
+        x.grad = None
+
+    return step
+
+
+def _timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def _paired(mode: str, step, repeats: int) -> dict:
+    """Time ``step`` under ``mode`` and under ``'off'``, alternating so drift cancels."""
+    t_mode, t_off = [], []
+    for i in range(repeats):
+        measured_first = i % 2 == 1
+        for is_measured in (measured_first, not measured_first):
+            with leanloss.checks(mode if is_measured else "off"):
+                (t_mode if is_measured else t_off).append(_timed(step))
+    ratios = [100.0 * (a / b - 1.0) for a, b in zip(t_mode, t_off)]
+    return {
+        "time_s": statistics.median(t_mode),
+        "times": t_mode,
+        "off_time_s": statistics.median(t_off),
+        "overhead_pct": statistics.median(ratios),
+        # the fastest runs are the least disturbed by other processes: a second estimate
+        "overhead_min_pct": 100.0 * (min(t_mode) / min(t_off) - 1.0),
+        "check_mode": mode,
+    }
+
+
+def run_case(case: dict) -> dict:
+    x, target = _inputs(case)
+    base_rss = _harness.rss_bytes()
+    grad_bytes = x.numel() * x.element_size()
+    impl = case["impl"]
+    if impl == "torch_eager":
+        result = _harness.time_fwd_bwd(_step(F.cross_entropy, x, target), repeats=case["repeats"])
+    elif impl in MODES:
+        step = _step(leanloss.cross_entropy, x, target)
+        with leanloss.checks(MODES[impl]):
+            step()  # warmup in the measured mode (and 'off' below)
+        with leanloss.checks("off"):
+            step()
+        result = _paired(MODES[impl], step, case["repeats"])
+    else:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    return _harness.case_result(case, time=result, base_rss=base_rss, grad_bytes=grad_bytes)
+
+
+if __name__ == "__main__":
+    _harness.main(run_case)
