@@ -66,6 +66,11 @@ WARNS = [
     ("bcel-inf-input", lambda: leanloss.binary_cross_entropy_with_logits(nan_at(X, (0, 0), float("inf")), torch.rand(8, 5, generator=G)),
      r"'input' contains NaN or Inf"),
     ("cos-nan-input", lambda: leanloss.cosine_embedding_loss(nan_at(X, (1, 1)), X, torch.ones(8)), r"'input1' contains NaN"),
+    ("jsd-input-probabilities", lambda: leanloss.jsd(X.softmax(1), X.softmax(1), reduction="batchmean"),
+     r"jsd: argument 'input' is not in log space"),
+    ("jsd-target-log-probabilities", lambda: leanloss.jsd(X.log_softmax(1), X.log_softmax(1), reduction="batchmean"),
+     r"'target' has negative values.*log_target=True"),
+    ("distill-nan-student", lambda: leanloss.distill_loss(nan_at(X, (2, 1)), X), r"'student_logits' contains NaN"),
     ("ce-module-probabilities", lambda: leanloss.CrossEntropyLoss()(X.softmax(1), T), r"looks like probabilities"),
 ]
 
@@ -171,6 +176,8 @@ def test_no_warning_on_fused_and_distillation_losses():
         leanloss.linear_cross_entropy(h, w, t)
         leanloss.distill_loss(randn(6, 9), randn(6, 9), t, hard_weight=0.5)
         leanloss.jsd(randn(6, 9).log_softmax(1), randn(6, 9).log_softmax(1), log_target=True, reduction="batchmean")
+        leanloss.jsd(randn(6, 9).log_softmax(1), randn(6, 9).softmax(1), reduction="batchmean")
+        leanloss.distill_loss(randn(6, 9), randn(6, 9), kind="jsd", beta=0.3, temperature=2.0)
         leanloss.linear_distill_loss(h, w, randn(6, 4), randn(9, 4))
 
 

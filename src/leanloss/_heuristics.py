@@ -142,7 +142,7 @@ def warn_kl_inputs(fn: str, input: Tensor, target: Tensor, log_target: bool) -> 
         if math.isfinite(hi) and hi > _POSITIVE_TOL:
             _checks.warn(
                 f"{fn}: argument 'input' is not in log space: expected log-probabilities "
-                f"(values <= 0), got a value of {hi:.4g}. kl_div(input, target) "
+                f"(values <= 0), got a value of {hi:.4g}. {fn}(input, target) "
                 f"takes input = log_softmax(logits) (and target as probabilities)."
             )
     if target.numel():

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _heuristics
 from .._dtypes import compute_dtype, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
@@ -193,7 +193,9 @@ def distill_loss(
             ce = -log_q1.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)
             loss = loss + hard_weight * ce
         loss = torch.where(keep, loss, loss.new_zeros(()))
-    return reduce_rows(loss, keep, reduction)
+    return _heuristics.finite_or_warn(
+        fn, reduce_rows(loss, keep, reduction), student_logits=student_logits, teacher_logits=teacher_logits
+    )
 
 
 def jsd(
@@ -240,9 +242,11 @@ def jsd(
                 f"{fn}: argument 'target' of shape {_checks.fmt_shape(target)} does not broadcast "
                 f"with 'input' of shape {_checks.fmt_shape(input)}"
             ) from None
+    _heuristics.warn_kl_inputs(fn, input, target, log_target)  # same conventions as kl_div
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     log_q = upcast(input)
     log_p = upcast(target) if log_target else torch.log(upcast(target))
     pointwise = divergence_terms(log_p, log_q, "jsd", beta)
     batch = input.shape[0] if (reduction == "batchmean" and input.dim() > 0) else 1
-    return reduce_loss(pointwise, reduction, batch_size=batch).to(out_dtype)
+    loss = reduce_loss(pointwise, reduction, batch_size=batch).to(out_dtype)
+    return _heuristics.finite_or_warn(fn, loss, input=input, target=target)
