@@ -508,3 +508,15 @@ def test_messages_point_at_torch_phrasing_for_out_of_range():
     with pytest.raises(IndexError) as theirs:
         F.cross_entropy(X, t2(0, 1, 2, 7))
     assert str(theirs.value).split(".")[0] in str(ours.value)
+
+
+@pytest.mark.parametrize("fname", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_1d_input_accepts_a_target_of_shape_1_like_torch(fname, reduction):
+    """Checks must not reject what torch accepts: a (C) input with a (1,) target."""
+    x = torch.randn(5, dtype=torch.float64)
+    with leanloss.checks("shapes"):  # nll_loss on raw scores would (rightly) warn
+        ours = getattr(leanloss, fname)(x, torch.tensor([3]), reduction=reduction)
+    theirs = getattr(F, fname)(x, torch.tensor([3]), reduction=reduction)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
