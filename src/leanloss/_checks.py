@@ -153,6 +153,30 @@ def check_same_shape(fn: str, name: str, t: Tensor, ref_name: str, ref: Tensor) 
         )
 
 
+def check_broadcastable(fn: str, name: str, t: Tensor, ref_name: str, ref: Tensor) -> None:
+    """``t`` and ``ref`` broadcast together (elementwise losses: kl_div, jsd)."""
+    if t.shape == ref.shape:
+        return
+    try:
+        torch.broadcast_shapes(ref.shape, t.shape)
+    except RuntimeError:
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' of shape {fmt_shape(t)} does not broadcast with "
+            f"'{ref_name}' of shape {fmt_shape(ref)}"
+        ) from None
+
+
+def check_row_targets(fn: str, target: Tensor, rows_shape, rows_what: str, name: str = "target") -> None:
+    """Class indices (int64, or uint8 as torch allows) with one entry per row: shape
+    ``rows_shape``, e.g. ``hidden.shape[:-1]`` (``rows_what`` says whose rows, for the message)."""
+    check_index_target_dtype(fn, target, name)
+    if tuple(target.shape) != tuple(rows_shape):
+        raise LeanlossValueError(
+            f"{fn}: argument '{name}' must have shape {tuple(rows_shape)} (one class index per "
+            f"row of {rows_what}), got {tuple(target.shape)}"
+        )
+
+
 def fmt_shape(t: Tensor) -> str:
     """A tensor's shape written as a Python tuple: ``(3,)``, ``(2, 5)``, ``()``."""
     return str(tuple(t.shape))
@@ -232,11 +256,11 @@ def check_label_smoothing(fn: str, label_smoothing: float) -> float:
     return value
 
 
-def check_index_target_dtype(fn: str, target: Tensor) -> None:
+def check_index_target_dtype(fn: str, target: Tensor, name: str = "target") -> None:
     if target.dtype not in (torch.int64, torch.uint8):
         raise LeanlossTypeError(
             f"{fn}: expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}: "
-            f"argument 'target' must hold class indices as an int64 (Long) tensor, got "
+            f"argument '{name}' must hold class indices as an int64 (Long) tensor, got "
             f"dtype {target.dtype}"
             + (
                 "; for class probabilities pass a floating tensor of the same shape as 'input'"

@@ -98,12 +98,7 @@ def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_clas
         return
     _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
-        _checks.check_index_target_dtype(fn, target)
-        if tuple(target.shape) != tuple(rows_shape):
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'target' must have shape {tuple(rows_shape)} (one class index per "
-                f"row of the student), got {tuple(target.shape)}"
-            )
+        _checks.check_row_targets(fn, target, rows_shape, "the student")
     _checks.check_index_target_range(fn, target, num_classes, ignore_index)
 
 
@@ -235,13 +230,7 @@ def jsd(
         _checks.check_floating(fn, "input", input, "log-probabilities")
         _checks.check_floating(fn, "target", target, "log-probabilities" if log_target else "probabilities")
         _checks.check_same_device(fn, input=input, target=target)
-        try:
-            torch.broadcast_shapes(input.shape, target.shape)
-        except RuntimeError:
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'target' of shape {_checks.fmt_shape(target)} does not broadcast "
-                f"with 'input' of shape {_checks.fmt_shape(input)}"
-            ) from None
+        _checks.check_broadcastable(fn, "target", target, "input", input)
     _heuristics.warn_kl_inputs(fn, input, target, log_target)  # same conventions as kl_div
     out_dtype = torch.promote_types(input.dtype, target.dtype)
     log_q = upcast(input)

@@ -50,14 +50,7 @@ def kl_div(
                     f"got dtype {t.dtype}"
                 )
         _checks.check_same_device(fn, input=input, target=target)
-        if input.shape != target.shape:
-            try:
-                torch.broadcast_shapes(input.shape, target.shape)
-            except RuntimeError:
-                raise _checks.LeanlossValueError(
-                    f"{fn}: argument 'target' of shape {_checks.fmt_shape(target)} does not "
-                    f"broadcast with 'input' of shape {_checks.fmt_shape(input)}"
-                ) from None
+        _checks.check_broadcastable(fn, "target", target, "input", input)
     if not legacy and reduction == "mean":
         _checks.warn(
             f"{fn}: reduction='mean' divides the total loss by both the batch size and the "
