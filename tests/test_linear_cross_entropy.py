@@ -1,6 +1,8 @@
 """linear_cross_entropy against the dense torch reference (values and all three gradients)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,17 @@ def test_each_argument_float64(kw, bias):
     assert_matches(kw, bias=bias)
 
 
+FEATURES = [{"label_smoothing": 0.2}, {"class_weight": _cw()}, {"z_loss": 0.03},
+            {"softcap": 1.5}, {"logit_scale": 2.0}, {"ignore_index": 3}]
+PAIRS = [dict(a, **b) for a, b in itertools.combinations(FEATURES, 2)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("kw", PAIRS, ids=lambda k: "+".join(k))
+def test_argument_pairs_float64(kw, reduction):
+    assert_matches(dict(kw, reduction=reduction), bias=reduction != "sum", chunk_size=6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_arguments_combined_float64(reduction):
     kw = dict(COMBINED, reduction=reduction)
@@ -144,6 +157,21 @@ def test_leading_shapes(lead):
 def test_chunk_sizes(chunk_size):
     # N=29 kept ~22 rows: chunks that divide, that don't, and one larger than N.
     assert_matches({"label_smoothing": 0.1, "z_loss": 0.01}, chunk_size=chunk_size, bias=True)
+
+
+def test_negative_class_weights_take_the_general_path():
+    cw = _cw() - 0.5
+    assert (cw < 0).any() and (cw > 0).any()
+    assert_matches({"class_weight": cw, "label_smoothing": 0.1, "reduction": "sum"}, bias=True)
+
+
+def test_default_chunk_size_evens_out_blocks():
+    assert _engine.default_chunk_size(2048, 32000) == 512
+    assert _engine.default_chunk_size(600, 131072) == 300  # two even blocks, not 512 + 88
+    assert _engine.default_chunk_size(0, 10) == 1
+    sizes = [_engine.default_chunk_size(n, 50000, min_rows=7, block_bytes=4 * 50000 * 7)
+             for n in (7, 8, 20, 21, 22)]
+    assert sizes == [7, 4, 7, 7, 6]
 
 
 def test_vocab_smaller_than_chunk():
@@ -245,13 +273,17 @@ def test_bfloat16_against_float64_reference():
     n, d, v = 8, 64, 32000
     h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.1).bfloat16().requires_grad_()
+    b = torch.randn(v, generator=g).bfloat16()
     t = torch.randint(0, v, (n,), generator=g)
-    loss = linear_cross_entropy(h, w, t, z_loss=1e-3, label_smoothing=0.1)
+    t[2] = -100
+    loss = linear_cross_entropy(h, w, t, b, label_smoothing=0.1, chunk_size=3)
     assert loss.dtype == torch.float32
-    ref = reference(h, w, t, z_loss=1e-3, label_smoothing=0.1)
+    ref = reference(h, w, t, b, label_smoothing=0.1)
     assert abs(loss.double() - ref) / ref <= 1e-3
     loss.backward()
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    zl = linear_cross_entropy(h, w, t, b, z_loss=1e-3)  # the non-row-scaled gradient path
+    assert abs(zl.double() - reference(h, w, t, b, z_loss=1e-3)) / zl <= 1e-3
     eh, ew = torch.autograd.grad(ref, (h, w))
     assert (h.grad.double() - eh).norm() / eh.norm() < 2e-2
     assert (w.grad.double() - ew).norm() / ew.norm() < 2e-2
@@ -310,12 +342,15 @@ def test_softmax_in_place_is_exact():
     (dict(z_loss=-1.0), "'z_loss'"),
     (dict(softcap=0.0), "'softcap'"),
     (dict(logit_scale=0.0), "'logit_scale'"),
+    (dict(bias=torch.zeros(41, dtype=torch.float32)), "'bias'"),
+    (dict(weight=torch.randn(41, 12, dtype=torch.float32)), "'weight'"),
+    (dict(target=torch.zeros(29, dtype=torch.int32)), "'target'"),
 ])
 def test_argument_errors_name_the_argument(bad, match):
     h, w, _, t = make()
     kw = dict(hidden=h, weight=w, target=t)
     kw.update(bad)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         linear_cross_entropy(**kw)
 
 
