@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import leanloss
 from leanloss import parallel
-from leanloss._checks import (
+from leanloss import (
     LeanlossTypeError,
     LeanlossValueError,
     TargetOutOfRangeError,

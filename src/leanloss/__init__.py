@@ -4,7 +4,16 @@ Exact to ``torch.nn.functional`` in value, gradient and errors; lean fused linea
 that never hold the (tokens, vocab) logits; safe by default (clear errors, warnings for the
 classic loss-input confusions).
 """
-from ._checks import InputWarning, checks, get_checks, set_checks
+from ._checks import (
+    InputWarning,
+    LeanlossTypeError,
+    LeanlossValueError,
+    TargetOutOfRangeError,
+    UnsupportedDtypeError,
+    checks,
+    get_checks,
+    set_checks,
+)
 from .functional import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -53,6 +62,10 @@ __all__ = [
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "InputWarning",
+    "LeanlossValueError",
+    "LeanlossTypeError",
+    "TargetOutOfRangeError",
+    "UnsupportedDtypeError",
     "set_checks",
     "get_checks",
     "checks",
