@@ -197,3 +197,17 @@ def test_cuda_matches_dense():
     for kind, beta in (("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)):
         check_fused_vs_dense(student, teacher, target, tol_dtype=torch.float32, scale=5.0, kind=kind, beta=beta,
                              temperature=2.0, hard_weight=0.2, chunk_size=8)
+
+
+@pytest.mark.parametrize("kind,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.3)])
+def test_elementwise_sub_blocks(monkeypatch, kind, beta):
+    """The scorer walks each engine block in sub-blocks (3 rows here, not dividing the block)."""
+    import leanloss.linear.distill as fused_module
+
+    monkeypatch.setattr(fused_module, "_SUB_BYTES", 8 * 13 * 3)
+    student, teacher = heads(seed=10)
+    target = torch.randint(0, 13, (11,), generator=gen(10))
+    target[::4] = IGNORE
+    for temperature, hard_weight, reduction in ((2.0, 0.3, "mean"), (1.0, 0.0, "none"), (2.0, 1.0, "sum")):
+        check_fused_vs_dense(student, teacher, target, kind=kind, beta=beta, temperature=temperature,
+                             hard_weight=hard_weight, reduction=reduction, chunk_size=8)

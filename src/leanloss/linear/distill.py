@@ -47,6 +47,10 @@ from ._engine import Scorer, fused_linear_loss
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
+# Bytes per float32 array of one elementwise sub-block: the several passes over the rows' logits,
+# teacher logits and probabilities then run from cache rather than from memory.
+_SUB_BYTES = 4 * 2**20
+
 
 def _softmax_lse(x: Tensor, out: Tensor):
     """``softmax(x)`` along dim 1 into ``out``, and each row's log-sum-exp
@@ -117,13 +121,34 @@ class DistillScorer(Scorer):
 
     def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]):
         """Per-row losses; with ``grad_scale`` also ``row_scale`` (the engine's row-scaled form:
-        the gradient is ``row_scale[:, None] * logits``, the scale applied on the (n, D) side)."""
+        the gradient is ``row_scale[:, None] * logits``, the scale applied on the (n, D) side).
+
+        The teacher block is one matmul for the whole block; the elementwise work then walks it
+        in sub-blocks of about ``_SUB_BYTES`` per array, so its several passes stay in cache."""
         # ``logits`` is a = z_s / T: the caller folded 1/T into the student's hidden and bias.
-        a, hw, temp = logits, self.hard_weight, self.temperature
+        a = logits
         want = grad_scale is not None
-        soft, hard = hw < 1.0, hw > 0.0
+        b = None
+        if self.hard_weight < 1.0:
+            with torch.no_grad():
+                b = self.teacher_logits(rows, a)
+        y = None if self.hard_weight == 0.0 else self.target[rows].unsqueeze(1)
+        loss = a.new_empty(a.shape[0])
+        step = max(1, _SUB_BYTES // (a.element_size() * max(a.shape[1], 1)))
+        scale = 1.0
+        for sub in range(0, a.shape[0], step):
+            r = slice(sub, sub + step)
+            loss[r], scale = self._score_rows(a[r], None if b is None else b[r], None if y is None else y[r], want)
+        if rows.stop >= self.teacher_hidden.shape[0]:
+            self.ws.clear()  # last block of this pass
+        return (loss, grad_scale.view(-1) * scale) if want else loss
+
+    def _score_rows(self, a: Tensor, b: Optional[Tensor], y: Optional[Tensor], want: bool):
+        """Loss of rows ``a`` (teacher rows ``b``, targets ``y``); with ``want``, overwrites ``a``
+        with the gradient divided by the returned ``scale`` (a Python float)."""
+        hw, temp = self.hard_weight, self.temperature
+        soft, hard = b is not None, y is not None
         if hard:
-            y = self.target[rows].unsqueeze(1)
             z_y = a.gather(1, y).squeeze(1) * temp
             hard_probs = hard_lse = None
             if not soft or temp != 1.0:
@@ -132,8 +157,6 @@ class DistillScorer(Scorer):
         loss = a.new_zeros(a.shape[0])
         scale = hw * temp  # d/da of the hard term is T * d/dz
         if soft:
-            with torch.no_grad():
-                b = self.teacher_logits(rows, a)
             div, q, lse_a, factor = getattr(self, "_" + self.kind)(a, b, want)
             loss += ((1.0 - hw) * temp * temp) * div
             if hard and hard_probs is None:
@@ -148,9 +171,7 @@ class DistillScorer(Scorer):
                 else:
                     a.copy_(hard_probs)
                 a.scatter_add_(1, y, torch.full_like(z_y, -c).unsqueeze(1))
-        if rows.stop >= self.teacher_hidden.shape[0]:
-            self.ws.clear()  # last block of this pass
-        return (loss, grad_scale.view(-1) * scale) if want else loss
+        return loss, scale
 
     # Each kind: (a, b, want) -> (divergence per row, q, lse(a), factor); with ``want``,
     # overwrites a with dD/da / factor. ``b`` (the teacher block) and the workspace are the
