@@ -211,3 +211,17 @@ def test_elementwise_sub_blocks(monkeypatch, kind, beta):
     for temperature, hard_weight, reduction in ((2.0, 0.3, "mean"), (1.0, 0.0, "none"), (2.0, 1.0, "sum")):
         check_fused_vs_dense(student, teacher, target, kind=kind, beta=beta, temperature=temperature,
                              hard_weight=hard_weight, reduction=reduction, chunk_size=8)
+
+
+def test_torch_compile_matches_eager():
+    """Under torch.compile (graph breaks allowed) the value and student gradients equal eager's."""
+    student, teacher = heads(n=9, seed=11)
+    target = torch.randint(0, 13, (9,), generator=gen(11))
+    target[::3] = IGNORE
+    kw = dict(kind="jsd", beta=0.3, temperature=2.0, hard_weight=0.2)
+    compiled = torch.compile(lambda s, t, y: fused(s, t, y, **kw))
+    out = compiled(student, teacher, target)
+    ref = fused(student, teacher, target, **kw)
+    assert_close(out, ref, torch.float64, "compiled value")
+    for g, r in zip(torch.autograd.grad(out, student_leaves(student)), torch.autograd.grad(ref, student_leaves(student))):
+        assert_close(g, r, torch.float64, "compiled gradient")
