@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
 from ._engine import Scorer, fused_linear_loss
