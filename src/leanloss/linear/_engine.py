@@ -41,9 +41,10 @@ __all__ = ["Scorer", "fused_linear_loss", "default_chunk_size"]
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
 # cost that grows with the number of blocks and not with their size, so a block has at least
 # _MIN_CHUNK rows (measured on a 2-core CPU at D=1024: 256-row blocks cost ~4% over the
-# unchunked matmuls, 512-row ~2-3%, 1024-row ~1%). Above that, about _BLOCK_BYTES of float32
-# logits per block. The block is the engine's only (rows, V) buffer.
-_BLOCK_BYTES = 64 * 2**20
+# unchunked matmuls, 512-row ~2-3%, 1024-row ~1%; with 2 threads the gap per block is larger).
+# Above that, about _BLOCK_BYTES of float32 logits per block (at N=2048, V=32k: 3 blocks of 683
+# rows, 87 MB, vs the 260 MB of full logits). The block is the engine's only (rows, V) buffer.
+_BLOCK_BYTES = 96 * 2**20
 _MIN_CHUNK = 512
 
 
