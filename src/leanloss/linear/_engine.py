@@ -25,7 +25,8 @@ cast back once at the end.
 
 A scorer is any object with ``score(logits, rows, grad_scale) -> per_row_loss``; see
 :class:`Scorer`. Scorers must run the same sequence of collective calls on every rank when used
-by the vocab-parallel losses, so the chunking never depends on ``V``.
+by the vocab-parallel losses, so those pass a ``chunk_size`` computed from a size every rank
+shares (the largest shard), never from a rank's own ``V``.
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ def fused_linear_loss(
         reduction: ``'none'`` -> ``(M,)`` per-row losses; ``'sum'`` -> their sum;
             ``'mean'`` -> their sum divided by ``divisor`` (a Python number or 0-dim tensor,
             ``M`` when ``None``; ``0`` gives ``nan`` like torch's mean over nothing).
-        chunk_size: rows per block (default: about 32 MiB of float32 logits).
+        chunk_size: rows per block (default: :func:`default_chunk_size`, at least 512 rows,
+            about 96 MiB of float32 logits).
 
     Returns the loss in the compute dtype (float32 for 16-bit inputs). Differentiable with
     respect to ``hidden``, ``weight`` and ``bias`` (first order only).

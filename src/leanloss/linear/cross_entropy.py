@@ -212,7 +212,8 @@ def linear_cross_entropy(
             accumulation, as transformers' ``num_items_in_batch``).
         return_lse: also return ``lse_r`` (shape of ``target``, float32/float64, ``0`` at
             ignored tokens, not differentiable).
-        chunk_size: rows per block (default: about 32 MiB of float32 logits).
+        chunk_size: rows per block (default: at least 512 rows, about 96 MiB of float32
+            logits; see :func:`leanloss.linear.default_chunk_size`).
 
     Dtypes: matmuls run in the input dtype; softmax, log-sum-exp and gradient accumulation in
     float32 (float64 for float64 inputs); the loss is float32 for bf16/fp16 inputs.
