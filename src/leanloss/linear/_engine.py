@@ -118,6 +118,10 @@ class _Blocks:
             return out
         return self.z[:n].copy_(out)
 
+    def scratch(self, n: int) -> Optional[Tensor]:
+        """The low-precision matmul buffer, free once the block was upcast (else ``None``)."""
+        return None if self.z is self.mm else self.mm[:n]
+
 
 class _Grads:
     """Gradient buffers of the three inputs; low-precision ones accumulate in float32.
@@ -137,17 +141,23 @@ class _Grads:
         )
 
     def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice,
-                  row_scale: Optional[Tensor] = None) -> None:
-        """Add one block's gradient ``dz`` (times ``row_scale[:, None]`` when given)."""
+                  row_scale: Optional[Tensor] = None, scratch: Optional[Tensor] = None) -> None:
+        """Add one block's gradient ``dz`` (times ``row_scale[:, None]`` when given).
+
+        ``scratch``: a free buffer of ``dz``'s shape in the weight's dtype, for the cast of a
+        float32 ``dz`` to a low-precision weight dtype.
+        """
         if self.b is not None:
             self.b += dz.sum(0) if row_scale is None else row_scale @ dz
         if dz.dtype == weight.dtype:
             dz_in = dz
-        elif row_scale is None:
-            dz_in = dz.to(weight.dtype)
         else:  # the low-precision cast is a full pass anyway: fold the row scale into it
-            dz_in = torch.empty(dz.shape, dtype=weight.dtype, device=dz.device)
-            torch.mul(dz, row_scale.unsqueeze(1), out=dz_in)
+            dz_in = scratch if scratch is not None else torch.empty(
+                dz.shape, dtype=weight.dtype, device=dz.device)
+            if row_scale is None:
+                dz_in.copy_(dz)
+            else:
+                torch.mul(dz, row_scale.unsqueeze(1), out=dz_in)
             row_scale = None
         col = None if row_scale is None else row_scale.unsqueeze(1).to(weight.dtype)
         if self.h is not None:
@@ -194,7 +204,7 @@ def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs):
             out, row_scale = out
         losses[rows] = out
         if grads is not None:
-            grads.add_block(z, h, weight, rows, row_scale)
+            grads.add_block(z, h, weight, rows, row_scale, blocks.scratch(z.shape[0]))
     return losses, grads
 
 

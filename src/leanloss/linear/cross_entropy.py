@@ -13,7 +13,7 @@ from torch import Tensor
 from .. import _checks
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
-from ._engine import Scorer, fused_linear_loss
+from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
 
@@ -243,6 +243,9 @@ def linear_cross_entropy(
         divisor = t.shape[0] if scorer.w_target is None else scorer.w_target.sum()
     else:
         divisor = num_items
+    if chunk_size is None and softcap is not None:
+        # The softcap's chain rule keeps tanh beside the block: half-size blocks, same memory.
+        chunk_size = default_chunk_size(t.shape[0], weight.shape[0], block_bytes=_BLOCK_BYTES // 2)
     loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
                              chunk_size=chunk_size)
     if reduction == "none":
