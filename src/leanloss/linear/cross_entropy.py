@@ -208,6 +208,8 @@ def linear_cross_entropy(
         hidden: ``(..., D)`` floating; weight: ``(V, D)``; target: ``(...)`` int64 class indices;
             bias: ``(V,)`` or ``None``.
         ignore_index: tokens with this target are dropped before any matmul.
+        label_smoothing, z_loss, softcap, logit_scale: Python numbers (a one-element tensor is
+            read as its value; no gradient flows to it).
         num_items: divisor of ``'mean'`` (e.g. the global token count with gradient
             accumulation, as transformers' ``num_items_in_batch``).
         return_lse: also return ``lse_r`` (shape of ``target``, float32/float64, ``0`` at
