@@ -65,6 +65,26 @@ def time_fwd_bwd(step: Callable[[], None], repeats: int, warmup: int = 1) -> dic
     return {"time_s": statistics.median(times), "times": times}
 
 
+def paired_ratio(step: Callable[[], None], reference: Callable[[], None], rounds: int) -> dict:
+    """Time ``step`` and ``reference`` alternately, ``rounds`` times each, in this process.
+
+    Absolute times drift between processes (and minutes apart) on a shared machine; the ratio
+    of two steps interleaved in one process does not. Returns ``x_roof_paired`` (the median of
+    the per-round ratios step / reference) and ``roofline_paired_s`` (the reference's median).
+    Run it after :func:`case_result` so the reference's allocations stay out of the peak RSS.
+    """
+    ratios, refs = [], []
+    for _ in range(max(1, rounds)):
+        start = time.perf_counter()
+        step()
+        mid = time.perf_counter()
+        reference()
+        end = time.perf_counter()
+        ratios.append((mid - start) / (end - mid))
+        refs.append(end - mid)
+    return {"x_roof_paired": statistics.median(ratios), "roofline_paired_s": statistics.median(refs)}
+
+
 def case_result(case: dict, *, time: dict, base_rss: int, grad_bytes: int, **extra) -> dict:
     """One result record: the case, its timing, ``peak_rss_mb`` and ``extra_mb`` (peak RSS beyond
     the inputs, measured as ``base_rss`` right after creating them, and their ``grad_bytes``),

@@ -114,7 +114,10 @@ def run_case(case: dict) -> dict:
     if impl == "roofline":
         four = timings["four"][1:]  # drop the warmup call
         extra["matmuls4_s"] = sorted(four)[len(four) // 2]
-    return _harness.case_result(case, time=result, base_rss=base_rss, grad_bytes=grad_bytes, **extra)
+    record = _harness.case_result(case, time=result, base_rss=base_rss, grad_bytes=grad_bytes, **extra)
+    if impl != "roofline":  # the ratio that counts: interleaved with the five matmuls, same process
+        record.update(_harness.paired_ratio(step, _roofline(hs, ws, ht, wt, {}), case["repeats"]))
+    return record
 
 
 if __name__ == "__main__":

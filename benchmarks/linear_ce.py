@@ -130,7 +130,10 @@ def run_case(case: dict) -> dict:
     grad_bytes = 0 if case["impl"] == "roofline" else (h.numel() + w.numel()) * h.element_size()
     base_rss = _harness.rss_bytes()
     timing = _harness.time_fwd_bwd(step, repeats=case.get("repeats", 3), warmup=1)
-    return _harness.case_result(case, time=timing, base_rss=base_rss, grad_bytes=grad_bytes)
+    result = _harness.case_result(case, time=timing, base_rss=base_rss, grad_bytes=grad_bytes)
+    if case["impl"] != "roofline":  # the ratio that counts: interleaved with the matmuls, same process
+        result.update(_harness.paired_ratio(step, _step_fn("roofline", h, w, t), case.get("repeats", 3)))
+    return result
 
 
 if __name__ == "__main__":

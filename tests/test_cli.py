@@ -196,6 +196,12 @@ def _check_outputs(out: Path) -> dict:
 
     image = matplotlib.image.imread(str(out / "bench.png"))
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    table = (out / "bench.md").read_text().splitlines()
+    rows = [line for line in table if line.startswith("| ") and not line.startswith("| suite")]
+    assert table[0].startswith("Machine: ") and len(rows) == len(doc["results"])
+    for line, row in zip(rows, doc["results"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [row["suite"], row["impl"]] and float(cells[6]) == round(row["time_s"], 4)
     return doc
 
 

@@ -307,6 +307,15 @@ def write_plot(path: Path, results: List[dict]) -> None:
     plt.close(fig)
 
 
+# Suite-specific figures shown in a last "notes" column when a row has them.
+NOTE_KEYS = (("x_roof_paired", ".3f"), ("value_checks_pct", ".3f"), ("overhead_pct", ".1f"),
+             ("matmuls4_s", ".3f"))
+
+
+def _notes(r: dict) -> str:
+    return " ".join(f"{k}={format(r[k], f)}" for k, f in NOTE_KEYS if isinstance(r.get(k), (int, float)))
+
+
 def _num(value, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -317,6 +326,8 @@ def table_rows(results: List[dict]) -> (List[str], List[List[str]]):
     mem_col = any("mem_x_torch_eager" in r for r in results)
     header = ["suite", "impl", "N", "D", "V", "dtype", "time s", "peak MB", "extra MB"]
     header += [title for _, title in ratio_cols] + (["mem x eager"] if mem_col else [])
+    notes_col = any(_notes(r) for r in results)
+    header += ["notes"] if notes_col else []
     cells = []
     for r in results:
         row = [str(r.get("suite", "")), str(r.get("impl", "")), str(r.get("N", "")), str(r.get("D", "")),
@@ -328,6 +339,8 @@ def table_rows(results: List[dict]) -> (List[str], List[List[str]]):
             row += [_num(r.get(f"x_{impl}"), ".2f") for impl, _ in ratio_cols]
             if mem_col:
                 row.append(_num(r.get("mem_x_torch_eager"), ".3f"))
+            if notes_col:
+                row.append(_notes(r))
         cells.append(row)
     return header, cells
 
@@ -348,6 +361,15 @@ def print_table(console, results: List[dict]) -> None:
         if "error" in r:
             console.print(f"[red]error[/red] in {r.get('suite')} {r.get('impl')} V={r.get('V')}: "
                           + escape(str(r["error"])), highlight=False)
+
+
+def write_markdown(path: Path, results: List[dict], machine: dict) -> None:
+    """The results table as Markdown (for docs/ and the README), with the machine it ran on."""
+    header, cells = table_rows(results)
+    lines = [f"Machine: {', '.join(f'{k}={v}' for k, v in machine.items())}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c if c else " " for c in row) + " |" for row in cells]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Optional[int] = None) -> int:
@@ -396,7 +418,8 @@ def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Opt
             "quick_skipped": sorted({c["impl"] for c in skipped})}
     write_json(out / "bench.json", results, suites, args)
     write_plot(out / "bench.png", results)
-    console.print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    write_markdown(out / "bench.md", results, _machine())
+    console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and {out / 'bench.png'}")
     if sel.quick and jobs > 1:
         console.print(f"(--quick runs {jobs} cases at a time: a smoke test, not a measurement)")
     failed = [r for r in results if "error" in r]
