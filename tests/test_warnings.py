@@ -71,6 +71,16 @@ WARNS = [
     ("jsd-target-log-probabilities", lambda: leanloss.jsd(X.log_softmax(1), X.log_softmax(1), reduction="batchmean"),
      r"'target' has negative values.*log_target=True"),
     ("distill-nan-student", lambda: leanloss.distill_loss(nan_at(X, (2, 1)), X), r"'student_logits' contains NaN"),
+    ("linear-ce-nan-hidden", lambda: leanloss.linear_cross_entropy(nan_at(X, (4, 3)), X[:6], T % 6),
+     r"linear_cross_entropy: argument 'hidden' contains NaN.*position \(4, 3\)"),
+    ("linear-ce-inf-weight", lambda: leanloss.linear_cross_entropy(X, nan_at(X[:6], (1, 0), float("inf")), T % 6,
+                                                                   reduction="none"),
+     r"argument 'weight' contains NaN or Inf"),
+    ("parallel-ce-nan-logits", lambda: leanloss.parallel.vocab_parallel_cross_entropy(nan_at(X, (3, 2)), T),
+     r"vocab_parallel_cross_entropy: argument 'local_logits' contains NaN"),
+    ("parallel-linear-ce-nan-hidden",
+     lambda: leanloss.parallel.vocab_parallel_linear_cross_entropy(nan_at(X, (0, 1)), X[:6], T % 6),
+     r"argument 'hidden' contains NaN"),
     ("ce-module-probabilities", lambda: leanloss.CrossEntropyLoss()(X.softmax(1), T), r"looks like probabilities"),
 ]
 

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
@@ -252,6 +252,7 @@ def linear_cross_entropy(
                              chunk_size=chunk_size)
     if reduction == "none":
         loss = _scatter_rows(loss, idx, n).reshape(lead_shape)
+    loss = _heuristics.finite_or_warn("linear_cross_entropy", loss, hidden=hidden, weight=weight, bias=bias)
     if not return_lse:
         return loss
     return loss, _scatter_rows(lse_out, idx, n).reshape(lead_shape)

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _heuristics
 from .._reduce import reduce_loss, resolve_reduction
 from ._setup import prepare_rows, scatter_rows
 
@@ -118,4 +118,5 @@ def vocab_parallel_cross_entropy(
         out = scatter_rows(losses, setup)
     else:
         out = reduce_loss(losses, reduction, weight_sum=setup.divisor)
-    return out.to(local_logits.dtype)
+    return _heuristics.finite_or_warn("vocab_parallel_cross_entropy", out.to(local_logits.dtype),
+                                      local_logits=local_logits)

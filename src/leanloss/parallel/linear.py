@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _heuristics
 from .._reduce import resolve_reduction
 from ..linear._engine import default_chunk_size, fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -78,4 +78,6 @@ def vocab_parallel_linear_cross_entropy(
     out = fused_linear_loss(
         h, local_weight, bias, setup.scorer, reduction=reduction, divisor=setup.divisor, chunk_size=chunk
     )
-    return scatter_rows(out, setup) if reduction == "none" else out
+    out = scatter_rows(out, setup) if reduction == "none" else out
+    return _heuristics.finite_or_warn("vocab_parallel_linear_cross_entropy", out, hidden=hidden,
+                                      local_weight=local_weight, bias=bias)
