@@ -88,6 +88,15 @@ def _check_index_inputs(fn: str, input: Tensor, target: Tensor, weight: Optional
     return num_classes
 
 
+def _check_common(fn: str, input: Tensor, target: Tensor, weight: Optional[Tensor], what: str) -> None:
+    """Checks shared by ``nll_loss`` and ``cross_entropy``: tensors, floating input, one device."""
+    _checks.check_tensor(fn, "input", input)
+    _checks.check_tensor(fn, "target", target)
+    if _checks.shapes_enabled():
+        _checks.check_floating(fn, "input", input, what)
+        _checks.check_same_device(fn, input=input, target=target, weight=weight)
+
+
 def nll_loss(
     input: Tensor,
     target: Tensor,
@@ -116,11 +125,7 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(reduction, size_average, reduce)
-    _checks.check_tensor(fn, "input", input)
-    _checks.check_tensor(fn, "target", target)
-    if _checks.shapes_enabled():
-        _checks.check_floating(fn, "input", input, "log-probabilities")
-        _checks.check_same_device(fn, input=input, target=target, weight=weight)
+    _check_common(fn, input, target, weight, "log-probabilities")
     _check_index_inputs(fn, input, target, weight, ignore_index)
     from .. import _heuristics  # local import: heuristics import this module's neighbours
 
@@ -172,11 +177,7 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(reduction, size_average, reduce)
-    _checks.check_tensor(fn, "input", input)
-    _checks.check_tensor(fn, "target", target)
-    if _checks.shapes_enabled():
-        _checks.check_floating(fn, "input", input, "logits")
-        _checks.check_same_device(fn, input=input, target=target, weight=weight)
+    _check_common(fn, input, target, weight, "logits")
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     from .. import _heuristics
 
