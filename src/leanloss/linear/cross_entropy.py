@@ -14,6 +14,7 @@ from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
+from ._rows import kept_rows, scatter_rows
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
 
@@ -231,12 +232,8 @@ def linear_cross_entropy(
     h_all = hidden.reshape(-1, d)
     t_all = target.reshape(-1).long()
     n = t_all.shape[0]
-    keep = t_all != ignore_index
-    if bool(keep.all()):
-        idx, h, t = None, h_all, t_all
-    else:
-        idx = keep.nonzero().squeeze(1)
-        h, t = h_all.index_select(0, idx), t_all.index_select(0, idx)
+    idx = kept_rows(t_all, ignore_index)
+    h, t = (h_all, t_all) if idx is None else (h_all.index_select(0, idx), t_all.index_select(0, idx))
     lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
     scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
                                 h.detach(), weight.detach(),
@@ -251,15 +248,8 @@ def linear_cross_entropy(
     loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
                              chunk_size=chunk_size)
     if reduction == "none":
-        loss = _scatter_rows(loss, idx, n).reshape(lead_shape)
+        loss = scatter_rows(loss, idx, n).reshape(lead_shape)
     loss = _heuristics.finite_or_warn("linear_cross_entropy", loss, hidden=hidden, weight=weight, bias=bias)
     if not return_lse:
         return loss
-    return loss, _scatter_rows(lse_out, idx, n).reshape(lead_shape)
-
-
-def _scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:
-    """Per-kept-row values back to all ``n`` rows, ``0`` at the dropped ones (differentiable)."""
-    if idx is None:
-        return values
-    return values.new_zeros(n).index_copy(0, idx, values)
+    return loss, scatter_rows(lse_out, idx, n).reshape(lead_shape)

@@ -43,6 +43,7 @@ from .. import _checks
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
 from ._engine import Scorer, fused_linear_loss
+from ._rows import kept_rows, scatter_rows
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -298,9 +299,8 @@ def linear_distill_loss(
     tgt = None
     if target is not None:
         tgt = target.reshape(-1)
-        keep = tgt != ignore_index
-        if not bool(keep.all()):
-            kept = keep.nonzero().squeeze(1)
+        kept = kept_rows(tgt, ignore_index)
+        if kept is not None:
             hs, ht, tgt = hs.index_select(0, kept), ht.index_select(0, kept), tgt.index_select(0, kept)
         tgt = tgt.long()
     if temperature != 1.0:  # the engine's blocks become z_s / T: no (N, V) scaling pass
@@ -315,5 +315,5 @@ def linear_distill_loss(
     if reduction != "none":
         return loss
     if kept is not None:
-        loss = loss.new_zeros(target.numel()).index_copy(0, kept, loss)
+        loss = scatter_rows(loss, kept, target.numel())
     return loss.reshape(lead)

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .. import _checks
 from .._dtypes import compute_dtype
+from ..linear._rows import kept_rows
+from ..linear._rows import scatter_rows as _scatter
 from ._comm import VocabShard, vocab_shard
 from ._scorer import VocabParallelScorer
 
@@ -45,12 +47,7 @@ def prepare_rows(
     batch_shape = like.shape[:-1]
     _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
-        _checks.check_index_target_dtype(fn, target)
-        if tuple(target.shape) != tuple(batch_shape):
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'target' must have the shape of the logits without their last "
-                f"(vocabulary) dimension, {tuple(batch_shape)}, got {tuple(target.shape)}"
-            )
+        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
@@ -59,9 +56,7 @@ def prepare_rows(
         _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)
     _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
     flat = target.reshape(-1)
-    keep = (flat != ignore_index).nonzero().squeeze(1)
-    if keep.numel() == flat.numel():
-        keep = None
+    keep = kept_rows(flat, ignore_index)
     kept_target = (flat if keep is None else flat[keep]).long()
     scorer = VocabParallelScorer(
         shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
@@ -72,7 +67,4 @@ def prepare_rows(
 
 def scatter_rows(losses: Tensor, setup: RowSetup) -> Tensor:
     """Per-row losses of the kept rows -> the batch shape, zeros at ignored positions."""
-    if setup.keep is not None:
-        full = losses.new_zeros(setup.batch_shape.numel())
-        losses = full.index_copy(0, setup.keep, losses)
-    return losses.reshape(setup.batch_shape)
+    return _scatter(losses, setup.keep, setup.batch_shape.numel()).reshape(setup.batch_shape)
