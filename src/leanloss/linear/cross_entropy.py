@@ -14,6 +14,7 @@ from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
+from ._ce_rows import ce_grad_coefficients, ce_row_loss
 from ._rows import kept_rows, scatter_rows
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
@@ -94,6 +95,7 @@ class CrossEntropyScorer(Scorer):
         t_col = t.unsqueeze(1)
         z_t = z.gather(1, t_col).squeeze(1)
         eps = self.eps
+        z_wsum = None
         if eps > 0.0:
             z_wsum = z.sum(1) if self.cw is None else z @ self.cw
         p = _softmax_(z)
@@ -108,23 +110,14 @@ class CrossEntropyScorer(Scorer):
         if self.lse_out is not None:
             self.lse_out[rows] = lse
         w_t = None if self.w_target is None else self.w_target[rows]
-        nll = -log_p_t if w_t is None else -log_p_t * w_t
-        loss = nll if eps == 0.0 else nll * (1.0 - eps)
-        if eps > 0.0:
-            loss = loss + (eps / self.num_classes) * (self.w_total * lse - z_wsum)
-        if self.z_loss != 0.0:
-            zl = lse.square() * self.z_loss
-            loss = loss + (zl if w_t is None else zl * w_t)
+        stats = dict(eps=eps, w_total=self.w_total, num_classes=self.num_classes, z_loss=self.z_loss)
+        loss = ce_row_loss(-log_p_t, lse, w_t, z_wsum, **stats)
         if grad_scale is None:
             return loss
 
         g = grad_scale.squeeze(1) * self.scale  # chain rule of the logit scale
-        wt = 1.0 if w_t is None else w_t
-        a = ((1.0 - eps) * wt + eps * self.w_total / self.num_classes) * g
-        if self.z_loss != 0.0:
-            a = a + (2.0 * self.z_loss) * lse * wt * g
-        c = (1.0 - eps) * wt * g  # subtracted at the target
-        smooth = (eps / self.num_classes) * g  # times w_c, subtracted everywhere
+        # a: softmax coefficient, c: subtracted at the target, smooth: times w_c everywhere
+        a, c, smooth = ce_grad_coefficients(g, lse, w_t, **stats)
         if self.row_scaled:
             inv = torch.where(a != 0, a.reciprocal(), torch.zeros_like(a))
             p.scatter_add_(1, t_col, (-(c * inv)).unsqueeze(1))

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..linear._ce_rows import ce_grad_coefficients, ce_row_loss
 from ..linear._engine import Scorer
 from ._comm import VocabShard, all_reduce_
 
@@ -71,8 +72,6 @@ class VocabParallelScorer(Scorer):
             self.w_target = torch.ones(target.shape, dtype=dtype, device=target.device)
             self.w_local = None
             self.weight_total = float(shard.vocab)
-        # the part of the softmax coefficient that does not depend on the row: e * W / V
-        self.smooth_mass = self.eps * self.weight_total / shard.vocab if self.eps > 0 else 0.0
         self.lse = torch.empty(target.shape, dtype=dtype, device=target.device)
         self.loss = torch.empty_like(self.lse)
         self._scored = set()
@@ -116,12 +115,8 @@ class VocabParallelScorer(Scorer):
             sums[:, 0] = z.sum(1)
         all_reduce_(sums, dist.ReduceOp.SUM, shard.group, shard.world_size)
         lse = m + sums[:, 0].log()
-        w_t = self.w_target[rows]
-        loss = (1.0 - self.eps) * w_t * (lse - sums[:, 1])
-        if self.eps > 0:
-            loss = loss + (self.eps / shard.vocab) * (self.weight_total * lse - sums[:, 2])
-        if self.z_loss:
-            loss = loss + self.z_loss * w_t * lse.square()
+        loss = ce_row_loss(lse - sums[:, 1], lse, self.w_target[rows],
+                           sums[:, 2] if self.eps > 0 else None, **self._stats())
         self.lse[rows] = lse
         self.loss[rows] = loss
         return sums[:, 0].reciprocal()
@@ -129,23 +124,21 @@ class VocabParallelScorer(Scorer):
     def _gradient_(self, p: Tensor, rows: slice, grad_scale: Tensor, inv_sum: Optional[Tensor]) -> None:
         """Overwrite ``p`` (the unnormalized softmax ``exp(z - shift)``) with ``g * dloss/dz``."""
         g = grad_scale.reshape(-1)
-        w_t = self.w_target[rows]
-        coef = (1.0 - self.eps) * w_t + self.smooth_mass
-        if self.z_loss:
-            coef = coef + (2.0 * self.z_loss) * w_t * self.lse[rows]
-        coef = coef * g
+        coef, hit, smooth = ce_grad_coefficients(g, self.lse[rows], self.w_target[rows], **self._stats())
         if inv_sum is not None:
             coef = coef * inv_sum
         p.mul_(coef.unsqueeze(1))
         if self.shard.size == 0:
             return
         if self.eps < 1.0:
-            hit = -(1.0 - self.eps) * w_t * g
-            hit = torch.where(self.owned[rows], hit, torch.zeros_like(hit))
+            hit = torch.where(self.owned[rows], -hit, torch.zeros_like(hit))
             p.scatter_add_(1, self.local_target[rows].unsqueeze(1), hit.unsqueeze(1))
         if self.eps > 0:
-            scale = self.eps / self.shard.vocab
             if self.w_local is None:
-                p.sub_(g.unsqueeze(1) * scale)
+                p.sub_(smooth.unsqueeze(1))
             else:
-                p.addcmul_(g.unsqueeze(1), self.w_local.unsqueeze(0), value=-scale)
+                p.addcmul_(smooth.unsqueeze(1), self.w_local.unsqueeze(0), value=-1.0)
+
+    def _stats(self) -> dict:
+        return dict(eps=self.eps, w_total=self.weight_total, num_classes=self.shard.vocab,
+                    z_loss=self.z_loss)
