@@ -169,7 +169,7 @@ def test_module_matches_function():
 
 def test_mixed_teacher_dtype_and_workspace_released():
     """A bfloat16 teacher with a float32 student; the scorer's block buffers do not outlive a pass."""
-    from leanloss.linear._engine import fused_linear_loss
+    from leanloss._fused.engine import fused_linear_loss
     from leanloss.linear.distill import DistillScorer
 
     student, teacher = heads(n=9, v=20, dtype=torch.float32, seed=7)

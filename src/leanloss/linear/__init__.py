@@ -1,13 +1,14 @@
 """Fused linear-head losses: loss(hidden @ weight.T + bias) without the (tokens, vocab) logits.
 
-All of them run on one chunked engine (:mod:`leanloss.linear._engine`) with a per-block scorer.
+All of them run on one chunked engine (:mod:`leanloss._fused.engine`) with a per-block scorer.
 """
-from ._engine import Scorer, default_chunk_size, fused_linear_loss
+from .._fused.engine import Scorer, ScoreResult, default_chunk_size, fused_linear_loss
 from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
 from .modules import LinearCrossEntropyLoss
 
 __all__ = [
     "Scorer",
+    "ScoreResult",
     "fused_linear_loss",
     "default_chunk_size",
     "CrossEntropyScorer",

@@ -1,7 +1,8 @@
 """Fused linear cross entropy: the LM-head loss without the ``(tokens, vocab)`` logits.
 
 ``linear_cross_entropy`` drops ignored tokens, then hands the kept rows to the chunked engine
-(:mod:`leanloss.linear._engine`) with :class:`CrossEntropyScorer`, the per-block math below.
+(:mod:`leanloss._fused.engine`) with :class:`CrossEntropyScorer`, whose per-block math is the
+row kernel :func:`ce_block` (compiled or eager, :mod:`leanloss._fused.kernels`).
 """
 from __future__ import annotations
 
@@ -13,131 +14,105 @@ from torch import Tensor
 from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
-from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
-from ._ce_rows import ce_grad_coefficients, ce_row_loss
-from ._rows import kept_rows, scatter_rows
+from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
+from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
+from .._fused.kernels import RowKernel
+from .._fused.rows import kept_rows, scatter_rows
 
-__all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
+__all__ = ["linear_cross_entropy", "CrossEntropyScorer", "ce_block"]
 
 _FN = "linear_cross_entropy"
-# A target probability below this is recomputed exactly from the row's logits (float32's
-# normal range ends at 1.2e-38; below it ``log(p_t)`` would lose digits or be -inf).
-_TINY_PROB = 1e-30
 
 
-def _softmax_(z: Tensor) -> Tensor:
-    """Row softmax written over ``z`` itself (one pass, each row stays in cache on CPU)."""
-    if z.device.type == "cpu":
-        return torch.ops.aten._softmax.out(z, 1, False, out=z)
-    return z.copy_(torch.softmax(z, 1))
+def _transform(x: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(scale * x / softcap)``, or ``scale * x`` without softcap."""
+    if softcap is not None:
+        return (x * (scale / softcap)).tanh() * softcap
+    return x * scale if scale != 1.0 else x
 
 
-class CrossEntropyScorer(Scorer):
-    """Per-block cross entropy with class weights, smoothing, z-loss, softcap and logit scale.
+def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
+             class_weight: Optional[Tensor], scale: float, softcap: Optional[float], eps: float,
+             num_classes: int, w_total: float, z_loss: float):
+    """Cross entropy of one block of raw logits ``z`` (rows: tokens), row-wise.
 
-    For a block of raw logits ``x`` (rows ``r`` with targets ``t``), with ``s = logit_scale``,
-    ``k = softcap``, ``w`` the class weights (ones when ``None``), ``e = label_smoothing``,
-    ``C`` classes and ``W = sum_c w_c``::
+    ``x_t``: each row's raw target logit (compute dtype); ``w_t``: its class weight (``None``:
+    ones); ``g``: the per-row gradient scale, or ``None`` for the loss alone. With
+    ``y = softcap(scale * z)`` (:func:`_transform`) the row loss and its gradient are those of
+    :mod:`leanloss._fused.ce_rows`. Returns ``(loss, lse)``; with ``g``, also overwrites ``z``
+    with the dense part of ``g * dloss/dz`` (the softmax and smoothing terms, chain rule of
+    the transform included) and returns ``(loss, lse, coef, dense_t)``: the point term at the
+    target (``-b`` times the chain rule) and the dense part's value there.
+    """
+    y = _transform(z.to(x_t.dtype), scale, softcap)
+    m = y.amax(1, keepdim=True)
+    lse = (m + (y - m).exp().sum(1, keepdim=True).log()).squeeze(1)
+    y_t = _transform(x_t, scale, softcap)
+    smooth_sum = None
+    if eps > 0.0:
+        smooth_sum = y.sum(1) if class_weight is None else (y * class_weight).sum(1)
+    stats = dict(eps=eps, w_total=w_total, num_classes=num_classes, z_loss=z_loss)
+    loss = ce_row_loss(lse - y_t, lse, w_t, smooth_sum, **stats)
+    if g is None:
+        return loss, lse
+    a, b, s = ce_grad_coefficients(g * scale, lse, w_t, **stats)
+    grad = (y - lse.unsqueeze(1)).exp() * a.unsqueeze(1)
+    dense_t = (y_t - lse).exp() * a
+    if eps > 0.0:
+        grad = grad - s.unsqueeze(1) * (1.0 if class_weight is None else class_weight)
+        dense_t = dense_t - s * (1.0 if w_t is None else w_t)
+    coef = -b
+    if softcap is not None:
+        grad = grad * (1.0 - (y * (1.0 / softcap)).square())
+        chain_t = 1.0 - (y_t * (1.0 / softcap)).square()
+        dense_t = dense_t * chain_t
+        coef = coef * chain_t
+    z.copy_(grad)
+    return loss, lse, coef, dense_t
 
-        z      = k * tanh(s * x / k)          (z = s * x without softcap)
-        lse    = logsumexp_c z_c,   q = z - lse,   p = softmax(z)
-        loss_r = (1-e) w_t (-q_t) + (e/C) sum_c w_c (-q_c) + z_loss w_t lse^2
-        dloss_r/dz_c = a_r p_c - (1-e) w_t [c = t] - (e/C) w_c,
-                       a_r = (1-e) w_t + e W / C + 2 z_loss w_t lse
-        dloss/dx = dloss/dz * s * (1 - tanh^2)           (dloss/dz * s without softcap)
 
-    ``recompute(idx)`` returns the transformed logits of the given kept rows; it is used only
-    for rows whose target probability underflows (a loss above ~69), to keep the loss exact.
+_CE_KERNEL = RowKernel(ce_block, "cross-entropy")
+
+
+class CrossEntropyScorer:
+    """Per-block cross entropy (class weights, smoothing, z-loss, softcap, logit scale).
+
+    Scores blocks in the matmul dtype (``low_precision_blocks``): the row kernel
+    :func:`ce_block` reads the raw logits, accumulates in the compute dtype and writes the
+    gradient over the block; the target's point term is set by a scatter and reported to the
+    engine (:class:`~leanloss._fused.engine.PointGradient`).
     """
 
+    low_precision_blocks = True
+
     def __init__(self, target: Tensor, class_weight: Optional[Tensor], label_smoothing: float,
-                 z_loss: float, softcap: Optional[float], logit_scale: float,
-                 hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                 lse_out: Optional[Tensor] = None) -> None:
-        dtype = compute_dtype(hidden.dtype)
+                 z_loss: float, softcap: Optional[float], logit_scale: float, num_classes: int,
+                 dtype: torch.dtype, lse_out: Optional[Tensor] = None) -> None:
         self.target = target
+        self.dtype = dtype
         self.cw = None if class_weight is None else class_weight.to(dtype)
         self.w_target = None if self.cw is None else self.cw[target]
-        self.w_total = float(weight.shape[0]) if self.cw is None else float(self.cw.sum())
-        self.eps = float(label_smoothing)
-        self.z_loss = float(z_loss)
-        self.softcap = None if softcap is None else float(softcap)
-        self.scale = float(logit_scale)
-        self.num_classes = weight.shape[0]
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.options = dict(
+            class_weight=self.cw, scale=float(logit_scale),
+            softcap=None if softcap is None else float(softcap), eps=float(label_smoothing),
+            num_classes=num_classes,
+            w_total=float(num_classes) if self.cw is None else float(self.cw.sum()),
+            z_loss=float(z_loss))
         self.lse_out = lse_out
-        # Row-scaled gradients need a_r >= 0 with a_r == 0 only where the whole row gradient is
-        # zero: true without z-loss for non-negative class weights.
-        self.row_scaled = (self.softcap is None and self.z_loss == 0.0
-                           and (self.cw is None or bool((self.cw >= 0).all())))
 
-    # -- the transform z = softcap(scale * x) ------------------------------------------------
-    def _transform_(self, z: Tensor, keep_tanh: bool) -> Optional[Tensor]:
-        if self.softcap is not None:
-            z.mul_(self.scale / self.softcap).tanh_()
-            tanh = z.clone() if keep_tanh else None
-            z.mul_(self.softcap)
-            return tanh
-        if self.scale != 1.0:
-            z.mul_(self.scale)
-        return None
-
-    def recompute_lse(self, idx: Tensor) -> Tensor:
-        h = self.hidden.index_select(0, idx)
-        z = h @ self.weight.T if self.bias is None else torch.addmm(self.bias, h, self.weight.T)
-        z = z.to(compute_dtype(h.dtype))
-        self._transform_(z, keep_tanh=False)
-        return torch.logsumexp(z, 1)
-
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]):
-        t = self.target[rows]
-        tanh = self._transform_(z, keep_tanh=grad_scale is not None)
-        t_col = t.unsqueeze(1)
-        z_t = z.gather(1, t_col).squeeze(1)
-        eps = self.eps
-        z_wsum = None
-        if eps > 0.0:
-            z_wsum = z.sum(1) if self.cw is None else z @ self.cw
-        p = _softmax_(z)
-        p_t = p.gather(1, t_col).squeeze(1)
-        log_p_t = p_t.log()
-        tiny = p_t < _TINY_PROB
-        if bool(tiny.any()):
-            local = tiny.nonzero().squeeze(1)
-            lse_tiny = self.recompute_lse(local + rows.start)
-            log_p_t[local] = z_t[local] - lse_tiny
-        lse = z_t - log_p_t
-        if self.lse_out is not None:
-            self.lse_out[rows] = lse
+    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+        t_col = self.target[rows].unsqueeze(1)
+        x_t = z.gather(1, t_col).squeeze(1).to(self.dtype)
         w_t = None if self.w_target is None else self.w_target[rows]
-        stats = dict(eps=eps, w_total=self.w_total, num_classes=self.num_classes, z_loss=self.z_loss)
-        loss = ce_row_loss(-log_p_t, lse, w_t, z_wsum, **stats)
-        if grad_scale is None:
-            return loss
-
-        g = grad_scale.squeeze(1) * self.scale  # chain rule of the logit scale
-        # a: softmax coefficient, c: subtracted at the target, smooth: times w_c everywhere
-        a, c, smooth = ce_grad_coefficients(g, lse, w_t, **stats)
-        if self.row_scaled:
-            inv = torch.where(a != 0, a.reciprocal(), torch.zeros_like(a))
-            p.scatter_add_(1, t_col, (-(c * inv)).unsqueeze(1))
-            if eps > 0.0:
-                self._sub_smooth(p, smooth * inv)
-            return loss, a
-        p.mul_(a.unsqueeze(1))
-        p.scatter_add_(1, t_col, (-c).unsqueeze(1))
-        if eps > 0.0:
-            self._sub_smooth(p, smooth)
-        if tanh is not None:
-            p.mul_(tanh.square_().neg_().add_(1.0))
-        return loss
-
-    def _sub_smooth(self, p: Tensor, coef: Tensor) -> None:
-        """``p[r, c] -= coef[r] * w_c``."""
-        if self.cw is None:
-            p.sub_(coef.unsqueeze(1))
-        else:
-            p.addcmul_(coef.unsqueeze(1), self.cw.unsqueeze(0), value=-1.0)
+        g = None if grad_scale is None else grad_scale.reshape(-1)
+        out = _CE_KERNEL(z, x_t, w_t, g, **self.options)
+        if self.lse_out is not None:
+            self.lse_out[rows] = out[1]
+        if g is None:
+            return ScoreResult(out[0])
+        loss, _, coef, dense_t = out
+        set_at_cols(z, t_col.squeeze(1), dense_t + coef)
+        return ScoreResult(loss, None, PointGradient(t_col.squeeze(1), coef, dense_t))
 
 
 def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
@@ -229,15 +204,11 @@ def linear_cross_entropy(
     h, t = (h_all, t_all) if idx is None else (h_all.index_select(0, idx), t_all.index_select(0, idx))
     lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
     scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
-                                h.detach(), weight.detach(),
-                                None if bias is None else bias.detach(), lse_out)
+                                weight.shape[0], dtype, lse_out)
     if reduction == "mean" and num_items is None:
         divisor = t.shape[0] if scorer.w_target is None else scorer.w_target.sum()
     else:
         divisor = num_items
-    if chunk_size is None and softcap is not None:
-        # The softcap's chain rule keeps tanh beside the block: half-size blocks, same memory.
-        chunk_size = default_chunk_size(t.shape[0], weight.shape[0], block_bytes=_BLOCK_BYTES // 2)
     loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
                              chunk_size=chunk_size)
     if reduction == "none":

@@ -3,7 +3,7 @@ r"""Fused distillation on the linear engine: a student and a teacher LM head, no
 :func:`linear_distill_loss` is :func:`leanloss.distill_loss` on
 ``student_logits = student_hidden @ student_weight.T + student_bias`` and
 ``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, computed block by block
-by :func:`leanloss.linear._engine.fused_linear_loss` with a :class:`DistillScorer`: for each
+by :func:`leanloss._fused.engine.fused_linear_loss` with a :class:`DistillScorer`: for each
 block of student logits the scorer computes the teacher logits of the same rows (without
 autograd), the per-row loss and, in place, the gradient with respect to the student logits.
 
@@ -42,8 +42,8 @@ from torch import Tensor
 from .. import _checks
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
-from ._engine import Scorer, fused_linear_loss
-from ._rows import kept_rows, scatter_rows
+from .._fused.engine import ScoreResult, fused_linear_loss
+from .._fused.rows import kept_rows, scatter_rows
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -87,7 +87,7 @@ class _Workspace:
         self.buffers.clear()
 
 
-class DistillScorer(Scorer):
+class DistillScorer:
     """The per-block distillation math of :func:`linear_distill_loss` (see the module docstring).
 
     The engine's blocks must be the student logits divided by ``temperature``;
@@ -103,6 +103,8 @@ class DistillScorer(Scorer):
         self.kind = {0.0: "forward", 1.0: "reverse"}.get(beta, kind) if kind == "jsd" else kind
         self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
         self.ws = _Workspace()
+
+    low_precision_blocks = False
 
     def buffer(self, name: str, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         return self.ws.get(name, like.shape[0], like.shape[1], dtype or like.dtype, like.device)
@@ -141,7 +143,7 @@ class DistillScorer(Scorer):
             loss[r], scale = self._score_rows(a[r], None if b is None else b[r], None if y is None else y[r], want)
         if rows.stop >= self.teacher_hidden.shape[0]:
             self.ws.clear()  # last block of this pass
-        return (loss, grad_scale.view(-1) * scale) if want else loss
+        return ScoreResult(loss, grad_scale.view(-1) * scale if want else None)
 
     def _score_rows(self, a: Tensor, b: Optional[Tensor], y: Optional[Tensor], want: bool):
         """Loss of rows ``a`` (teacher rows ``b``, targets ``y``); with ``want``, overwrites ``a``

@@ -31,15 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..linear._ce_rows import ce_grad_coefficients, ce_row_loss
-from ..linear._engine import Scorer
+from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
+from .._fused.engine import ScoreResult
 from ._comm import VocabShard, all_reduce_
 
 __all__ = ["VocabParallelScorer"]
 
 
-class VocabParallelScorer(Scorer):
-    """:class:`~leanloss.linear._engine.Scorer` of the vocab-parallel cross entropy.
+class VocabParallelScorer:
+    """:class:`~leanloss._fused.engine.Scorer` of the vocab-parallel cross entropy.
 
     ``target`` holds the global class ids of the ``M`` rows that count (ignored rows already
     dropped, identical on every rank). The first ``score`` of a block runs the collectives and
@@ -77,18 +77,20 @@ class VocabParallelScorer(Scorer):
         self._scored = set()
 
     # ---------------------------------------------------------------------------------------
-    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> Tensor:
+    low_precision_blocks = False
+
+    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
         key = (rows.start, rows.stop)
         if key in self._scored:
             if grad_scale is not None:  # p = exp(z - lse), from the recorded lse
                 logits.sub_(self.lse[rows].unsqueeze(1)).exp_()
                 self._gradient_(logits, rows, grad_scale, None)
-            return self.loss[rows]
+            return ScoreResult(self.loss[rows])
         inv_sum = self._statistics_(logits, rows)
         self._scored.add(key)
         if grad_scale is not None:  # logits now hold exp(z - m); p = that / s
             self._gradient_(logits, rows, grad_scale, inv_sum)
-        return self.loss[rows]
+        return ScoreResult(self.loss[rows])
 
     def _statistics_(self, z: Tensor, rows: slice) -> Tensor:
         """Global row statistics; records ``lse`` and loss; leaves ``exp(z - m)`` in ``z``.

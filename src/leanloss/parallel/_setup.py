@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .. import _checks
 from .._dtypes import compute_dtype
-from ..linear._rows import kept_rows
-from ..linear._rows import scatter_rows as _scatter
+from .._fused.rows import kept_rows
+from .._fused.rows import scatter_rows as _scatter
 from ._comm import VocabShard, vocab_shard
 from ._scorer import VocabParallelScorer
 

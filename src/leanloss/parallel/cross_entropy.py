@@ -30,7 +30,7 @@ class _LocalLogitsLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, scorer, keep):
         z = _kept_block(logits, keep, scorer.lse.dtype)
-        losses = scorer.score(z, slice(0, z.shape[0]), None).clone()
+        losses = scorer.score(z, slice(0, z.shape[0]), None).loss.clone()
         ctx.save_for_backward(logits)
         ctx.scorer, ctx.keep = scorer, keep
         return losses

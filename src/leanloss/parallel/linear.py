@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _checks, _heuristics
 from .._reduce import resolve_reduction
-from ..linear._engine import default_chunk_size, fused_linear_loss
+from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
 from ._setup import prepare_rows, scatter_rows
 
@@ -73,11 +73,9 @@ def vocab_parallel_linear_cross_entropy(
     if setup.keep is not None:
         h = h.index_select(0, setup.keep)
     h = copy_to_vocab_parallel(h, setup.shard)
-    rows = h.shape[0]
-    chunk = chunk_size or default_chunk_size(rows, setup.shard.max_size)
-    out = fused_linear_loss(
-        h, local_weight, bias, setup.scorer, reduction=reduction, divisor=setup.divisor, chunk_size=chunk
-    )
+    out = fused_linear_loss(h, local_weight, bias, setup.scorer, reduction=reduction,
+                            divisor=setup.divisor, chunk_size=chunk_size,
+                            policy_vocab=setup.shard.max_size)
     out = scatter_rows(out, setup) if reduction == "none" else out
     return _heuristics.finite_or_warn("vocab_parallel_linear_cross_entropy", out, hidden=hidden,
                                       local_weight=local_weight, bias=bias)
