@@ -22,14 +22,12 @@ Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathr
 
 and the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`. :func:`linear_distill_loss` folds
 :math:`1/T` into the student's hidden states and bias (an ``(N, D)`` operation), so the engine's
-block is :math:`a` itself, and the scorer hands the engine the gradient with respect to
-:math:`a` in row-scaled form (a block times a per-row scale that the engine applies on the
-``(n, D)`` side of the backward matmuls, one block pass less):
-:math:`a_h T(\mathrm{softmax}(z_s) - \mathrm{onehot}(y)) + (1-a_h) T^2 \partial D/\partial a`.
-The log-sum-exps come from the softmax itself (:math:`\mathrm{lse}(x) = \max x - \log
-\max \mathrm{softmax}(x)`), so each side costs one softmax and two read-only max passes. The
-jsd mixture is formed in probability space and floored at the smallest normal float before its
-log; the terms this can affect weigh less than ``1e-35``.
+block is :math:`a` itself, and the scorer writes the gradient with respect to :math:`a` over
+the block: :math:`a_h T(\mathrm{softmax}(z_s) - \mathrm{onehot}(y)) + (1-a_h) T^2
+\partial D/\partial a`, the per-block math being the row kernel :func:`distill_block`
+(compiled or eager, :mod:`leanloss._fused.kernels`). The jsd mixture is formed in probability
+space and floored at the smallest normal float before its log; the terms this can affect weigh
+less than ``1e-35``.
 """
 from __future__ import annotations
 
@@ -42,49 +40,76 @@ from torch import Tensor
 from .. import _checks
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
-from .._fused.engine import ScoreResult, fused_linear_loss
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
+from .._fused.kernels import RowKernel
 from .._fused.rows import kept_rows, scatter_rows
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
-# Bytes per float32 array of one elementwise sub-block: the several passes over the rows' logits,
-# teacher logits and probabilities then run from cache rather than from memory.
-_SUB_BYTES = 4 * 2**20
+# Bytes of teacher logits computed per kernel call: the teacher block is the scorer's only
+# (rows, V) buffer, so it is sized apart from the engine's student block.
+_TEACHER_BYTES = 32 * 2**20
 
 
-def _softmax_lse(x: Tensor, out: Tensor):
-    """``softmax(x)`` along dim 1 into ``out``, and each row's log-sum-exp
-    ``max(x) - log(max(softmax(x)))``: one softmax and two read-only max passes (cheaper than
-    ``logsumexp``, which materializes ``exp(x - max)``, or than a max with indices)."""
-    torch.ops.aten._softmax.out(x, 1, False, out=out)
-    return out, x.amax(1) - out.amax(1).log()
+def _lse(x: Tensor) -> Tensor:
+    """Row log-sum-exp as an ``(n, 1)`` column."""
+    m = x.amax(1, keepdim=True)
+    return m + (x - m).exp().sum(1, keepdim=True).log()
 
 
-def _rowdot(x: Tensor, y: Tensor, scratch: Tensor) -> Tensor:
-    """``(x * y).sum(1)``, the product written to ``scratch`` (which may be ``y``); pairwise
-    summation (a batched matmul is slower here and less accurate)."""
-    return torch.mul(x, y, out=scratch).sum(1)
+def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *,
+                  kind: str, beta: float, temperature: float, hard_weight: float,
+                  dtype: torch.dtype):
+    """Distillation loss of one block, row-wise (the math of the module docstring).
 
-
-class _Workspace:
-    """``(n, V)`` buffers reused by every block of one pass over the rows.
-
-    A fresh block-sized tensor per block is a fresh ``mmap`` (page faults and kernel zeroing of
-    every page); the buffers are allocated at the first (largest) block and dropped after the
-    last one, so nothing outlives the pass.
+    ``a``: student logits divided by ``T`` (overwritten with the dense part of ``g * dloss/da``
+    when ``g`` is given); ``b``: teacher logits divided by ``T`` (``None`` when
+    ``hard_weight == 1``); ``a_y``: the student's ``a`` at each row's target (``None`` without
+    a hard term). Returns ``(loss,)``; the hard term's point term (``-g * hard_weight * T`` at
+    the target) is left to the caller.
     """
+    hw, temp = hard_weight, temperature
+    x = a.to(dtype)
+    loss = None
+    grad = None
+    if b is not None:
+        y = b.to(dtype)
+        lse_a, lse_b = _lse(x), _lse(y)
+        q = (x - lse_a).exp()
+        p = (y - lse_b).exp()
+        if kind == "forward":
+            div = (p * (y - x)).sum(1) + (lse_a - lse_b).squeeze(1)
+            d_div = q - p
+        elif kind == "reverse":
+            e = x - y
+            r = (q * e).sum(1, keepdim=True)
+            div = (r - lse_a + lse_b).squeeze(1)
+            d_div = q * (e - r)
+        else:
+            log_rest = math.log1p(-beta)
+            lam = (q + p * (beta / (1.0 - beta))).clamp_min(torch.finfo(dtype).tiny).log()
+            kl_pm = (p * (y - lam)).sum(1) - lse_b.squeeze(1) - log_rest
+            r = (q * (x - lam)).sum(1, keepdim=True)
+            kl_qm = (r - lse_a).squeeze(1) - log_rest
+            div = beta * kl_pm + (1.0 - beta) * kl_qm
+            d_div = q * (x - lam - r) * (1.0 - beta)
+        soft = (1.0 - hw) * temp * temp
+        loss = div * soft
+        grad = d_div * soft
+    if a_y is not None:
+        z = x * temp
+        lse_z = _lse(z)
+        hard = hw * (lse_z.squeeze(1) - a_y * temp)
+        loss = hard if loss is None else loss + hard
+        probs = (z - lse_z).exp() * (hw * temp)
+        grad = probs if grad is None else grad + probs
+    if g is not None:
+        a.copy_(grad * g.unsqueeze(1))
+    return (loss,)
 
-    def __init__(self) -> None:
-        self.buffers: dict = {}
 
-    def get(self, name: str, n: int, vocab: int, dtype: torch.dtype, device) -> Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.shape[0] < n or buf.dtype != dtype:
-            buf = self.buffers[name] = torch.empty((n, vocab), dtype=dtype, device=device)
-        return buf[:n]
-
-    def clear(self) -> None:
-        self.buffers.clear()
+_DISTILL_KERNEL = RowKernel(distill_block, "distillation")
 
 
 class DistillScorer:
@@ -92,8 +117,12 @@ class DistillScorer:
 
     The engine's blocks must be the student logits divided by ``temperature``;
     ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` (or ``None``) are aligned with the
-    rows the engine walks; the teacher tensors must not require grad.
+    rows the engine walks; the teacher tensors must not require grad. Blocks are scored in the
+    matmul dtype by the row kernel :func:`distill_block`; the teacher logits of the same rows
+    are computed (without autograd) in pieces of about ``_TEACHER_BYTES``.
     """
+
+    low_precision_blocks = True
 
     def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                  target: Optional[Tensor], *, kind: str, beta: float, temperature: float,
@@ -102,119 +131,52 @@ class DistillScorer:
         self.target = target
         self.kind = {0.0: "forward", 1.0: "reverse"}.get(beta, kind) if kind == "jsd" else kind
         self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
-        self.ws = _Workspace()
+        self._teacher_buf: Optional[Tensor] = None
 
-    low_precision_blocks = False
-
-    def buffer(self, name: str, like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return self.ws.get(name, like.shape[0], like.shape[1], dtype or like.dtype, like.device)
-
-    def teacher_logits(self, rows: slice, like: Tensor) -> Tensor:
-        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in ``like``'s dtype."""
+    def teacher_logits(self, rows: slice) -> Tensor:
+        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in the teacher's dtype."""
         h, w, bias = self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias
+        n = h.shape[0]
+        if self._teacher_buf is None or self._teacher_buf.shape[0] < n:
+            self._teacher_buf = torch.empty((n, w.shape[0]), dtype=h.dtype, device=h.device)
+        out = self._teacher_buf[:n]
         inv_t = 1.0 / self.temperature
-        out = self.buffer("teacher", like, h.dtype)
-        if bias is None and inv_t == 1.0:
-            torch.mm(h, w.T, out=out)
-        else:
-            base = h.new_zeros(()) if bias is None else bias
-            torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
-        return out if out.dtype == like.dtype else self.buffer("b", like).copy_(out)
+        with torch.no_grad():
+            if bias is None and inv_t == 1.0:
+                torch.mm(h, w.T, out=out)
+            else:
+                base = h.new_zeros(()) if bias is None else bias
+                torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
+        return out
 
-    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]):
-        """Per-row losses; with ``grad_scale`` also ``row_scale`` (the engine's row-scaled form:
-        the gradient is ``row_scale[:, None] * logits``, the scale applied on the (n, D) side).
-
-        The teacher block is one matmul for the whole block; the elementwise work then walks it
-        in sub-blocks of about ``_SUB_BYTES`` per array, so its several passes stay in cache."""
-        # ``logits`` is a = z_s / T: the caller folded 1/T into the student's hidden and bias.
-        a = logits
-        want = grad_scale is not None
-        b = None
-        if self.hard_weight < 1.0:
-            with torch.no_grad():
-                b = self.teacher_logits(rows, a)
-        y = None if self.hard_weight == 0.0 else self.target[rows].unsqueeze(1)
-        loss = a.new_empty(a.shape[0])
-        step = max(1, _SUB_BYTES // (a.element_size() * max(a.shape[1], 1)))
-        scale = 1.0
-        for sub in range(0, a.shape[0], step):
-            r = slice(sub, sub + step)
-            loss[r], scale = self._score_rows(a[r], None if b is None else b[r], None if y is None else y[r], want)
+    def score(self, a: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+        """Per-row losses of block ``a`` (student logits / T); with ``grad_scale`` the gradient
+        with respect to ``a`` is written over it and the hard term's target reported as a
+        :class:`~leanloss._fused.engine.PointGradient`."""
+        dtype = compute_dtype(a.dtype)
+        soft = self.hard_weight < 1.0
+        y = None if self.hard_weight == 0.0 else self.target[rows]
+        g = None if grad_scale is None else grad_scale.reshape(-1)
+        n = a.shape[0]
+        step = n if not soft else max(1, _TEACHER_BYTES // (self.teacher_hidden.element_size()
+                                                             * max(a.shape[1], 1)))
+        losses = []
+        for start in range(0, n, step):
+            sub = slice(start, min(start + step, n))
+            b = None if not soft else self.teacher_logits(slice(rows.start + sub.start, rows.start + sub.stop))
+            a_y = None if y is None else a[sub].gather(1, y[sub].unsqueeze(1)).squeeze(1).to(dtype)
+            losses.append(_DISTILL_KERNEL(a[sub], b, a_y, None if g is None else g[sub],
+                                          kind=self.kind, beta=self.beta, temperature=self.temperature,
+                                          hard_weight=self.hard_weight, dtype=dtype)[0])
         if rows.stop >= self.teacher_hidden.shape[0]:
-            self.ws.clear()  # last block of this pass
-        return ScoreResult(loss, grad_scale.view(-1) * scale if want else None)
-
-    def _score_rows(self, a: Tensor, b: Optional[Tensor], y: Optional[Tensor], want: bool):
-        """Loss of rows ``a`` (teacher rows ``b``, targets ``y``); with ``want``, overwrites ``a``
-        with the gradient divided by the returned ``scale`` (a Python float)."""
-        hw, temp = self.hard_weight, self.temperature
-        soft, hard = b is not None, y is not None
-        if hard:
-            z_y = a.gather(1, y).squeeze(1) * temp
-            hard_probs = hard_lse = None
-            if not soft or temp != 1.0:
-                z = a if temp == 1.0 else torch.mul(a, temp, out=self.buffer("z", a))
-                hard_probs, hard_lse = _softmax_lse(z, self.buffer("hard", a))
-        loss = a.new_zeros(a.shape[0])
-        scale = hw * temp  # d/da of the hard term is T * d/dz
-        if soft:
-            div, q, lse_a, factor = getattr(self, "_" + self.kind)(a, b, want)
-            loss += ((1.0 - hw) * temp * temp) * div
-            if hard and hard_probs is None:
-                hard_probs, hard_lse = q, lse_a
-            scale = (1.0 - hw) * temp * temp * factor  # a holds (T^2 (1 - hw) dD/da) / scale
-        if hard:
-            loss += hw * (hard_lse - z_y)
-            if want:
-                c = hw * temp / scale
-                if soft:
-                    a.add_(hard_probs, alpha=c)
-                else:
-                    a.copy_(hard_probs)
-                a.scatter_add_(1, y, torch.full_like(z_y, -c).unsqueeze(1))
-        return loss, scale
-
-    # Each kind: (a, b, want) -> (divergence per row, q, lse(a), factor); with ``want``,
-    # overwrites a with dD/da / factor. ``b`` (the teacher block) and the workspace are the
-    # scorer's own.
-
-    def _forward(self, a: Tensor, b: Tensor, want: bool):
-        p, lse_b = _softmax_lse(b, self.buffer("p", a))
-        q, lse_a = _softmax_lse(a, self.buffer("q", a))
-        div = _rowdot(p, b.sub_(a), b) + (lse_a - lse_b)
-        if want:
-            torch.sub(q, p, out=a)
-        return div, q, lse_a, 1.0
-
-    def _reverse(self, a: Tensor, b: Tensor, want: bool):
-        q = self.buffer("q", a)
-        _, lse_b = _softmax_lse(b, q)  # the teacher's probabilities are not needed
-        q, lse_a = _softmax_lse(a, q)
-        e = b.sub_(a)  # b - a
-        r = _rowdot(q, e, self.buffer("p", a)).unsqueeze(1)
-        div = (lse_b - lse_a) - r.squeeze(1)
-        if want:
-            torch.sub(r, e, out=e)  # (a - b) - <q, a - b>
-            torch.mul(q, e, out=a)
-        return div, q, lse_a, 1.0
-
-    def _jsd(self, a: Tensor, b: Tensor, want: bool):
-        beta = self.beta
-        log_rest = math.log1p(-beta)
-        p, lse_b = _softmax_lse(b, self.buffer("p", a))
-        q, lse_a = _softmax_lse(a, self.buffer("q", a))
-        lam = torch.add(q, p, alpha=beta / (1.0 - beta), out=self.buffer("lam", a))
-        lam.clamp_min_(torch.finfo(a.dtype).tiny).log_()
-        b.sub_(lam)
-        a.sub_(lam)
-        kl_pm = _rowdot(p, b, lam) - lse_b - log_rest
-        r = _rowdot(q, a, b).unsqueeze(1)
-        kl_qm = r.squeeze(1) - lse_a - log_rest
-        div = beta * kl_pm + (1.0 - beta) * kl_qm
-        if want:
-            a.sub_(r).mul_(q)  # q * (r_j - <q, r>), r = a - lambda
-        return div, q, lse_a, 1.0 - beta
+            self._teacher_buf = None  # last block of this pass
+        loss = losses[0] if len(losses) == 1 else torch.cat(losses)
+        if g is None or y is None:
+            return ScoreResult(loss)
+        coef = g * (-self.hard_weight * self.temperature)
+        dense = a.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype)
+        set_at_cols(a, y, dense + coef)
+        return ScoreResult(loss, None, PointGradient(y, coef, dense))
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -245,6 +207,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
         )
 
 
+@torch.compiler.disable  # a data-dependent row selection and the engine's in-place blocks: run eagerly
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -279,10 +242,10 @@ def linear_distill_loss(
             both hidden tensors before any matmul. Required when ``hard_weight > 0``.
         reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
             blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
-        chunk_size: rows per block (default: the engine's, about 32 MiB of float32 logits).
+        chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
-    ``(chunk_size, V)`` float32 blocks are alive at a time. Matmuls run in the inputs' dtypes,
+    ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of about 32 MiB are alive. Matmuls run in the inputs' dtypes,
     the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
     that compute dtype.
     """
