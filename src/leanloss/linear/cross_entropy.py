@@ -16,6 +16,7 @@ from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
 from ._ce_rows import ce_grad_coefficients, ce_row_loss
 from ._rows import kept_rows, scatter_rows
+from ..parallel._dtensor import route_linear_cross_entropy, routes_dtensor
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
 
@@ -160,6 +161,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
 
 
 @torch.compiler.disable
+@routes_dtensor(route_linear_cross_entropy)  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

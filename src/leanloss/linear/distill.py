@@ -44,6 +44,7 @@ from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
 from ._engine import Scorer, fused_linear_loss
 from ._rows import kept_rows, scatter_rows
+from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -243,6 +244,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
         )
 
 
+@routes_dtensor(route_linear_distill_loss)  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
