@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 
 import torch
 import torch.distributed as dist
@@ -85,11 +86,16 @@ def setup(mode: str, args, device):
     return model, wrapped, mesh
 
 
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")  # one write per line: the ranks share the terminal
+    sys.stdout.flush()
+
+
 def holds(model) -> str:
     weight = model.lm_head.weight
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     where = f", placements {tuple(weight.placements)}" if hasattr(weight, "placements") else ""
-    return f"lm_head.weight {tuple(weight.shape)} -> this rank holds {tuple(local.shape)}{where}"
+    return f"lm_head.weight {tuple(weight.shape)} as {tuple(local.shape)}{where}"
 
 
 def peak_memory(device) -> str:
@@ -102,7 +108,7 @@ def train(mode: str, args, device) -> None:
     model, wrapped, mesh = setup(mode, args, device)
     rank, dp_group = dist.get_rank(), mesh["dp"].get_group()
     dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
-    print(f"[{mode} rank {rank}] {holds(model)}", flush=True)
+    say(f"[{mode} rank {rank}] stores {holds(model)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -120,7 +126,7 @@ def train(mode: str, args, device) -> None:
         optimizer.zero_grad()
         total = loss.detach().clone()
         dist.all_reduce(total, group=dp_group)  # the global mean loss
-        print(f"[{mode} rank {rank}] step {step} loss {total.item():.4f} {peak_memory(device)}", flush=True)
+        say(f"[{mode} rank {rank}] step {step} loss {total.item():.4f} {peak_memory(device)}")
 
 
 def main() -> None:
