@@ -394,3 +394,93 @@ def test_example_trains_under_torchrun(tmp_path):
 def _spawn_port() -> int:
     from _spawn import free_port
     return free_port()
+
+
+# ----------------------------------------------------------------------------------------------
+# one process: a world of one rank, for the argument errors and the degenerate layouts
+
+
+@pytest.fixture
+def mesh_of_one():
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _dt(t, mesh, placement):
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if type(placement).__name__ == "Partial":
+        return DTensor.from_local(t, mesh, [placement])
+    return distribute_tensor(t, mesh, [placement])
+
+
+def _misuse_cases():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    h, w, b = torch.randn(5, 4), torch.randn(7, 4), torch.randn(7)
+    z, t = torch.randn(5, 7), torch.tensor([0, 6, -100, 3, 2])
+    return {
+        "replicated logits": (lambda m: vocab_parallel_cross_entropy(_dt(z, m, Replicate()), t),
+                              ["'local_logits'", "whole vocabulary"]),
+        "partial logits": (lambda m: vocab_parallel_cross_entropy(_dt(z, m, Partial()), t),
+                           ["'local_logits'", "Partial"]),
+        "group with a DTensor": (lambda m: vocab_parallel_cross_entropy(_dt(z, m, Shard(1)), t, dist.group.WORLD),
+                                 ["'group'", "must be None"]),
+        "vocab_start with a DTensor": (
+            lambda m: vocab_parallel_linear_cross_entropy(h, _dt(w, m, Shard(0)), t, vocab_start=0),
+            ["'vocab_start'", "must be None"]),
+        "plain bias, sharded weight": (
+            lambda m: leanloss.linear_cross_entropy(h, _dt(w, m, Shard(0)), t, b),
+            ["'bias'", "sharded like 'local_weight'"]),
+        "weight sharded on D": (lambda m: leanloss.linear_cross_entropy(h, _dt(w, m, Shard(1)), t),
+                                ["'weight'", "Shard(dim=1)"]),
+        "return_lse": (lambda m: leanloss.linear_cross_entropy(h, _dt(w, m, Shard(0)), t, return_lse=True),
+                       ["'return_lse'", "vocab-sharded"]),
+        "teacher sharded": (lambda m: leanloss.linear_distill_loss(h, w, h, _dt(w, m, Shard(0)), t),
+                            ["'teacher_weight'", "no vocab-parallel path"]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_misuse_cases()))
+def test_dtensor_misuse_names_the_argument(mesh_of_one, case):
+    call, words = _misuse_cases()[case]
+    with pytest.raises(LeanlossValueError) as info:
+        call(mesh_of_one)
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_world_of_one_dtensors_equal_the_plain_losses(mesh_of_one):
+    from torch.distributed.tensor import Replicate, Shard
+    gen = torch.Generator().manual_seed(3)
+    h, w = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 6, -100, 3, 2, 6])
+    opts = dict(label_smoothing=0.1, z_loss=0.01)
+    for placement in (Shard(0), Replicate()):
+        wd = _dt(w.clone(), mesh_of_one, placement).requires_grad_()
+        wp = w.clone().requires_grad_()
+        got, want = leanloss.linear_cross_entropy(h, wd, t, **opts), leanloss.linear_cross_entropy(h, wp, t, **opts)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(wd.grad.full_tensor(), wp.grad)
+        assert tuple(wd.grad.placements) == (placement,)
+    wd = _dt(w.clone(), mesh_of_one, Replicate()).requires_grad_()
+    got = leanloss.linear_distill_loss(h, wd, h.flip(0), w, t, kind="jsd", hard_weight=0.3)
+    got.backward()
+    wp = w.clone().requires_grad_()
+    want = leanloss.linear_distill_loss(h, wp, h.flip(0), w, t, kind="jsd", hard_weight=0.3)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(wd.grad.full_tensor(), wp.grad)
+
+
+def test_head_sharded_on_its_own_by_fsdp_is_refused(mesh_of_one):
+    from torch.distributed.fsdp import fully_shard
+    from leanloss.integrations.transformers import UnsupportedModelError
+    model = _model()
+    fully_shard(model.lm_head, mesh=mesh_of_one)
+    fully_shard(model, mesh=mesh_of_one)
+    with pytest.raises(UnsupportedModelError, match="fully_shard"):
+        apply_leanloss(model)
