@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import socket
-from typing import Sequence
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,19 +24,21 @@ def init_gloo(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None
     )
 
 
-def spawn(child, world: int, *args, preload: Sequence[str] = ()) -> None:
+# What the ranks import, imported once by the fork server they are forked from (names of
+# installed modules: the fork server does not see this process's ``sys.path`` additions, and
+# skips what it cannot import, e.g. transformers where it is not installed).
+PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
+           "torch.distributed.fsdp", "transformers.models.llama.modeling_llama",
+           "leanloss", "leanloss.integrations.transformers"]
+
+
+def spawn(child, world: int, *args) -> None:
     """Run ``child(rank, world, port, *args)`` in ``world`` processes and wait for them.
 
-    Without ``preload`` every rank is a fresh interpreter (``'spawn'``) that imports torch
-    again, seconds per rank. With ``preload`` (names of installed modules: the fork server does
-    not see this process's ``sys.path`` additions, and skips what it cannot import) the ranks
-    are forked from multiprocessing's fork server, a single-threaded process that imported
-    those modules once: safe whatever threads this process runs, and the imports are paid once
-    per test session.
+    The ranks are forked from multiprocessing's fork server, a single-threaded process that
+    imported :data:`PRELOAD` once per test session (safe whatever threads this process runs; a
+    fresh interpreter per rank would import torch again, seconds per rank).
     """
-    method = "spawn"
-    if preload:
-        method = "forkserver"
-        multiprocessing.get_context(method).set_forkserver_preload(list(preload))
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     mp.start_processes(child, args=(world, free_port(), *args), nprocs=world, join=True,
-                       start_method=method)
+                       start_method="forkserver")

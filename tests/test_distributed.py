@@ -41,10 +41,6 @@ BATCH, TOKENS, MICRO_STEPS = 2, 7, 2
 # micro-batch ignores everything).
 IGNORED = [[0.5, 1.0], [0.1, 0.0], [0.3, 0.6], [0.0, 0.2]]
 
-# What every rank imports, imported once by the fork server the ranks are forked from.
-PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.fsdp", "torch.distributed.tensor.parallel",
-           "transformers.models.llama.modeling_llama", "leanloss.integrations.transformers"]
-
 WORLD_SCENARIOS = {
     2: {"ddp": (2, 1), "fsdp": (2, 1), "tp": (1, 2)},
     4: {"ddp": (4, 1), "fsdp": (4, 1), "tp": (1, 4), "fsdp_tp": (2, 2)},
@@ -365,7 +361,7 @@ def test_engines_equal_one_process(world, tmp_path):
     inputs = _inputs(world)
     path = str(tmp_path / "inputs.pt")
     torch.save(inputs, path)
-    spawn(_child, world, path, str(tmp_path), preload=PRELOAD)
+    spawn(_child, world, path, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     failures = _compare_functional(world, inputs["functional"], results)
     for name, scenario in inputs["scenarios"].items():

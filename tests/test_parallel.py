@@ -57,6 +57,8 @@ def _cases(world: int) -> dict:
             "bf16": {"dtype": torch.bfloat16, "opts": {"class_weight": True, "label_smoothing": 0.1, "z_loss": 0.05, "ignore": True}},
             "bf16_none": {"dtype": torch.bfloat16, "opts": {"reduction": "none", "ignore": True}},
             "out_of_vocab": {"targets": "out_of_vocab", "opts": {}},
+            # only the last rank's target is bad: every rank must raise, none may wait
+            "out_of_vocab_on_last_rank": {"targets": "out_of_vocab", "last_rank_only": True, "opts": {}},
         }
         if world == 4:
             specials["empty_slice"] = {"sizes": [4, 0, 3, 3], "opts": {"label_smoothing": 0.2, "class_weight": True}}
@@ -92,7 +94,7 @@ def _build(spec: dict, world: int, gen: torch.Generator) -> dict:
         target[torch.randperm(n, generator=gen)[: n // 3]] = ignore_index
     if opts.pop("ignore_all", False):
         target[:] = ignore_index
-    if spec.get("targets") == "out_of_vocab":
+    if spec.get("targets") == "out_of_vocab" and not spec.get("last_rank_only"):
         target[n // 2] = vocab
     target = target.reshape(shape)
     if opts.pop("class_weight", False):
@@ -122,17 +124,21 @@ def _run_case(case: dict, rank: int) -> dict:
     if spec.get("explicit_start"):
         opts["vocab_start"] = start
     local = slice(start, start + size)
+    target = case["target"]
+    if spec.get("last_rank_only") and rank == len(case["sizes"]) - 1:
+        target = target.clone()
+        target.view(-1)[target.numel() // 2] = case["vocab"]
     leaves = {}
     if spec["form"] == "logits":
         leaves["logits"] = case["logits"][..., local].detach().clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(leaves["logits"], case["target"], **opts)
+        loss = vocab_parallel_cross_entropy(leaves["logits"], target, **opts)
     else:
         leaves["hidden"] = case["hidden"].detach().clone().requires_grad_()
         leaves["weight"] = case["weight"][local].detach().clone().requires_grad_()
         if "bias" in case:
             leaves["bias"] = case["bias"][local].detach().clone().requires_grad_()
         loss = vocab_parallel_linear_cross_entropy(
-            leaves["hidden"], leaves["weight"], case["target"], bias=leaves.get("bias"),
+            leaves["hidden"], leaves["weight"], target, bias=leaves.get("bias"),
             chunk_size=spec.get("chunk", 4), **opts,
         )
     upstream = case.get("upstream")
