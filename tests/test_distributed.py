@@ -41,6 +41,10 @@ BATCH, TOKENS, MICRO_STEPS = 2, 7, 2
 # micro-batch ignores everything).
 IGNORED = [[0.5, 1.0], [0.1, 0.0], [0.3, 0.6], [0.0, 0.2]]
 
+DISTILL_CASES = {"jsd": dict(beta=0.3, temperature=2.0, hard_weight=0.3),
+                 "forward": dict(reduction="none"),
+                 "reverse": dict(reduction="sum", hard_weight=0.5, temperature=0.5)}
+
 WORLD_SCENARIOS = {
     2: {"ddp": (2, 1), "fsdp": (2, 1), "tp": (1, 2)},
     4: {"ddp": (4, 1), "fsdp": (4, 1), "tp": (1, 4), "fsdp_tp": (2, 2)},
@@ -92,6 +96,8 @@ def _functional_inputs(gen: torch.Generator) -> dict:
         "bias": torch.randn(v, generator=gen, dtype=torch.float64),
         "class_weight": torch.rand(v, generator=gen, dtype=torch.float64) + 0.5,
         "upstream": torch.randn(n, generator=gen, dtype=torch.float64),
+        "teacher_hidden": torch.randn(n, 4, generator=gen, dtype=torch.float64),
+        "teacher_weight": torch.randn(v, 4, generator=gen, dtype=torch.float64),
         "target": target,
     }
 
@@ -218,10 +224,20 @@ def _functional(rank: int, world: int, inp: dict) -> dict:
     loss.backward()
     out["replicated"] = {"loss": loss.detach(), "weight": _full(w.grad), "placement": _placements(w.grad)}
 
+    # the plain fused distillation routed to the vocab-parallel path by Shard(0) heads
+    for kind, opts in DISTILL_CASES.items():
+        w, b = leaf(inp["weight"], [Shard(0)]), leaf(inp["bias"], [Shard(0)])
+        h = inp["hidden"].clone().requires_grad_()
+        teacher = distribute_tensor(inp["teacher_weight"], mesh, [Shard(0)])
+        loss = leanloss.linear_distill_loss(h, w, inp["teacher_hidden"], teacher, inp["target"],
+                                            student_bias=b, kind=kind, chunk_size=4, **opts)
+        loss.backward(inp["upstream"] if opts.get("reduction") == "none" else None)
+        out[f"distill_{kind}"] = {"loss": loss.detach(), "hidden": _full(h.grad), "weight": _full(w.grad),
+                                  "bias": _full(b.grad), "placements": [_placements(t.grad) for t in (h, w, b)]}
+
     # failures: every rank raises, none hangs
     w = distribute_tensor(inp["weight"], mesh, [Shard(0)])
     h, t = inp["hidden"], inp["target"]
-    out["distill_error"] = _errors(lambda: leanloss.linear_distill_loss(h, w, h, w, t))
     out["softcap_error"] = _errors(lambda: leanloss.linear_cross_entropy(h, w, t, softcap=30.0))
     bad = t.clone()
     if rank == world - 1:
@@ -328,12 +344,21 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
                 _close(got[k], g) for k, g in zip(("hidden", "weight", "bias"), grads))
             if not ok or got["placements"] != placements:
                 failures.append(f"rank {rank}: routed linear_cross_entropy ({variant}) differs: {got}")
+        for kind, opts in DISTILL_CASES.items():
+            leaves = {k: inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+            loss = leanloss.linear_distill_loss(leaves["hidden"], leaves["weight"], inp["teacher_hidden"],
+                                                inp["teacher_weight"], inp["target"], student_bias=leaves["bias"],
+                                                kind=kind, **opts)
+            loss.backward(inp["upstream"] if opts.get("reduction") == "none" else None)
+            got = fr[f"distill_{kind}"]
+            ok = _close(got["loss"], loss.detach()) and all(_close(got[k], v.grad) for k, v in leaves.items())
+            if not ok or got["placements"] != ["plain", "(Shard(dim=0),)", "(Shard(dim=0),)"]:
+                failures.append(f"rank {rank}: routed linear_distill_loss ({kind}) differs: {got} vs {loss}")
         got = fr["replicated"]
         if not (_close(got["loss"], replicated.detach()) and _close(got["weight"], replicated_grad)
                 and got["placement"] == "(Replicate(),)"):
             failures.append(f"rank {rank}: replicated weight differs: {got}")
         expected_errors = {
-            "distill_error": (LeanlossValueError, ["'student_weight'", "vocab-parallel"]),
             "softcap_error": (LeanlossValueError, ["'softcap'"]),
             "out_of_range": (TargetOutOfRangeError, ["'target'", str(CONFIG["vocab_size"] + 5)]),
             "different_targets": (LeanlossValueError, ["'target'", "identical on every rank"]),
@@ -434,8 +459,8 @@ def _misuse_cases():
                                 ["'weight'", "Shard(dim=1)"]),
         "return_lse": (lambda m: leanloss.linear_cross_entropy(h, _dt(w, m, Shard(0)), t, return_lse=True),
                        ["'return_lse'", "vocab-sharded"]),
-        "teacher sharded": (lambda m: leanloss.linear_distill_loss(h, w, h, _dt(w, m, Shard(0)), t),
-                            ["'teacher_weight'", "no vocab-parallel path"]),
+        "only the teacher sharded": (lambda m: leanloss.linear_distill_loss(h, w, h, _dt(w, m, Shard(0)), t),
+                                     ["'teacher_local_weight'", "sharded like 'student_local_weight'"]),
     }
 
 

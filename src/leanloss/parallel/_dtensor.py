@@ -249,22 +249,20 @@ def route_linear_cross_entropy(fn: Callable, hidden, weight, target, bias=None, 
 
 
 def route_linear_distill_loss(fn: Callable, student_hidden, student_weight, teacher_hidden,
-                              teacher_weight, target=None, **options):
-    """``linear_distill_loss`` with DTensor arguments: replicated ones run on their local
-    tensors; a vocab-sharded head is refused (there is no vocab-parallel distillation)."""
+                              teacher_weight, target=None, *, student_bias=None, teacher_bias=None,
+                              **options):
+    """``linear_distill_loss`` with DTensor arguments: vocab-sharded heads (both, sharded alike)
+    run :func:`~leanloss.parallel.vocab_parallel_linear_distill_loss` over the mesh's group;
+    replicated DTensors run ``fn`` on their local tensors."""
     name = "linear_distill_loss"
-    for arg, weight in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-        if _vocab_sharded(name, arg, weight):
-            raise _checks.LeanlossValueError(
-                f"{name}: argument '{arg}' is a DTensor sharded on the vocabulary "
-                f"({_describe(weight)}); linear_distill_loss has no vocab-parallel path. Compute "
-                f"the distillation where both heads are whole (e.g. outside the tensor-parallel "
-                f"region), or use vocab_parallel_linear_cross_entropy for the hard-label term"
-            )
+    if _vocab_sharded(name, "student_weight", student_weight) or _vocab_sharded(name, "teacher_weight", teacher_weight):
+        from .distill import vocab_parallel_linear_distill_loss
+        return vocab_parallel_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+            student_bias=student_bias, teacher_bias=teacher_bias, **options)
     args = _all_local(name, dict(student_hidden=student_hidden, student_weight=student_weight,
                                  teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                 target=target, student_bias=options.pop("student_bias"),
-                                 teacher_bias=options.pop("teacher_bias")),
+                                 target=target, student_bias=student_bias, teacher_bias=teacher_bias),
                       ("student_weight", "teacher_weight", "student_bias", "teacher_bias"))
     return fn(args.pop("student_hidden"), args.pop("student_weight"), args.pop("teacher_hidden"),
               args.pop("teacher_weight"), args.pop("target"), **args, **options)
