@@ -41,9 +41,11 @@ BATCH, TOKENS, MICRO_STEPS = 2, 7, 2
 # micro-batch ignores everything).
 IGNORED = [[0.5, 1.0], [0.1, 0.0], [0.3, 0.6], [0.0, 0.2]]
 
-DISTILL_CASES = {"jsd": dict(beta=0.3, temperature=2.0, hard_weight=0.3),
-                 "forward": dict(reduction="none"),
-                 "reverse": dict(reduction="sum", hard_weight=0.5, temperature=0.5)}
+# name -> (options, prefix of the inputs: "small_" is 9 classes, an empty shard on 4 ranks)
+DISTILL_CASES = {"jsd": (dict(kind="jsd", beta=0.3, temperature=2.0, hard_weight=0.3), ""),
+                 "forward": (dict(kind="forward", reduction="none"), ""),
+                 "reverse": (dict(kind="reverse", reduction="sum", hard_weight=0.5, temperature=0.5), ""),
+                 "jsd_9_classes": (dict(kind="jsd", hard_weight=0.2), "small_")}
 
 WORLD_SCENARIOS = {
     2: {"ddp": (2, 1), "fsdp": (2, 1), "tp": (1, 2)},
@@ -91,6 +93,9 @@ def _functional_inputs(gen: torch.Generator) -> dict:
         "logits": 3 * torch.randn(n, v, generator=gen, dtype=torch.float64),
         "small_logits": torch.randn(n, 9, generator=gen, dtype=torch.float64),
         "small_target": torch.randint(9, (n,), generator=gen),
+        "small_weight": torch.randn(9, d, generator=gen, dtype=torch.float64),
+        "small_bias": torch.randn(9, generator=gen, dtype=torch.float64),
+        "small_teacher_weight": torch.randn(9, 4, generator=gen, dtype=torch.float64),
         "hidden": torch.randn(n, d, generator=gen, dtype=torch.float64),
         "weight": torch.randn(v, d, generator=gen, dtype=torch.float64),
         "bias": torch.randn(v, generator=gen, dtype=torch.float64),
@@ -225,14 +230,14 @@ def _functional(rank: int, world: int, inp: dict) -> dict:
     out["replicated"] = {"loss": loss.detach(), "weight": _full(w.grad), "placement": _placements(w.grad)}
 
     # the plain fused distillation routed to the vocab-parallel path by Shard(0) heads
-    for kind, opts in DISTILL_CASES.items():
-        w, b = leaf(inp["weight"], [Shard(0)]), leaf(inp["bias"], [Shard(0)])
+    for name, (opts, pre) in DISTILL_CASES.items():
+        w, b = leaf(inp[pre + "weight"], [Shard(0)]), leaf(inp[pre + "bias"], [Shard(0)])
         h = inp["hidden"].clone().requires_grad_()
-        teacher = distribute_tensor(inp["teacher_weight"], mesh, [Shard(0)])
-        loss = leanloss.linear_distill_loss(h, w, inp["teacher_hidden"], teacher, inp["target"],
-                                            student_bias=b, kind=kind, chunk_size=4, **opts)
+        teacher = distribute_tensor(inp[pre + "teacher_weight"], mesh, [Shard(0)])
+        loss = leanloss.linear_distill_loss(h, w, inp["teacher_hidden"], teacher, inp[pre + "target"],
+                                            student_bias=b, chunk_size=4, **opts)
         loss.backward(inp["upstream"] if opts.get("reduction") == "none" else None)
-        out[f"distill_{kind}"] = {"loss": loss.detach(), "hidden": _full(h.grad), "weight": _full(w.grad),
+        out[f"distill_{name}"] = {"loss": loss.detach(), "hidden": _full(h.grad), "weight": _full(w.grad),
                                   "bias": _full(b.grad), "placements": [_placements(t.grad) for t in (h, w, b)]}
 
     # failures: every rank raises, none hangs
@@ -344,16 +349,16 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
                 _close(got[k], g) for k, g in zip(("hidden", "weight", "bias"), grads))
             if not ok or got["placements"] != placements:
                 failures.append(f"rank {rank}: routed linear_cross_entropy ({variant}) differs: {got}")
-        for kind, opts in DISTILL_CASES.items():
-            leaves = {k: inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+        for name, (opts, pre) in DISTILL_CASES.items():
+            leaves = {k: inp[pre + k if k != "hidden" else k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
             loss = leanloss.linear_distill_loss(leaves["hidden"], leaves["weight"], inp["teacher_hidden"],
-                                                inp["teacher_weight"], inp["target"], student_bias=leaves["bias"],
-                                                kind=kind, **opts)
+                                                inp[pre + "teacher_weight"], inp[pre + "target"],
+                                                student_bias=leaves["bias"], **opts)
             loss.backward(inp["upstream"] if opts.get("reduction") == "none" else None)
-            got = fr[f"distill_{kind}"]
+            got = fr[f"distill_{name}"]
             ok = _close(got["loss"], loss.detach()) and all(_close(got[k], v.grad) for k, v in leaves.items())
             if not ok or got["placements"] != ["plain", "(Shard(dim=0),)", "(Shard(dim=0),)"]:
-                failures.append(f"rank {rank}: routed linear_distill_loss ({kind}) differs: {got} vs {loss}")
+                failures.append(f"rank {rank}: routed linear_distill_loss ({name}) differs: {got} vs {loss}")
         got = fr["replicated"]
         if not (_close(got["loss"], replicated.detach()) and _close(got["weight"], replicated_grad)
                 and got["placement"] == "(Replicate(),)"):
