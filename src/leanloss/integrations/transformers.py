@@ -21,6 +21,13 @@ eval mode (``model.eval()``) unless ``apply_leanloss(model, eval_logits=False)``
 either path with the extra keyword ``return_logits=True`` (original forward, logits and loss)
 or ``return_logits=False`` (fused loss, no logits).
 
+Distributed: under DDP and FSDP2 (``fully_shard`` per layer and on the root, before or after
+patching) the loss runs on the gathered head. A head parallelized with
+``ColwiseParallel(use_local_output=False)`` has a vocab-sharded DTensor weight, so
+``linear_cross_entropy`` runs the vocab-parallel fused loss over the tensor-parallel group (also
+inside FSDP2 on a 2-D mesh). A head given to ``fully_shard`` on its own is refused: its weight is
+only gathered when its own forward runs, which the fused loss never calls.
+
 Models the patch cannot reproduce are refused with :class:`UnsupportedModelError` naming the
 reason: no output embeddings, no base model, a non-causal-LM loss, an encoder-decoder, a MoE
 router auxiliary loss, or (checked by a tiny probe forward when ``verify=True``) logits that are
@@ -429,6 +436,10 @@ def apply_leanloss(
             while the logits are far below the cap.
         label_smoothing: passed to the loss (what ``Trainer``'s ``label_smoothing_factor`` does).
         chunk_size: passed to ``linear_cross_entropy`` (``None``: its default).
+
+    Under DDP/FSDP pass ``num_items_in_batch`` = the global number of counted (shifted) targets
+    over the data-parallel ranks and accumulation steps, and scale the loss by the data-parallel
+    size before ``backward`` (the engines average gradients); ``Trainer`` does both.
 
     Returns:
         ``model`` itself, patched.
