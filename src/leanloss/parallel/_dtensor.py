@@ -45,12 +45,9 @@ def _dtensor_class():
 
 
 def has_dtensor(*values) -> bool:
+    """Whether any of ``values`` is a DTensor (``None`` and non-tensors are not)."""
     cls = _dtensor_class()
     return cls is not None and any(isinstance(v, cls) for v in values)
-
-
-def _is_dtensor(value) -> bool:
-    return has_dtensor(value)
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,7 @@ def replicated_local(fn: str, name: str, t, mesh=None):
     """A DTensor made ``Replicate`` on its mesh and turned local (differentiably: its gradient
     comes back as a DTensor of the original placement); a plain tensor or ``None`` as is.
     ``mesh``: the mesh ``t`` must live on, when one is required."""
-    if not _is_dtensor(t):
+    if not has_dtensor(t):
         return t
     Replicate, _ = _placement_types()
     if mesh is not None and t.device_mesh != mesh:
@@ -148,7 +145,7 @@ def unwrap(fn: str, sharded: dict, replicated: dict, group, vocab_start, dim: in
     """
     (main_name, main), *others = sharded.items()
     layout = mesh = None
-    if _is_dtensor(main):
+    if has_dtensor(main):
         layout = vocab_layout(fn, main_name, main, dim)
         if layout is None:
             raise _checks.LeanlossValueError(
@@ -164,10 +161,10 @@ def unwrap(fn: str, sharded: dict, replicated: dict, group, vocab_start, dim: in
         mesh, group = main.device_mesh, layout.group
     local = {main_name: main.to_local() if layout is not None else main}
     for name, value in others:
-        if value is None or (layout is None and not _is_dtensor(value)):
+        if value is None or (layout is None and not has_dtensor(value)):
             local[name] = value
             continue
-        if not (_is_dtensor(value) and layout is not None and value.device_mesh == mesh
+        if not (has_dtensor(value) and layout is not None and value.device_mesh == mesh
                 and vocab_layout(fn, name, value, dim) == layout):
             raise _checks.LeanlossValueError(
                 f"{fn}: argument '{name}' must be sharded like '{main_name}' (both DTensors "
@@ -208,7 +205,7 @@ def _all_local(fn_name: str, arguments: dict, weights: tuple) -> dict:
     Replicate, _ = _placement_types()
     out = {}
     for name, value in arguments.items():
-        if (name in weights and _is_dtensor(value)
+        if (name in weights and has_dtensor(value)
                 and any(not isinstance(p, Replicate) for p in value.placements)):
             raise _checks.LeanlossValueError(
                 f"{fn_name}: argument '{name}' is a DTensor with {_describe(value)}; a head "
@@ -220,7 +217,7 @@ def _all_local(fn_name: str, arguments: dict, weights: tuple) -> dict:
 
 
 def _vocab_sharded(fn_name: str, name: str, weight) -> bool:
-    return _is_dtensor(weight) and weight.dim() == 2 and vocab_layout(fn_name, name, weight, 0) is not None
+    return has_dtensor(weight) and weight.dim() == 2 and vocab_layout(fn_name, name, weight, 0) is not None
 
 
 def route_linear_cross_entropy(fn: Callable, hidden, weight, target, bias=None, *, softcap=None,
