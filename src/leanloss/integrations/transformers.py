@@ -21,6 +21,13 @@ eval mode (``model.eval()``) unless ``apply_leanloss(model, eval_logits=False)``
 either path with the extra keyword ``return_logits=True`` (original forward, logits and loss)
 or ``return_logits=False`` (fused loss, no logits).
 
+Distributed: under DDP and FSDP2 (``fully_shard`` per layer and on the root, before or after
+patching) the loss runs on the gathered head. A head parallelized with
+``ColwiseParallel(use_local_output=False)`` has a vocab-sharded DTensor weight, so
+``linear_cross_entropy`` runs the vocab-parallel fused loss over the tensor-parallel group (also
+inside FSDP2 on a 2-D mesh). A head given to ``fully_shard`` on its own is refused: its weight is
+only gathered when its own forward runs, which the fused loss never calls.
+
 Models the patch cannot reproduce are refused with :class:`UnsupportedModelError` naming the
 reason: no output embeddings, no base model, a non-causal-LM loss, an encoder-decoder, a MoE
 router auxiliary loss, or (checked by a tiny probe forward when ``verify=True``) logits that are
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import types
 from typing import Any, Callable, Optional
 
@@ -47,6 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..linear import linear_cross_entropy
+from ..parallel._dtensor import has_dtensor, replicated_local
 from .._checks import LeanlossTypeError, LeanlossValueError
 
 __all__ = [
@@ -202,9 +211,46 @@ def _check_model(model: nn.Module, sig: inspect.Signature, base: nn.Module) -> N
                           "base model + LM head")
 
 
+def _local_logits(logits: Tensor) -> Tensor:
+    """This rank's part of logits that may be a DTensor (a vocab-parallel head's output)."""
+    return logits.to_local() if has_dtensor(logits) else logits
+
+
+def _head_logits(hidden: Tensor, head: nn.Module) -> Tensor:
+    """``head(hidden)`` as this rank holds it: for a DTensor head, its local shard of the logits
+    (``hidden @ W_local.T + b_local``), which is what its own forward gives this rank."""
+    weight, bias = head.weight, head.bias
+    if has_dtensor(hidden, weight, bias):
+        hidden = replicated_local("apply_leanloss", "hidden", hidden)
+        weight, bias = _local_logits(weight), None if bias is None else _local_logits(bias)
+    return F.linear(hidden, weight, bias)
+
+
+def _fsdp_module_class():
+    """``FSDPModule`` once ``torch.distributed.fsdp`` was imported (else no model can be one)."""
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, "FSDPModule", None)
+
+
+def _check_head_not_sharded_alone(model: nn.Module, head: nn.Module) -> None:
+    """A head given to ``fully_shard`` on its own is all-gathered only when its own forward
+    runs, which the fused loss never calls: its weight would be this rank's FSDP shard."""
+    fsdp = _fsdp_module_class()
+    if fsdp is not None and head is not model and isinstance(head, fsdp):
+        raise _refuse(model, f"its output embeddings {type(head).__name__} were passed to "
+                      "fully_shard on their own; the fused loss reads their weight without "
+                      "calling them, so shard them together with the root module (call "
+                      "fully_shard on the model last, not on lm_head)")
+
+
 def _probe(model: nn.Module, base: nn.Module, head: nn.Module, sig: inspect.Signature,
            softcap: Optional[float], scale: float) -> None:
-    """Check on 4 tokens that the original logits equal ``softcap(scale * head(base(x)))``."""
+    """Check on 4 tokens that the original logits equal ``softcap(scale * head(base(x)))``.
+
+    One call of the model (through ``__call__``, so that its hooks run: a model already given to
+    ``fully_shard`` gathers its parameters); the head's logits are recomputed from the base
+    model's output inside a hook on the base model, where those parameters are gathered. A
+    tensor-parallel head compares this rank's slice of the vocabulary."""
     vocab = head.weight.shape[0]
     device = head.weight.device
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -213,19 +259,30 @@ def _probe(model: nn.Module, base: nn.Module, head: nn.Module, sig: inspect.Sign
     ids = (torch.arange(4, device=device) * 7919 % max(vocab, 1)).unsqueeze(0)
     kwargs = {"use_cache": False} if "use_cache" in sig.parameters else {}
     was_training = model.training
+    recomputed = []
+
+    def recompute(module, args, output):
+        recomputed.append(_transform_logits(_head_logits(_last_hidden_state(output), head).float(),
+                                            softcap, scale))
+
+    hook = base.register_forward_hook(recompute)
     try:
         model.eval()
         with torch.no_grad():
-            reference = model.forward(input_ids=ids, return_dict=True, **kwargs).logits
-            hidden = _last_hidden_state(base(input_ids=ids, return_dict=True, **kwargs))
-            ours = _transform_logits(F.linear(hidden, head.weight, head.bias).float(), softcap, scale)
+            reference = model(input_ids=ids, return_dict=True, **kwargs).logits
     except UnsupportedModelError:
         raise
     except Exception as exc:  # the probe could not even run: refuse with the cause
         raise _refuse(model, f"the verification probe failed ({type(exc).__name__}: {exc}); "
                       "pass verify=False to skip it") from exc
     finally:
+        hook.remove()
         model.train(was_training)
+    if len(recomputed) != 1:
+        raise _refuse(model, "its forward does not call its base model exactly once")
+    ours = recomputed[0]
+    if reference is not None:
+        reference = _local_logits(reference)
     if reference is None or reference.shape != ours.shape:
         raise _refuse(model, "its forward does not return logits of shape (batch, tokens, vocab) "
                       "from the base model's last hidden state")
@@ -305,6 +362,7 @@ def _fused_forward(model: nn.Module, state: _PatchState, named: dict) -> Any:
             f"targets but logits_to_keep={logits_to_keep!r} keeps {hidden.shape[0]} positions"
         )
     head = model.get_output_embeddings()
+    _check_head_not_sharded_alone(model, head)
     if torch.is_tensor(num_items):
         num_items = num_items.to(hidden.device)
     loss = linear_cross_entropy(
@@ -379,6 +437,10 @@ def apply_leanloss(
         label_smoothing: passed to the loss (what ``Trainer``'s ``label_smoothing_factor`` does).
         chunk_size: passed to ``linear_cross_entropy`` (``None``: its default).
 
+    Under DDP/FSDP pass ``num_items_in_batch`` = the global number of counted (shifted) targets
+    over the data-parallel ranks and accumulation steps, and scale the loss by the data-parallel
+    size before ``backward`` (the engines average gradients); ``Trainer`` does both.
+
     Returns:
         ``model`` itself, patched.
 
@@ -389,6 +451,7 @@ def apply_leanloss(
     if is_leanloss_applied(model):
         remove_leanloss(model)
     head = _output_head(model)
+    _check_head_not_sharded_alone(model, head)
     base = _base_model(model)
     original = model.forward
     sig = inspect.signature(original)

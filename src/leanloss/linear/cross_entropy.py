@@ -18,6 +18,7 @@ from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
 from .._fused.rows import kept_rows, scatter_rows
+from ..parallel._dtensor import route_linear_cross_entropy, routes_dtensor
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer", "ce_block"]
 
@@ -135,6 +136,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
 
 
 @torch.compiler.disable
+@routes_dtensor(route_linear_cross_entropy)  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

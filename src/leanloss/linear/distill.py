@@ -44,6 +44,7 @@ from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
 from .._fused.rows import kept_rows, scatter_rows
+from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -208,6 +209,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
 
 
 @torch.compiler.disable  # a data-dependent row selection and the engine's in-place blocks: run eagerly
+@routes_dtensor(route_linear_distill_loss)  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

@@ -4,9 +4,11 @@ Three pieces, all O(tokens) or O(1) in size:
 
 * :func:`resolve_group`: ``group=None`` means the default group; without an initialized
   ``torch.distributed`` it means a world of one rank (no communication at all).
-* :func:`vocab_shard`: one all-gather of a 1-element tensor gives every rank's slice size,
-  hence the global vocabulary, this rank's offset (the exclusive prefix sum) and the largest
-  slice (so that chunking never depends on the local slice size).
+* :func:`vocab_shard`: one all-gather of a few numbers gives every rank's slice size, hence
+  the global vocabulary, this rank's offset (the exclusive prefix sum) and the largest slice
+  (so that chunking never depends on the local slice size), plus, when checks are ``'full'``,
+  every rank's target summary (so that a bad target raises on every rank, not just its own).
+  A DTensor's placement already says the sizes: then only the checks communicate.
 * :func:`all_reduce_` and :func:`copy_to_vocab_parallel` (identity forward, all-reduce of the
   gradient backward: the gradient of a tensor every rank uses, such as the hidden states fed to
   a vocab-parallel LM head, is the sum of the ranks' partial gradients).
@@ -14,7 +16,7 @@ Three pieces, all O(tokens) or O(1) in size:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,17 +61,32 @@ class VocabShard:
     max_size: int
 
 
-def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device) -> VocabShard:
-    """Every rank's slice size from one all-gather; ``vocab_start`` defaults to their prefix sum."""
+def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
+                sizes: Optional[Sequence[int]] = None, payload: Optional[Tensor] = None):
+    """This rank's :class:`VocabShard` and every rank's ``payload``, from at most one all-gather.
+
+    ``sizes``: every rank's slice size when already known (a DTensor placement says them);
+    otherwise they travel in the all-gather. ``payload``: a 1-D int64 tensor of the same length
+    on every rank, gathered alongside (the checks' target summaries), returned as ``(world, k)``
+    or ``None``. Without ``payload`` and with known ``sizes`` nothing is communicated.
+    ``vocab_start`` defaults to the sum of the lower ranks' sizes.
+    """
     group, world_size = resolve_group(fn, group)
-    if world_size > 1:
+    rank = dist.get_rank(group) if world_size > 1 else 0
+    gathered = None
+    if world_size > 1 and (sizes is None or payload is not None):
         mine = torch.tensor([local_size], dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(mine) for _ in range(world_size)]
-        dist.all_gather(gathered, mine, group=group)
-        sizes = [int(s) for s in torch.cat(gathered).tolist()]
-        rank = dist.get_rank(group)
-    else:
-        sizes, rank = [local_size], 0
+        if payload is not None:
+            mine = torch.cat([mine, payload.to(device=device, dtype=torch.int64)])
+        parts = [torch.empty_like(mine) for _ in range(world_size)]
+        dist.all_gather(parts, mine, group=group)
+        gathered = torch.stack(parts).cpu()
+        if sizes is None:
+            sizes = [int(s) for s in gathered[:, 0].tolist()]
+        gathered = gathered[:, 1:] if payload is not None else None
+    elif payload is not None:
+        gathered = payload.reshape(1, -1).cpu()
+    sizes = [local_size] if world_size == 1 else list(sizes)
     vocab = sum(sizes)
     start = sum(sizes[:rank]) if vocab_start is None else int(vocab_start)
     if not 0 <= start <= vocab - local_size:
@@ -78,7 +95,7 @@ def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], dev
             f"global vocabulary of {vocab} (the sum of all ranks' slices), i.e. lie in "
             f"[0, {vocab - local_size}], got {start}"
         )
-    return VocabShard(group, world_size, start, local_size, vocab, max(sizes))
+    return VocabShard(group, world_size, start, local_size, vocab, max(sizes)), gathered
 
 
 class _CopyToVocabParallel(torch.autograd.Function):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -11,10 +11,10 @@ from .. import _checks
 from .._dtypes import compute_dtype
 from .._fused.rows import kept_rows
 from .._fused.rows import scatter_rows as _scatter
-from ._comm import VocabShard, vocab_shard
+from ._comm import VocabShard, resolve_group, vocab_shard
 from ._scorer import VocabParallelScorer
 
-__all__ = ["RowSetup", "prepare_rows", "scatter_rows"]
+__all__ = ["RowSetup", "find_shard", "prepare_rows", "scatter_rows"]
 
 
 @dataclass
@@ -24,6 +24,28 @@ class RowSetup:
     keep: Optional[Tensor]  # indices of the rows that count in the flattened batch; None: all
     batch_shape: torch.Size
     divisor: object  # the 'mean' divisor: num_items, else sum of w[target] over kept rows
+
+
+def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], group,
+               vocab_start: Optional[int], ignore_index: int,
+               sizes: Optional[Sequence[int]] = None) -> VocabShard:
+    """This rank's shard (at most one all-gather), with ``target`` checked on every rank.
+
+    ``sizes``: every rank's slice size when known (from a DTensor placement). When checks are
+    ``'full'`` every rank's target summary travels in the same all-gather, so that an
+    out-of-range target raises on every rank (not only on its own, leaving the others waiting in
+    the next collective) and targets that differ across ranks are caught.
+    """
+    payload = None
+    if target is not None and _checks.values_enabled() and resolve_group(fn, group)[1] > 1:
+        payload = _checks.target_summary(target, ignore_index)
+    shard, summaries = vocab_shard(fn, group, local_vocab, vocab_start, device,
+                                   sizes=sizes, payload=payload)
+    if target is not None:
+        _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
+    if summaries is not None:
+        _checks.check_targets_across_ranks(fn, summaries, shard.vocab, ignore_index)
+    return shard
 
 
 def prepare_rows(
@@ -38,8 +60,9 @@ def prepare_rows(
     class_weight: Optional[Tensor],
     z_loss: float,
     num_items,
+    sizes: Optional[Sequence[int]] = None,
 ) -> RowSetup:
-    """Validate the shared arguments, find the shard (one all-gather), drop ignored rows.
+    """Validate the shared arguments, find the shard (:func:`find_shard`), drop ignored rows.
 
     ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
     it gives the batch shape, the compute dtype and the device.
@@ -51,10 +74,9 @@ def prepare_rows(
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard = vocab_shard(fn, group, local_vocab, vocab_start, like.device)
+    shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
     if _checks.shapes_enabled():
         _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)
-    _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
     flat = target.reshape(-1)
     keep = kept_rows(flat, ignore_index)
     kept_target = (flat if keep is None else flat[keep]).long()

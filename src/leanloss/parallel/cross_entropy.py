@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _checks, _heuristics
 from .._reduce import reduce_loss, resolve_reduction
+from ._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, scatter_rows
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -82,7 +83,11 @@ def vocab_parallel_cross_entropy(
 
     Args:
         local_logits: ``(..., V_local)``, this rank's slice of the logits (classes LAST).
-            Slices may be uneven.
+            Slices may be uneven. Or a DTensor sharded ``Shard(-1)`` on one mesh dimension
+            (``Replicate`` on any other), e.g. the output of an LM head parallelized with
+            ``ColwiseParallel(use_local_output=False)``: then the group, ``vocab_start`` and
+            ``V`` come from its mesh and placement (``group`` and ``vocab_start`` must be
+            ``None``) and its gradient is a DTensor of the same placement.
         target: ``(...)`` int64 GLOBAL class ids in ``[0, V)`` or ``ignore_index``; identical on
             every rank.
         group: the ``torch.distributed`` process group sharding the vocabulary; ``None`` is the
@@ -94,12 +99,18 @@ def vocab_parallel_cross_entropy(
         reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (shape of ``target``).
         label_smoothing, z_loss, num_items, ignore_index: as in ``linear_cross_entropy``.
 
-    Returns the loss in ``local_logits``' dtype, as ``cross_entropy`` does; bfloat16/float16
+    Returns the loss, a plain tensor, in ``local_logits``' dtype, as ``cross_entropy`` does; bfloat16/float16
     logits are reduced in float32. Every rank returns the same value. Collective calls happen in
     forward only, so every rank of ``group`` must call this function together.
     """
     fn = "vocab_parallel_cross_entropy"
     reduction = resolve_reduction(reduction)
+    sizes = None
+    if has_dtensor(local_logits, target, class_weight):
+        sharded, whole, group, sizes = unwrap(fn, {"local_logits": local_logits},
+                                              {"target": target, "class_weight": class_weight},
+                                              group, vocab_start, dim=-1)
+        local_logits, target, class_weight = sharded["local_logits"], whole["target"], whole["class_weight"]
     _checks.check_tensor(fn, "local_logits", local_logits)
     if _checks.shapes_enabled():
         _checks.check_floating(fn, "local_logits", local_logits, "logits")
@@ -111,7 +122,7 @@ def vocab_parallel_cross_entropy(
         _checks.check_same_device(fn, local_logits=local_logits, target=target)
     local_vocab = local_logits.shape[-1]
     setup = prepare_rows(fn, local_logits, local_vocab, target, group, vocab_start, ignore_index,
-                         label_smoothing, class_weight, z_loss, num_items)
+                         label_smoothing, class_weight, z_loss, num_items, sizes)
     flat = local_logits.reshape(setup.batch_shape.numel(), local_vocab)
     losses = _LocalLogitsLoss.apply(flat, setup.scorer, setup.keep)
     if reduction == "none":

@@ -10,6 +10,7 @@ from .. import _checks, _heuristics
 from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
+from ._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, scatter_rows
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
@@ -53,6 +54,12 @@ def vocab_parallel_linear_cross_entropy(
     Args:
         hidden: ``(..., D)``, the same on every rank of ``group``.
         local_weight: ``(V_local, D)``, this rank's rows of the head; slices may be uneven.
+            Or a DTensor sharded ``Shard(0)`` on one mesh dimension (``Replicate`` on any
+            other), as ``ColwiseParallel`` leaves ``lm_head.weight``: then the group,
+            ``vocab_start`` and ``V`` come from its mesh and placement (``torch.chunk``
+            slices; ``group`` and ``vocab_start`` must be ``None``), ``bias`` must be sharded
+            alike, a DTensor ``hidden`` is made ``Replicate`` on that mesh, and every gradient
+            is a DTensor of its input's placement.
         target: ``(...)`` GLOBAL class ids, identical on every rank.
         group, vocab_start, class_weight (the FULL ``(V,)`` vector), ignore_index, reduction,
             label_smoothing, z_loss, num_items: as in :func:`vocab_parallel_cross_entropy`.
@@ -66,9 +73,17 @@ def vocab_parallel_linear_cross_entropy(
     """
     fn = "vocab_parallel_linear_cross_entropy"
     reduction = resolve_reduction(reduction)
+    sizes = None
+    if has_dtensor(hidden, local_weight, bias, target, class_weight):
+        sharded, whole, group, sizes = unwrap(
+            fn, {"local_weight": local_weight, "bias": bias},
+            {"hidden": hidden, "target": target, "class_weight": class_weight},
+            group, vocab_start, dim=0)
+        local_weight, bias = sharded["local_weight"], sharded["bias"]
+        hidden, target, class_weight = whole["hidden"], whole["target"], whole["class_weight"]
     _checks.check_linear_shapes(fn, hidden, local_weight, bias, target, weight_name="local_weight")
     setup = prepare_rows(fn, hidden, local_weight.shape[0], target, group, vocab_start, ignore_index,
-                         label_smoothing, class_weight, z_loss, num_items)
+                         label_smoothing, class_weight, z_loss, num_items, sizes)
     h = hidden.reshape(-1, hidden.shape[-1])
     if setup.keep is not None:
         h = h.index_select(0, setup.keep)

@@ -1,0 +1,44 @@
+"""Spawning gloo worlds for the distributed tests: a free local port and the process launch."""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int, timeout_s: float = 30.0) -> None:
+    """Join the gloo world on 127.0.0.1; a collective that some rank never reaches fails after
+    ``timeout_s`` instead of hanging the suite."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+# What the ranks import, imported once by the fork server they are forked from (names of
+# installed modules: the fork server does not see this process's ``sys.path`` additions, and
+# skips what it cannot import, e.g. transformers where it is not installed).
+PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.tensor.parallel",
+           "torch.distributed.fsdp", "transformers.models.llama.modeling_llama",
+           "leanloss", "leanloss.integrations.transformers"]
+
+
+def spawn(child, world: int, *args) -> None:
+    """Run ``child(rank, world, port, *args)`` in ``world`` processes and wait for them.
+
+    The ranks are forked from multiprocessing's fork server, a single-threaded process that
+    imported :data:`PRELOAD` once per test session (safe whatever threads this process runs; a
+    fresh interpreter per rank would import torch again, seconds per rank).
+    """
+    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+    mp.start_processes(child, args=(world, free_port(), *args), nprocs=world, join=True,
+                       start_method="forkserver")
