@@ -165,16 +165,6 @@ def test_negative_class_weights_take_the_general_path():
     assert_matches({"class_weight": cw, "label_smoothing": 0.1, "reduction": "sum"}, bias=True)
 
 
-def test_default_chunk_size_evens_out_blocks():
-    assert _engine.default_chunk_size(2048, 32000) == 683  # 3 blocks of ~87 MB
-    assert _engine.default_chunk_size(2048, 131072) == 512  # never fewer than 512 rows
-    assert _engine.default_chunk_size(600, 131072) == 300  # two even blocks, not 512 + 88
-    assert _engine.default_chunk_size(0, 10) == 1
-    sizes = [_engine.default_chunk_size(n, 50000, min_rows=7, block_bytes=4 * 50000 * 7)
-             for n in (7, 8, 20, 21, 22)]
-    assert sizes == [7, 4, 7, 7, 6]
-
-
 def test_vocab_smaller_than_chunk():
     assert_matches({"class_weight": _cw(3), "label_smoothing": 0.3}, v=3, chunk_size=1000)
 

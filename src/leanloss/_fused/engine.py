@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
+from .kernels import RowKernel
 
 __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
            "plan_chunk", "set_at_cols"]
@@ -270,12 +271,8 @@ class _Grads:
     def _accumulate(self, dz: Tensor, h: Tensor, point: Optional[PointGradient]) -> None:
         """``acc += dz.T @ h`` (``h`` already row-scaled) with the point terms added exactly."""
         acc = self.w
-        if not self.w_started:
-            acc.zero_()
-        if point is not None:
-            # Take the point terms out of the 16-bit block and add them in float32.
+        if point is not None:  # take the point terms out of the 16-bit block
             set_at_cols(dz, point.cols, point.dense)
-            acc.index_add_(0, point.cols, h.to(self.acc_dtype) * point.coef.to(self.acc_dtype).unsqueeze(1))
         vocab, dim = acc.shape
         step = max(1, min(vocab, _SLICE_BYTES // (dz.element_size() * max(dim, 1))))
         if self._slice_buf is None:
@@ -284,7 +281,13 @@ class _Grads:
         for start in range(0, vocab, step):
             stop = min(start + step, vocab)
             part = torch.mm(dzt[start:stop], h, out=self._slice_buf[: stop - start])
-            acc[start:stop].add_(part)
+            if self.w_started:
+                _ADD_KERNEL(acc[start:stop], part)
+            else:  # the first block writes the accumulator: no zero fill
+                acc[start:stop].copy_(part)
+        if point is not None:  # ... and add them in float32
+            rows = h.to(self.acc_dtype) * point.coef.to(self.acc_dtype).unsqueeze(1)
+            acc.index_put_((point.cols,), rows, accumulate=True)
 
     def finish(self, weight: Tensor, bias: Optional[Tensor]):
         if self.w is not None and not self.w_started:
@@ -293,6 +296,16 @@ class _Grads:
         gb = None if self.b is None else self.b.to(bias.dtype)
         self._slice_buf = None
         return self.h, gw, gb
+
+
+def add_upcast(acc: Tensor, part: Tensor):
+    """``acc += part`` with ``part`` upcast on the fly (one pass; eager ``add_`` of a 16-bit
+    tensor into float32 first makes a float32 copy of it)."""
+    acc.add_(part.to(acc.dtype))
+    return ()
+
+
+_ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation")
 
 
 def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs, policy_vocab):

@@ -1,0 +1,131 @@
+"""Row kernels (leanloss._fused.kernels): the compiled and the eager run of each block function
+give the same values, and compile failures fall back to eager."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from leanloss._fused import kernels
+from leanloss._fused.kernels import RowKernel
+from leanloss.linear.cross_entropy import _CE_KERNEL
+from leanloss.linear.distill import _DISTILL_KERNEL
+
+
+@pytest.fixture
+def mode():
+    before = kernels.get_kernel_mode()
+    yield kernels.set_kernel_mode
+    kernels.set_kernel_mode(before)
+
+
+def _both(mode, kernel, block, *row_args, **options):
+    """(outputs, block after) of the eager run and of the compiled run on copies of ``block``."""
+    runs = []
+    for m in ("eager", "compiled"):
+        mode(m)
+        z = block.clone()
+        runs.append((kernel(z, *[None if a is None else a.clone() for a in row_args], **options), z))
+    return runs
+
+
+def _close(a, b, dtype):
+    tol = {torch.float32: (2e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-5)}[dtype]
+    torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
+
+
+# Each case is one or two compiled graphs (a few seconds each): the paths, not every pairing.
+@pytest.mark.parametrize("dtype, options", [
+    (torch.bfloat16, dict(eps=0.0, z_loss=0.0, softcap=None, weighted=False)),
+    (torch.bfloat16, dict(eps=0.1, z_loss=1e-3, softcap=None, weighted=True)),
+    (torch.bfloat16, dict(eps=0.0, z_loss=0.0, softcap=20.0, weighted=False)),
+    (torch.float32, dict(eps=0.1, z_loss=0.0, softcap=None, weighted=False)),
+])
+def test_cross_entropy_kernel_compiled_equals_eager(mode, dtype, options):
+    g = torch.Generator().manual_seed(0)
+    n, v = 37, 3001  # odd sizes: vector tails
+    z = (torch.randn(n, v, generator=g) * 4).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    cw = torch.rand(v, generator=g) + 0.5 if options["weighted"] else None
+    x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).float()
+    w_t = None if cw is None else cw[t]
+    scale = torch.rand(n, generator=g) + 0.5
+    opts = dict(class_weight=cw, scale=1.5, softcap=options["softcap"], eps=options["eps"], num_classes=v,
+                w_total=float(v if cw is None else cw.sum()), z_loss=options["z_loss"])
+    for g_ in (None, scale):
+        (eager, z_eager), (comp, z_comp) = _both(mode, _CE_KERNEL, z, x_t, w_t, g_, **opts)
+        for a, b in zip(eager, comp):
+            _close(a, b, torch.float32)
+        _close(z_comp.float(), z_eager.float(), dtype)
+
+
+@pytest.mark.parametrize("kind, hard_weight", [("forward", 0.3), ("reverse", 0.0), ("jsd", 0.3), ("jsd", 1.0)])
+def test_distill_kernel_compiled_equals_eager(mode, kind, hard_weight):
+    g = torch.Generator().manual_seed(1)
+    n, v = 19, 1501
+    a = (torch.randn(n, v, generator=g) * 3).bfloat16()
+    b = None if hard_weight == 1.0 else (torch.randn(n, v, generator=g) * 3).bfloat16()
+    y = torch.randint(0, v, (n,), generator=g)
+    a_y = None if hard_weight == 0.0 else a.gather(1, y.unsqueeze(1)).squeeze(1).float()
+    scale = torch.rand(n, generator=g)
+    opts = dict(kind=kind, beta=0.3, temperature=2.0, hard_weight=hard_weight, dtype=torch.float32)
+    (eager, a_eager), (comp, a_comp) = _both(mode, _DISTILL_KERNEL, a, b, a_y, scale, **opts)
+    _close(comp[0], eager[0], torch.float32)
+    _close(a_comp.float(), a_eager.float(), torch.bfloat16)
+
+
+def test_eager_runs_in_row_sub_blocks(monkeypatch, mode):
+    """The eager run walks row sub-blocks (here 2 rows) and joins their outputs in order."""
+    seen = []
+
+    def rowsum(block, w):
+        seen.append(block.shape[0])
+        out = (block * w.unsqueeze(1)).sum(1)
+        block.mul_(2)
+        return (out,)
+
+    monkeypatch.setattr(kernels, "_SUB_BYTES", 4 * 10 * 2)
+    mode("eager")
+    block = torch.arange(50.0).reshape(5, 10)
+    w = torch.arange(5.0)
+    (out,) = RowKernel(rowsum, "test")(block, w)
+    assert seen == [2, 2, 1]
+    torch.testing.assert_close(out, torch.arange(50.0).reshape(5, 10).sum(1) * w)
+    torch.testing.assert_close(block, torch.arange(50.0).reshape(5, 10) * 2)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, mode):
+    mode("auto")
+    monkeypatch.setattr(kernels, "_MIN_COMPILED_NUMEL", 1)
+    monkeypatch.setattr(kernels, "_compile_broken", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    kernel = RowKernel(lambda z: (z.sum(1),), "test")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (out,) = kernel(torch.ones(3, 4))
+        (out2,) = kernel(torch.ones(3, 4))
+    assert torch.equal(out, torch.full((3,), 4.0)) and torch.equal(out2, out)
+    assert [str(w.message).count("no C++ compiler") for w in caught] == [1]
+    assert not kernel.use_compiled(torch.ones(3, 4))
+    mode("compiled")  # an explicit 'compiled' mode does not hide the error
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        RowKernel(lambda z: (z.sum(1),), "test")(torch.ones(3, 4))
+
+
+def test_auto_mode_rules(monkeypatch, mode):
+    mode("auto")
+    monkeypatch.setattr(kernels, "_compile_broken", None)
+    k = RowKernel(lambda z: (z,), "test")
+    big = torch.empty(1024, 1024)
+    assert k.use_compiled(big)
+    assert not k.use_compiled(big.double())  # float64: eager
+    assert not k.use_compiled(torch.empty(4, 4))  # too small to repay a launch
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert not k.use_compiled(big)
+    with pytest.raises(ValueError, match="'mode'"):
+        kernels.set_kernel_mode("fast")
