@@ -199,11 +199,11 @@ def test_no_warning_on_fused_and_distillation_losses():
 @pytest.mark.parametrize("shape, class_dim", [((1000, 7), 1), ((50, 7, 40), 1), ((3, 7, 2, 500), 1), ((7,), 0)])
 def test_heuristics_read_a_bounded_sample(shape, class_dim):
     x = randn(*shape)
-    rows = _heuristics._rows(x, class_dim)
+    rows = _heuristics._sample_rows(x, class_dim)
     assert rows.shape == (min(_heuristics._SAMPLE_ROWS, x.numel() // 7), 7)
-    wide = _heuristics._rows(randn(40, 5000), 1)  # long rows: the element budget caps the rows
+    wide = _heuristics._sample_rows(randn(40, 5000), 1)  # long rows: the element budget caps the rows
     assert wide.shape == (_heuristics._SAMPLE_ELEMENTS // 5000, 5000)
-    assert _heuristics._rows(randn(3, 50_000), 1).shape == (1, 50_000)  # but never below one row
+    assert _heuristics._sample_rows(randn(3, 50_000), 1).shape == (1, 50_000)  # but never below one row
     # the sampled rows are rows of the input, classes last
     expected = x.movedim(class_dim, -1).reshape(-1, 7)
     assert any(torch.equal(rows[0], r) for r in expected[: x.numel() // 7])

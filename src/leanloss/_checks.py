@@ -516,3 +516,33 @@ def check_linear_shapes(
         fn, **{hidden_name: hidden, weight_name: weight, bias_name: bias, target_name: target}
     )
     return vocab
+
+
+# -- distillation -------------------------------------------------------------------------
+DISTILL_KINDS = ("forward", "reverse", "jsd")
+
+
+def check_distill_options(fn: str, kind: str, beta, temperature, hard_weight):
+    """Argument checks shared by the dense and fused distillation losses; returns
+    ``(beta, temperature, hard_weight)`` as floats."""
+    choices(fn, "kind", kind, DISTILL_KINDS)
+    return (
+        check_in_closed_interval(fn, "beta", beta, 0.0, 1.0),
+        check_positive(fn, "temperature", temperature),
+        check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0),
+    )
+
+
+def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_classes: int,
+                         ignore_index: int, hard_weight: float) -> None:
+    """``target`` holds one class index per row (or ``ignore_index``); required when hard_weight > 0."""
+    if target is None:
+        if hard_weight > 0:
+            raise LeanlossValueError(
+                f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})"
+            )
+        return
+    check_tensor(fn, "target", target)
+    if shapes_enabled():
+        check_row_targets(fn, target, rows_shape, "the student")
+    check_index_target_range(fn, target, num_classes, ignore_index)

@@ -31,7 +31,7 @@ _MIN_ELEMENTS = 16  # an elementwise heuristic needs this many values to say any
 _POSITIVE_TOL = 1e-3  # log-probabilities may exceed 0 by rounding, not by more
 
 
-def _rows(t: Tensor, class_dim: int, max_cols: Optional[int] = None) -> Tensor:
+def _sample_rows(t: Tensor, class_dim: int, max_cols: Optional[int] = None) -> Tensor:
     """The first rows of ``t`` with the class dimension last (at most ``_SAMPLE_ROWS``, and at
     most ``_SAMPLE_ELEMENTS`` values unless a single row is longer), as a 2-D tensor in float32
     (float64 stays float64). Only the sampled rows are ever copied."""
@@ -79,7 +79,7 @@ def warn_if_probabilities(fn: str, input: Tensor, class_dim: int) -> None:
     """``cross_entropy`` expects logits; rows in [0, 1] summing to 1 are probabilities."""
     if not _checks.values_enabled() or input.numel() == 0 or input.shape[class_dim] < 2:
         return
-    rows = _rows(input, class_dim)
+    rows = _sample_rows(input, class_dim)
     lo, hi, finite = _range(rows)
     if finite and lo >= 0.0 and hi <= 1.0 and _sums_to_one(rows, _sum_tol(input, input.shape[class_dim])):
         _checks.warn(
@@ -93,7 +93,7 @@ def warn_if_not_log_probs(fn: str, input: Tensor, class_dim: int) -> None:
     """``nll_loss`` expects log-probabilities: rows with logsumexp 0, all values <= 0."""
     if not _checks.values_enabled() or input.numel() == 0 or input.shape[class_dim] < 2:
         return
-    rows = _rows(input, class_dim)
+    rows = _sample_rows(input, class_dim)
     lo, hi, _ = _range(rows)
     if hi != hi or hi == math.inf:
         return  # NaN or +inf: finite_or_warn reports it from the loss (-inf is log 0, fine)
@@ -119,7 +119,7 @@ def warn_if_not_distribution(fn: str, name: str, target: Tensor, class_dim: int)
     """Probability targets should be non-negative and sum to 1 along the class dimension."""
     if not _checks.values_enabled() or target.numel() == 0:
         return
-    rows = _rows(target, class_dim)
+    rows = _sample_rows(target, class_dim)
     lo, _, finite = _range(rows)
     if finite and (lo < 0.0 or not _sums_to_one(rows, _sum_tol(target, target.shape[class_dim]))):
         sums = rows.sum(-1)
@@ -138,7 +138,7 @@ def warn_kl_inputs(fn: str, input: Tensor, target: Tensor, log_target: bool) -> 
     if not _checks.values_enabled():
         return
     if input.numel():
-        _, hi, _ = _range(_rows(input, -1, _SAMPLE_COLS))
+        _, hi, _ = _range(_sample_rows(input, -1, _SAMPLE_COLS))
         if math.isfinite(hi) and hi > _POSITIVE_TOL:
             _checks.warn(
                 f"{fn}: argument 'input' is not in log space: expected log-probabilities "
@@ -146,7 +146,7 @@ def warn_kl_inputs(fn: str, input: Tensor, target: Tensor, log_target: bool) -> 
                 f"takes input = log_softmax(logits) (and target as probabilities)."
             )
     if target.numel():
-        lo, hi, _ = _range(_rows(target, -1, _SAMPLE_COLS))
+        lo, hi, _ = _range(_sample_rows(target, -1, _SAMPLE_COLS))
         if not log_target and lo < 0.0 and math.isfinite(lo):
             _checks.warn(
                 f"{fn}: argument 'target' has negative values (min {lo:.4g}): it "
@@ -165,7 +165,7 @@ def warn_if_sigmoid_outputs(fn: str, input: Tensor) -> None:
     """BCE-with-logits given values that all lie in [0, 1] (looks like sigmoid outputs)."""
     if not _checks.values_enabled() or input.numel() < _MIN_ELEMENTS:
         return
-    sample = _rows(input, -1, _SAMPLE_COLS)
+    sample = _sample_rows(input, -1, _SAMPLE_COLS)
     if sample.numel() < _MIN_ELEMENTS:
         return
     lo, hi, _ = _range(sample)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["REDUCTIONS", "legacy_reduction", "resolve_reduction", "reduce_loss"]
+__all__ = ["REDUCTIONS", "legacy_reduction", "resolve_reduction", "reduce_loss", "reduce_kept_rows"]
 
 #: The reductions every loss accepts; ``kl_div`` (and the distillation losses) add ``'batchmean'``.
 REDUCTIONS = ("none", "mean", "sum")
@@ -117,3 +117,11 @@ def reduce_loss(
             raise ValueError("reduce_loss: 'batchmean' needs batch_size")
         return total / batch_size
     raise ValueError(f"reduce_loss: unknown reduction {reduction!r}")
+
+
+def reduce_kept_rows(loss: Tensor, keep: Optional[Tensor], reduction: str) -> Tensor:
+    """Per-row losses (0 at ignored rows) -> ``reduction``; ``'mean'`` divides by the kept rows
+    (``nan`` when none is kept, like torch's cross entropy)."""
+    if reduction == "mean" and keep is not None:
+        return reduce_loss(loss, "mean", weight_sum=keep.sum().to(loss.dtype))
+    return reduce_loss(loss, reduction)

@@ -4,6 +4,7 @@ from .losses.cosine import cosine_embedding_loss
 from .losses.cross_entropy import cross_entropy, nll_loss
 from .losses.distill import distill_loss, jsd
 from .losses.kl import entropy, kl_div
+from .linear.cross_entropy import linear_cross_entropy
 from .linear.distill import linear_distill_loss
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "entropy",
     "distill_loss",
     "jsd",
+    "linear_cross_entropy",
     "linear_distill_loss",
 ]

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
+from .._reduce import reduce_loss
 from .kernels import RowKernel
 
 __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
@@ -345,13 +346,13 @@ class _FusedLinearLoss(torch.autograd.Function):
             ctx.scorer, ctx.chunk, ctx.policy_vocab = scorer, chunk, policy_vocab
         if reduction == "none" or not want_grad:
             losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs, policy_vocab)
-            return losses if reduction == "none" else _total(losses, reduction, divisor)
+            return losses if reduction == "none" else reduce_loss(losses, reduction, num_items=divisor)
 
         ctx.scale = scale = 1.0 if reduction == "sum" else 1.0 / divisor
         losses, grads = _run(hidden, weight, bias, scorer, chunk,
                              _constant_scale(scale, hidden.device), needs, policy_vocab)
         ctx.grads = grads.finish(weight, bias)
-        return _total(losses, reduction, divisor)
+        return reduce_loss(losses, reduction, num_items=divisor)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -388,13 +389,6 @@ def _constant_scale(scale: float, device: torch.device) -> Callable[[slice, int,
     def grad_scale_of(rows, n, dtype):
         return torch.full((n, 1), scale, dtype=dtype, device=device)
     return grad_scale_of
-
-
-def _total(losses: Tensor, reduction: str, divisor) -> Tensor:
-    """``'sum'`` or ``'mean'`` of the per-row losses (the divisor was resolved by the caller
-    with :mod:`leanloss._reduce`'s conventions)."""
-    total = losses.sum()
-    return total if reduction == "sum" else total / divisor
 
 
 def fused_linear_loss(

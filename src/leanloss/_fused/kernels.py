@@ -58,6 +58,14 @@ def _dynamo_disabled() -> bool:
     return bool(dynamo is not None and dynamo.config.disable)
 
 
+def _dispatch_mode_active() -> bool:
+    """A Python dispatch mode (a memory or FLOP counter, say) is on: dynamo would run the
+    function eagerly and then refuse, so run it eagerly ourselves."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def _sub_rows(vocab: int) -> int:
     return max(1, _SUB_BYTES // (4 * max(vocab, 1)))
 
@@ -83,7 +91,7 @@ class RowKernel:
             return True
         return (_compile_broken is None and block.dtype in _COMPILABLE_DTYPES
                 and block.device.type in ("cpu", "cuda") and block.numel() >= _MIN_COMPILED_NUMEL
-                and not _dynamo_disabled())
+                and not _dynamo_disabled() and not _dispatch_mode_active())
 
     def __call__(self, block: Tensor, *row_args: Optional[Tensor], **options) -> Tuple[Tensor, ...]:
         if self.use_compiled(block):

@@ -56,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..linear import linear_cross_entropy
 from ..parallel._dtensor import has_dtensor, replicated_local
+from .. import _checks
 from .._checks import LeanlossTypeError, LeanlossValueError
 
 __all__ = [
@@ -459,11 +460,7 @@ def apply_leanloss(
     softcap, scale = _head_transform(model.config)
     if verify:
         _probe(model, base, head, sig, softcap, scale)
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise LeanlossValueError(
-            f"apply_leanloss: label_smoothing must lie in [0, 1], got {label_smoothing}"
-        )
+    label_smoothing = _checks.check_label_smoothing("apply_leanloss", label_smoothing)
 
     state = _PatchState(
         original_forward=original,

@@ -39,7 +39,6 @@ from torch import Tensor
 
 from .. import _checks
 from .._reduce import resolve_reduction
-from ..losses.distill import check_distill_options, check_distill_target
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
@@ -180,7 +179,7 @@ class DistillScorer:
         return ScoreResult(loss, None, PointGradient(y, coef, dense))
 
 
-def _rows(t: Tensor) -> Tensor:
+def _as_matrix(t: Tensor) -> Tensor:
     """``(..., D)`` -> ``(N, D)``."""
     return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
 
@@ -253,15 +252,15 @@ def linear_distill_loss(
     """
     fn = "linear_distill_loss"
     reduction = resolve_reduction(reduction)
-    beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
+    beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
     _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias)
     lead = tuple(student_hidden.shape[:-1])
-    check_distill_target(fn, target, lead, student_weight.shape[0], ignore_index, hard_weight)
+    _checks.check_distill_target(fn, target, lead, student_weight.shape[0], ignore_index, hard_weight)
     if target is not None:
         _checks.check_same_device(fn, student_hidden=student_hidden, target=target)
-    hs = _rows(student_hidden)
-    ht = _rows(teacher_hidden).detach()
+    hs = _as_matrix(student_hidden)
+    ht = _as_matrix(teacher_hidden).detach()
     kept = None
     tgt = None
     if target is not None:

@@ -39,12 +39,12 @@ from torch import Tensor
 
 from .. import _checks, _heuristics
 from .._dtypes import compute_dtype, upcast
-from .._reduce import reduce_loss, resolve_reduction
+from .._reduce import reduce_kept_rows, reduce_loss, resolve_reduction
 
 __all__ = ["distill_loss", "jsd", "divergence_terms", "KINDS"]
 
 #: ``kind`` values of the distillation losses
-KINDS = ("forward", "reverse", "jsd")
+KINDS = _checks.DISTILL_KINDS
 
 
 def _xlogratio(x: Tensor, log_x: Tensor, log_y: Tensor) -> Tensor:
@@ -74,40 +74,6 @@ def divergence_terms(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5)
         return _xlogratio(q, log_q, log_p)
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     return beta * _xlogratio(p, log_p, log_m) + (1.0 - beta) * _xlogratio(q, log_q, log_m)
-
-
-def check_distill_options(fn: str, kind: str, beta, temperature, hard_weight):
-    """Argument checks shared by the dense and fused distillation losses; returns
-    ``(beta, temperature, hard_weight)`` as floats."""
-    _checks.choices(fn, "kind", kind, KINDS)
-    return (
-        _checks.check_in_closed_interval(fn, "beta", beta, 0.0, 1.0),
-        _checks.check_positive(fn, "temperature", temperature),
-        _checks.check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0),
-    )
-
-
-def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_classes: int,
-                         ignore_index: int, hard_weight: float) -> None:
-    """``target`` holds one class index per row (or ``ignore_index``); required when hard_weight > 0."""
-    if target is None:
-        if hard_weight > 0:
-            raise _checks.LeanlossValueError(
-                f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})"
-            )
-        return
-    _checks.check_tensor(fn, "target", target)
-    if _checks.shapes_enabled():
-        _checks.check_row_targets(fn, target, rows_shape, "the student")
-    _checks.check_index_target_range(fn, target, num_classes, ignore_index)
-
-
-def reduce_rows(loss: Tensor, keep: Optional[Tensor], reduction: str) -> Tensor:
-    """Per-row losses (0 at ignored rows) -> ``reduction``; ``'mean'`` divides by the kept rows
-    (``nan`` when none is kept, like torch's cross entropy)."""
-    if reduction == "mean" and keep is not None:
-        return reduce_loss(loss, "mean", weight_sum=keep.sum().to(loss.dtype))
-    return reduce_loss(loss, reduction)
 
 
 def distill_loss(
@@ -157,7 +123,7 @@ def distill_loss(
     """
     fn = "distill_loss"
     reduction = resolve_reduction(reduction)
-    beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
+    beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
     _checks.check_tensor(fn, "student_logits", student_logits)
     _checks.check_tensor(fn, "teacher_logits", teacher_logits)
     if _checks.shapes_enabled():
@@ -170,7 +136,7 @@ def distill_loss(
                 f"{fn}: arguments 'student_logits' and 'teacher_logits' must have the same shape "
                 f"(..., V), got {_checks.fmt_shape(student_logits)} and {_checks.fmt_shape(teacher_logits)}"
             )
-    check_distill_target(fn, target, student_logits.shape[:-1], student_logits.shape[-1],
+    _checks.check_distill_target(fn, target, student_logits.shape[:-1], student_logits.shape[-1],
                          ignore_index, hard_weight)
     dtype = compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
@@ -189,7 +155,7 @@ def distill_loss(
             loss = loss + hard_weight * ce
         loss = torch.where(keep, loss, loss.new_zeros(()))
     return _heuristics.finite_or_warn(
-        fn, reduce_rows(loss, keep, reduction), student_logits=student_logits, teacher_logits=teacher_logits
+        fn, reduce_kept_rows(loss, keep, reduction), student_logits=student_logits, teacher_logits=teacher_logits
     )
 
 

@@ -9,12 +9,11 @@ from torch import Tensor
 
 from .. import _checks
 from .._dtypes import compute_dtype
-from .._fused.rows import kept_rows
-from .._fused.rows import scatter_rows as _scatter
+from .._fused.rows import kept_rows, scatter_rows
 from ._comm import VocabShard, resolve_group, vocab_shard
 from ._scorer import VocabParallelScorer
 
-__all__ = ["RowSetup", "find_shard", "prepare_rows", "scatter_rows"]
+__all__ = ["RowSetup", "find_shard", "prepare_rows", "to_batch_shape"]
 
 
 @dataclass
@@ -87,6 +86,6 @@ def prepare_rows(
     return RowSetup(shard, scorer, keep, torch.Size(batch_shape), divisor)
 
 
-def scatter_rows(losses: Tensor, setup: RowSetup) -> Tensor:
+def to_batch_shape(losses: Tensor, setup: RowSetup) -> Tensor:
     """Per-row losses of the kept rows -> the batch shape, zeros at ignored positions."""
-    return _scatter(losses, setup.keep, setup.batch_shape.numel()).reshape(setup.batch_shape)
+    return scatter_rows(losses, setup.keep, setup.batch_shape.numel()).reshape(setup.batch_shape)

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _checks, _heuristics
 from .._reduce import reduce_loss, resolve_reduction
 from ._dtensor import has_dtensor, unwrap
-from ._setup import prepare_rows, scatter_rows
+from ._setup import prepare_rows, to_batch_shape
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -126,7 +126,7 @@ def vocab_parallel_cross_entropy(
     flat = local_logits.reshape(setup.batch_shape.numel(), local_vocab)
     losses = _LocalLogitsLoss.apply(flat, setup.scorer, setup.keep)
     if reduction == "none":
-        out = scatter_rows(losses, setup)
+        out = to_batch_shape(losses, setup)
     else:
         out = reduce_loss(losses, reduction, weight_sum=setup.divisor)
     return _heuristics.finite_or_warn("vocab_parallel_cross_entropy", out.to(local_logits.dtype),

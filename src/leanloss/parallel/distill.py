@@ -33,7 +33,6 @@ from .. import _checks
 from .._reduce import resolve_reduction
 from .._fused.engine import ScoreResult, fused_linear_loss
 from .._fused.rows import kept_rows, scatter_rows
-from ..losses.distill import check_distill_options
 from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel
 from ._dtensor import has_dtensor, unwrap
 from ._setup import find_shard
@@ -205,7 +204,7 @@ def vocab_parallel_linear_distill_loss(
     """
     fn = "vocab_parallel_linear_distill_loss"
     reduction = resolve_reduction(reduction)
-    beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
+    beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
     sizes = None
     if has_dtensor(student_hidden, student_local_weight, student_bias, teacher_hidden,
                    teacher_local_weight, teacher_bias, target):

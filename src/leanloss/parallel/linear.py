@@ -11,7 +11,7 @@ from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
 from ._dtensor import has_dtensor, unwrap
-from ._setup import prepare_rows, scatter_rows
+from ._setup import prepare_rows, to_batch_shape
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -91,6 +91,6 @@ def vocab_parallel_linear_cross_entropy(
     out = fused_linear_loss(h, local_weight, bias, setup.scorer, reduction=reduction,
                             divisor=setup.divisor, chunk_size=chunk_size,
                             policy_vocab=setup.shard.max_size)
-    out = scatter_rows(out, setup) if reduction == "none" else out
+    out = to_batch_shape(out, setup) if reduction == "none" else out
     return _heuristics.finite_or_warn("vocab_parallel_linear_cross_entropy", out, hidden=hidden,
                                       local_weight=local_weight, bias=bias)
