@@ -51,7 +51,7 @@ def test_cross_entropy_kernel_compiled_equals_eager(mode, dtype, options):
     x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).float()
     w_t = None if cw is None else cw[t]
     scale = torch.rand(n, generator=g) + 0.5
-    opts = dict(class_weight=cw, scale=1.5, softcap=options["softcap"], eps=options["eps"], num_classes=v,
+    opts = dict(class_weight=cw, scale=1.5, softcap=options["softcap"], smoothing=options["eps"], num_classes=v,
                 w_total=float(v if cw is None else cw.sum()), z_loss=options["z_loss"])
     for g_ in (None, scale):
         (eager, z_eager), (comp, z_comp) = _both(mode, _CE_KERNEL, z, x_t, w_t, g_, **opts)

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _checks, _heuristics
+from .. import _checks, _docs, _heuristics
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
@@ -33,7 +33,7 @@ def _transform(x: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
 
 
 def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
-             class_weight: Optional[Tensor], scale: float, softcap: Optional[float], eps: float,
+             class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
              num_classes: int, w_total: float, z_loss: float):
     """Cross entropy of one block of raw logits ``z`` (rows: tokens), row-wise.
 
@@ -50,16 +50,16 @@ def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor],
     lse = (m + (y - m).exp().sum(1, keepdim=True).log()).squeeze(1)
     y_t = _transform(x_t, scale, softcap)
     smooth_sum = None
-    if eps > 0.0:
+    if smoothing > 0.0:
         smooth_sum = y.sum(1) if class_weight is None else (y * class_weight).sum(1)
-    stats = dict(eps=eps, w_total=w_total, num_classes=num_classes, z_loss=z_loss)
+    stats = dict(smoothing=smoothing, w_total=w_total, num_classes=num_classes, z_loss=z_loss)
     loss = ce_row_loss(lse - y_t, lse, w_t, smooth_sum, **stats)
     if g is None:
         return loss, lse
     a, b, s = ce_grad_coefficients(g * scale, lse, w_t, **stats)
     grad = (y - lse.unsqueeze(1)).exp() * a.unsqueeze(1)
     dense_t = (y_t - lse).exp() * a
-    if eps > 0.0:
+    if smoothing > 0.0:
         grad = grad - s.unsqueeze(1) * (1.0 if class_weight is None else class_weight)
         dense_t = dense_t - s * (1.0 if w_t is None else w_t)
     coef = -b
@@ -95,7 +95,7 @@ class CrossEntropyScorer:
         self.w_target = None if self.cw is None else self.cw[target]
         self.options = dict(
             class_weight=self.cw, scale=float(logit_scale),
-            softcap=None if softcap is None else float(softcap), eps=float(label_smoothing),
+            softcap=None if softcap is None else float(softcap), smoothing=float(label_smoothing),
             num_classes=num_classes,
             w_total=float(num_classes) if self.cw is None else float(self.cw.sum()),
             z_loss=float(z_loss))
@@ -135,6 +135,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
     _checks.check_index_target_range(_FN, target, vocab, ignore_index)
 
 
+@_docs.fill
 @torch.compiler.disable
 @routes_dtensor(route_linear_cross_entropy)  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_cross_entropy(
@@ -163,33 +164,31 @@ def linear_cross_entropy(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
         + z_loss * (mean of lse**2 over kept tokens)
 
-    Exactly, per kept token ``r`` (``target_r != ignore_index``) with target ``t``,
-    ``lse_r = logsumexp_c z_rc``, ``q = z - lse``, ``w`` = ``class_weight`` (ones when
-    ``None``), ``e = label_smoothing`` and ``C = V``::
+    Exactly, with ``C = V``:
 
-        loss_r = (1-e) * w_t * (-q_t) + e * sum_c w_c * (-q_c) / C + z_loss * w_t * lse_r**2
+    @doc ce_row_loss
 
-    ``'sum'`` is ``sum_r loss_r``; ``'mean'`` is that sum divided by ``num_items`` when given,
-    else by ``sum_r w_t`` (the number of kept tokens without class weights) -- torch's
-    convention, so smoothing and z-loss are weighted and normalized like the CE term; all
-    ignored gives ``nan`` (``'mean'``) or ``0`` (``'sum'``) like torch. ``'none'`` returns
-    ``loss_r`` with the shape of ``target`` and ``0`` at ignored tokens.
+    @doc ce_reduction
 
     Args:
         hidden: ``(..., D)`` floating; weight: ``(V, D)``; target: ``(...)`` int64 class indices;
             bias: ``(V,)`` or ``None``.
-        ignore_index: tokens with this target are dropped before any matmul.
-        label_smoothing, z_loss, softcap, logit_scale: Python numbers (a one-element tensor is
-            read as its value; no gradient flows to it).
-        num_items: divisor of ``'mean'`` (e.g. the global token count with gradient
-            accumulation, as transformers' ``num_items_in_batch``).
+        @doc ignore_index
+        @doc label_smoothing
+        @doc z_loss
+        softcap, logit_scale: the transform above; like label_smoothing and z_loss, Python
+            numbers (a one-element tensor is read as its value; no gradient flows to it).
+        @doc num_items
         return_lse: also return ``lse_r`` (shape of ``target``, float32/float64, ``0`` at
             ignored tokens, not differentiable).
-        chunk_size: rows per block (default: at least 512 rows, about 96 MiB of float32
-            logits; see :func:`leanloss.linear.default_chunk_size`).
+        chunk_size: rows per block (default: the engine's plan,
+            :func:`leanloss._fused.engine.plan_chunk`: ~96 MiB blocks of at least 512 rows; in
+            bf16/fp16 with a weight gradient one block over all rows when ``N <= 2 D``).
 
     Dtypes: matmuls run in the input dtype; softmax, log-sum-exp and gradient accumulation in
-    float32 (float64 for float64 inputs); the loss is float32 for bf16/fp16 inputs.
+    float32 (float64 for float64 inputs); the loss is float32 for bf16/fp16 inputs. The
+    per-block math is a compiled kernel on CPU/CUDA (its first call compiles it, once per
+    process and option set; see :mod:`leanloss._fused.kernels`), or the same function run eagerly.
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
     ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
     """

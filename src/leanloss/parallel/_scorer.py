@@ -9,19 +9,10 @@ needs four global quantities, each reduced from one number per row and rank:
 * ``z_t``: the target's logit, 0 on ranks that do not own the target (all-reduce SUM)
 * ``S   = sum_c w_c z_c``                  (all-reduce SUM; only with label smoothing)
 
-The three sums travel in one ``(n, k)`` all-reduce. With ``q_c = z_c - lse``, ``w`` the class
-weights (ones without ``class_weight``), ``W = sum_c w_c`` over all ``V`` classes and smoothing
-``e``, the row loss is the fused cross entropy's::
-
-    loss = (1 - e) * w_t * (-q_t) + (e / V) * sum_c w_c (-q_c) + z_loss * w_t * lse**2
-         = (1 - e) * w_t * (lse - z_t) + (e / V) * (W * lse - S) + z_loss * w_t * lse**2
-
-and its gradient with respect to this rank's logits, with ``p_c = exp(q_c)``, is local::
-
-    dloss/dz_c = p_c * ((1 - e) * w_t + e * W / V + 2 * z_loss * w_t * lse)
-                 - (1 - e) * w_t * [c == t] - (e / V) * w_c
-
-so no logits (nor their gradient) ever cross ranks.
+The three sums travel in one ``(n, k)`` all-reduce. The row loss and its gradient are the
+fused cross entropy's (:data:`leanloss._fused.ce_rows.ROW_LOSS`, with ``C`` the global ``V``
+and ``W`` the sum over all ``V`` classes); the gradient with respect to this rank's logits is
+local, so no logits (nor their gradient) ever cross ranks.
 """
 from __future__ import annotations
 
@@ -58,7 +49,7 @@ class VocabParallelScorer:
         dtype: torch.dtype,
     ):
         self.shard = shard
-        self.eps = float(label_smoothing)
+        self.smoothing = float(label_smoothing)
         self.z_loss = float(z_loss)
         local = target - shard.start
         self.owned = (local >= 0) & (local < shard.size)
@@ -106,19 +97,19 @@ class VocabParallelScorer:
             m = z.new_full((n,), float("-inf"))
         all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay nan
-        sums = z.new_zeros(n, 3 if self.eps > 0 else 2)
+        sums = z.new_zeros(n, 3 if self.smoothing > 0 else 2)
         if shard.size > 0:
             owned = self.owned[rows]
             picked = z.gather(1, self.local_target[rows].unsqueeze(1)).squeeze(1)
             sums[:, 1] = torch.where(owned, picked, torch.zeros_like(picked))
-            if self.eps > 0:
+            if self.smoothing > 0:
                 sums[:, 2] = z.sum(1) if self.w_local is None else z @ self.w_local
             z.sub_(m.unsqueeze(1)).exp_()
             sums[:, 0] = z.sum(1)
         all_reduce_(sums, dist.ReduceOp.SUM, shard.group, shard.world_size)
         lse = m + sums[:, 0].log()
         loss = ce_row_loss(lse - sums[:, 1], lse, self.w_target[rows],
-                           sums[:, 2] if self.eps > 0 else None, **self._stats())
+                           sums[:, 2] if self.smoothing > 0 else None, **self._stats())
         self.lse[rows] = lse
         self.loss[rows] = loss
         return sums[:, 0].reciprocal()
@@ -126,21 +117,21 @@ class VocabParallelScorer:
     def _gradient_(self, p: Tensor, rows: slice, grad_scale: Tensor, inv_sum: Optional[Tensor]) -> None:
         """Overwrite ``p`` (the unnormalized softmax ``exp(z - shift)``) with ``g * dloss/dz``."""
         g = grad_scale.reshape(-1)
-        coef, hit, smooth = ce_grad_coefficients(g, self.lse[rows], self.w_target[rows], **self._stats())
+        a, b, s = ce_grad_coefficients(g, self.lse[rows], self.w_target[rows], **self._stats())
         if inv_sum is not None:
-            coef = coef * inv_sum
-        p.mul_(coef.unsqueeze(1))
+            a = a * inv_sum
+        p.mul_(a.unsqueeze(1))
         if self.shard.size == 0:
             return
-        if self.eps < 1.0:
-            hit = torch.where(self.owned[rows], -hit, torch.zeros_like(hit))
-            p.scatter_add_(1, self.local_target[rows].unsqueeze(1), hit.unsqueeze(1))
-        if self.eps > 0:
+        if self.smoothing < 1.0:
+            b = torch.where(self.owned[rows], -b, torch.zeros_like(b))
+            p.scatter_add_(1, self.local_target[rows].unsqueeze(1), b.unsqueeze(1))
+        if self.smoothing > 0:
             if self.w_local is None:
-                p.sub_(smooth.unsqueeze(1))
+                p.sub_(s.unsqueeze(1))
             else:
-                p.addcmul_(smooth.unsqueeze(1), self.w_local.unsqueeze(0), value=-1.0)
+                p.addcmul_(s.unsqueeze(1), self.w_local.unsqueeze(0), value=-1.0)
 
     def _stats(self) -> dict:
-        return dict(eps=self.eps, w_total=self.weight_total, num_classes=self.shard.vocab,
+        return dict(smoothing=self.smoothing, w_total=self.weight_total, num_classes=self.shard.vocab,
                     z_loss=self.z_loss)

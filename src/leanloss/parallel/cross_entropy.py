@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks, _heuristics
+from .. import _checks, _docs, _heuristics
 from .._reduce import reduce_loss, resolve_reduction
 from ._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, to_batch_shape
@@ -47,6 +47,7 @@ class _LocalLogitsLoss(torch.autograd.Function):
         return z.to(logits.dtype), None, None
 
 
+@_docs.fill
 @torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
@@ -65,15 +66,11 @@ def vocab_parallel_cross_entropy(
 
     Equals ``leanloss.cross_entropy`` (``torch.nn.functional.cross_entropy``) plus the z-loss on
     the logits concatenated over the ranks along the last dimension, in value and in gradient,
-    on every rank. With ``q = log_softmax(z)`` over all ``V`` classes, ``lse`` the row's
-    log-sum-exp, ``w`` the class weights (ones by default), ``t`` the target and smoothing ``e``:
+    on every rank. With ``C = V`` the global number of classes:
 
-    .. math::
-        \ell_r = (1-e)\, w_t (-q_t) + \frac{e}{V} \sum_{c<V} w_c (-q_c)
-                 + z_{loss}\, w_t\, \mathrm{lse}_r^2
+    @doc ce_row_loss
 
-    zero for ``target == ignore_index``; ``'mean'`` divides the sum by ``num_items`` when given,
-    else by :math:`\sum_r w_{t_r}` over the rows that are not ignored (nan when all are, as torch).
+    @doc ce_reduction
 
     Only per-row numbers cross ranks (a max and one stacked sum of the sum-exp, target logit
     and, with smoothing, :math:`\sum_c w_c z_c`); label smoothing is exact for any number of

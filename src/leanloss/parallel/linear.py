@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks, _heuristics
+from .. import _checks, _docs, _heuristics
 from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -16,6 +16,7 @@ from ._setup import prepare_rows, to_batch_shape
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
+@_docs.fill
 @torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
@@ -40,9 +41,7 @@ def vocab_parallel_linear_cross_entropy(
     ``leanloss.cross_entropy`` plus the z-loss on ``hidden @ W.T + b``), with the formula of
     :func:`vocab_parallel_cross_entropy`:
 
-    .. math::
-        \ell_r = (1-e)\, w_t (-q_t) + \frac{e}{V} \sum_{c<V} w_c (-q_c)
-                 + z_{loss}\, w_t\, \mathrm{lse}_r^2
+    @doc ce_row_loss
 
     No rank ever holds its ``(tokens, V_local)`` logits: the fused engine walks blocks of
     ``chunk_size`` rows, and per block only per-row statistics cross ranks (one all-reduce MAX
