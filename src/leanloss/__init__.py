@@ -26,15 +26,17 @@ from .functional import (
     linear_distill_loss,
     nll_loss,
 )
-from .distill_modules import DistillLoss, LinearDistillLoss
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear import linear_cross_entropy
 from . import parallel  # leanloss.parallel.vocab_parallel_(linear_)cross_entropy
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,
     CosineEmbeddingLoss,
     CrossEntropyLoss,
+    DistillLoss,
     KLDivLoss,
+    LinearCrossEntropyLoss,
+    LinearDistillLoss,
     NLLLoss,
 )
 

@@ -1,12 +1,13 @@
-"""``nn.Module`` twins of torch's loss modules: they hold the arguments and call the functions.
+"""Every ``nn.Module`` of leanloss, in one place: they hold the arguments and call the functions.
 
-Constructor arguments, attribute names, buffers (``weight``, ``pos_weight``) and therefore
-``state_dict`` keys are those of ``torch.nn``'s modules, so a state dict saved from one loads
-into the other.
+The twins of torch's loss modules keep torch's constructor arguments, attribute names, buffers
+(``weight``, ``pos_weight``) and therefore ``state_dict`` keys, so a state dict saved from one
+loads into the other. The losses torch has no module for (distillation, the fused linear-head
+losses) follow the same pattern: options at construction, tensors in ``forward``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
@@ -20,6 +21,9 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CosineEmbeddingLoss",
+    "DistillLoss",
+    "LinearDistillLoss",
+    "LinearCrossEntropyLoss",
 ]
 
 
@@ -130,3 +134,90 @@ class CosineEmbeddingLoss(_Loss):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, reduction={self.reduction!r}"
+
+
+# -- losses without a torch module ---------------------------------------------------------
+
+class _DistillOptions(nn.Module):
+    """The options shared by both modules (see :func:`leanloss.distill_loss` for their meaning)."""
+
+    def __init__(self, kind: str = "forward", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, hard_weight: float = 0.0, reduction: str = "mean") -> None:
+        super().__init__()
+        self.kind, self.beta, self.temperature = kind, beta, temperature
+        self.ignore_index, self.hard_weight, self.reduction = ignore_index, hard_weight, reduction
+
+    def options(self) -> dict:
+        return dict(kind=self.kind, beta=self.beta, temperature=self.temperature,
+                    ignore_index=self.ignore_index, hard_weight=self.hard_weight, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+class DistillLoss(_DistillOptions):
+    """Module form of :func:`leanloss.distill_loss`:
+    ``forward(student_logits, teacher_logits, target=None)``."""
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        return F.distill_loss(student_logits, teacher_logits, target, **self.options())
+
+
+class LinearDistillLoss(_DistillOptions):
+    """Module form of :func:`leanloss.linear_distill_loss` (extra option: ``chunk_size``):
+    ``forward(student_hidden, student_weight, teacher_hidden, teacher_weight, target=None,
+    student_bias=None, teacher_bias=None)``."""
+
+    def __init__(self, kind: str = "forward", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, hard_weight: float = 0.0, reduction: str = "mean",
+                 chunk_size: Optional[int] = None) -> None:
+        super().__init__(kind, beta, temperature, ignore_index, hard_weight, reduction)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, target: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None) -> Tensor:
+        return F.linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, target,
+                                   student_bias=student_bias, teacher_bias=teacher_bias,
+                                   chunk_size=self.chunk_size, **self.options())
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`leanloss.linear_cross_entropy`.
+
+    ``forward(hidden, weight, target, bias=None)`` returns
+    ``F.linear_cross_entropy(hidden, weight, target, bias, **options)``: the cross entropy of
+    ``softcap(logit_scale * (hidden @ weight.T + bias))`` (torch's ``nn.CrossEntropyLoss`` on
+    those logits, plus ``z_loss``) without materializing the logits. ``class_weight`` is a
+    registered buffer (it follows ``.to()``); ``num_items`` is a forward argument because it
+    changes per batch.
+    """
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                 return_lse: bool = False, chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.register_buffer("class_weight", class_weight)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_lse = return_lse
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                num_items: Optional[Union[int, float, Tensor]] = None):
+        return F.linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            class_weight=self.class_weight, z_loss=self.z_loss, softcap=self.softcap,
+            logit_scale=self.logit_scale, num_items=num_items, return_lse=self.return_lse,
+            chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")

@@ -4,7 +4,6 @@ All of them run on one chunked engine (:mod:`leanloss._fused.engine`) with a per
 """
 from .._fused.engine import Scorer, ScoreResult, default_chunk_size, fused_linear_loss
 from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
-from .modules import LinearCrossEntropyLoss
 
 __all__ = [
     "Scorer",
@@ -13,5 +12,4 @@ __all__ = [
     "default_chunk_size",
     "CrossEntropyScorer",
     "linear_cross_entropy",
-    "LinearCrossEntropyLoss",
 ]
