@@ -156,3 +156,46 @@ def test_bfloat16_gradients_as_accurate_as_eager(chunk_size):
     linear_cross_entropy(hl, wl, t, chunk_size=chunk_size).backward()
     assert _rel(hl.grad, h64.grad) <= 1.25 * _rel(he.grad, h64.grad)
     assert _rel(wl.grad, w64.grad) <= 1.25 * _rel(we.grad, w64.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction, kw", [
+    ("mean", dict(label_smoothing=0.1, z_loss=1e-3)),
+    ("none", dict(softcap=15.0, logit_scale=0.5)),
+])
+def test_16bit_compiled_kernel_against_float64(dtype, reduction, kw):
+    """The compiled path end to end in bf16 and fp16 (one block and the accumulator), against
+    float64 on the same rounded inputs; 'none' with a random upstream gradient."""
+    from leanloss._fused import kernels
+
+    before = kernels.get_kernel_mode()
+    kernels.set_kernel_mode("compiled")
+    try:
+        g = torch.Generator().manual_seed(2)
+        n, d, v = 96, 16, 3000
+        h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(v, d, generator=g) * 0.3).to(dtype).requires_grad_()
+        b = (torch.randn(v, generator=g) * 0.1).to(dtype).requires_grad_()
+        t = torch.randint(0, v, (n,), generator=g)
+        t[::5] = -100
+        up = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+        leaves64 = [x.detach().double().requires_grad_() for x in (h, w, b)]
+        z = leaves64[0] @ leaves64[1].T + leaves64[2]
+        z = z * kw.get("logit_scale", 1.0)
+        if "softcap" in kw:
+            z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+        ref = F.cross_entropy(z, t, reduction="none", label_smoothing=kw.get("label_smoothing", 0.0))
+        ref = ref + kw.get("z_loss", 0.0) * torch.logsumexp(z, 1).square() * (t != -100)
+        ref = ref.sum() / (t != -100).sum() if reduction == "mean" else ref
+        for chunk in (None, 40):
+            out = linear_cross_entropy(h, w, t, b, reduction=reduction, chunk_size=chunk, **kw)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+            weights = up.float() if reduction == "none" else None
+            got = torch.autograd.grad(out, (h, w, b), weights)
+            want = torch.autograd.grad(ref, leaves64, up if reduction == "none" else None, retain_graph=True)
+            for g_, e in zip(got, want):
+                assert g_.dtype == dtype
+                assert float((g_.double() - e).norm() / e.norm()) < 2e-2
+    finally:
+        kernels.set_kernel_mode(before)
