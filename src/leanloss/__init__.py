@@ -24,10 +24,13 @@ from .functional import (
     jsd,
     kl_div,
     linear_distill_loss,
+    linear_log_probs,
+    linear_topk_distill_loss,
     nll_loss,
+    topk_distill_loss,
 )
-from .distill_modules import DistillLoss, LinearDistillLoss
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+from .distill_modules import DistillLoss, LinearDistillLoss, LinearTopKDistillLoss, TopKDistillLoss
+from .linear import LinearCrossEntropyLoss, LinearLogProbs, linear_cross_entropy
 from . import parallel  # leanloss.parallel.vocab_parallel_(linear_)cross_entropy
 from .modules import (
     BCELoss,
@@ -59,6 +62,12 @@ __all__ = [
     "linear_distill_loss",
     "DistillLoss",
     "LinearDistillLoss",
+    "topk_distill_loss",
+    "linear_topk_distill_loss",
+    "TopKDistillLoss",
+    "LinearTopKDistillLoss",
+    "linear_log_probs",
+    "LinearLogProbs",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "InputWarning",

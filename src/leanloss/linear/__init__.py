@@ -4,7 +4,9 @@ All of them run on one chunked engine (:mod:`leanloss._fused.engine`) with a per
 """
 from .._fused.engine import Scorer, ScoreResult, default_chunk_size, fused_linear_loss
 from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
-from .modules import LinearCrossEntropyLoss
+from .log_probs import LogProbScorer, linear_log_probs
+from .modules import LinearCrossEntropyLoss, LinearLogProbs
+from .topk_distill import TopKDistillScorer, linear_topk_distill_loss
 
 __all__ = [
     "Scorer",
@@ -14,4 +16,9 @@ __all__ = [
     "CrossEntropyScorer",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
+    "LogProbScorer",
+    "linear_log_probs",
+    "LinearLogProbs",
+    "TopKDistillScorer",
+    "linear_topk_distill_loss",
 ]

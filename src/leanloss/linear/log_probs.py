@@ -69,15 +69,15 @@ class LogProbScorer:
 
 def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tensor,
                           bias: Optional[Tensor], temperature, ignore_index: int, *,
-                          vocab: Optional[int] = None, weight_name: str = "weight") -> float:
-    """Shapes, dtypes, temperature and target range of the (vocab-parallel) log-prob functions;
-    returns the temperature as a float. ``vocab``: the global vocabulary when ``weight`` is a
-    slice of it (the range check then waits for the caller)."""
+                          check_range: bool = True, weight_name: str = "weight") -> float:
+    """Shapes, dtypes, temperature and (with ``check_range``) target range of the log-prob
+    functions; returns the temperature as a float. A vocab-parallel caller checks the range
+    against the global vocabulary itself (``check_range=False``)."""
     local = _checks.check_linear_shapes(fn, hidden, weight, bias, target, weight_name=weight_name)
     temperature = _checks.check_positive(fn, "temperature", temperature)
     if _checks.shapes_enabled() and bias is not None:
         _checks.check_same_dtype(fn, "bias", bias, weight_name, weight)
-    if vocab is None:
+    if check_range:
         _checks.check_index_target_range(fn, target, local, ignore_index)
     return temperature
 

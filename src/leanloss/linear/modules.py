@@ -7,8 +7,9 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from .cross_entropy import linear_cross_entropy
+from .log_probs import linear_log_probs
 
-__all__ = ["LinearCrossEntropyLoss"]
+__all__ = ["LinearCrossEntropyLoss", "LinearLogProbs"]
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -50,3 +51,30 @@ class LinearCrossEntropyLoss(nn.Module):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+
+
+class LinearLogProbs(nn.Module):
+    """Module form of :func:`leanloss.linear_log_probs`.
+
+    ``forward(hidden, weight, target, bias=None)`` returns
+    ``linear_log_probs(hidden, weight, target, bias, **options)``: per-token ``log p(target)``
+    under ``softmax((hidden @ weight.T + bias) / temperature)`` (and the entropy with
+    ``return_entropy=True``) without materializing the logits.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
+                 ignore_index: int = -100, chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.return_entropy = return_entropy
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None):
+        return linear_log_probs(hidden, weight, target, bias, temperature=self.temperature,
+                                return_entropy=self.return_entropy, ignore_index=self.ignore_index,
+                                chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, return_entropy={self.return_entropy}, "
+                f"ignore_index={self.ignore_index}")

@@ -3,11 +3,18 @@
 * :func:`vocab_parallel_cross_entropy`: each rank holds ``(..., V_local)`` logits.
 * :func:`vocab_parallel_linear_cross_entropy`: each rank holds ``(V_local, D)`` rows of the LM
   head; the fused engine never materializes the logits.
+* :func:`vocab_parallel_linear_log_probs`: per-token log-probabilities and entropies from such
+  a sharded head (the input of RL losses).
 
-Both equal the unsharded loss on every rank, in value and gradient; only per-token statistics
+All equal the unsharded function on every rank, in value and gradient; only per-token statistics
 cross ranks.
 """
 from .cross_entropy import vocab_parallel_cross_entropy
 from .linear import vocab_parallel_linear_cross_entropy
+from .log_probs import vocab_parallel_linear_log_probs
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_log_probs",
+]

@@ -14,7 +14,7 @@ from .._fused.rows import scatter_rows as _scatter
 from ._comm import VocabShard, vocab_shard
 from ._scorer import VocabParallelScorer
 
-__all__ = ["RowSetup", "prepare_rows", "scatter_rows"]
+__all__ = ["RowSetup", "shard_rows", "prepare_rows", "scatter_rows"]
 
 
 @dataclass
@@ -24,6 +24,25 @@ class RowSetup:
     keep: Optional[Tensor]  # indices of the rows that count in the flattened batch; None: all
     batch_shape: torch.Size
     divisor: object  # the 'mean' divisor: num_items, else sum of w[target] over kept rows
+
+
+def shard_rows(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start,
+               ignore_index: int, check_vocab=None):
+    """Check ``target`` against the batch (``like.shape[:-1]``), find the shard (one
+    all-gather), check the target range and drop ignored rows: ``(shard, keep, kept_target,
+    batch_shape)``. ``check_vocab(V)`` runs metadata checks that need the global vocabulary."""
+    batch_shape = like.shape[:-1]
+    _checks.check_tensor(fn, "target", target)
+    if _checks.shapes_enabled():
+        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
+    shard = vocab_shard(fn, group, local_vocab, vocab_start, like.device)
+    if _checks.shapes_enabled() and check_vocab is not None:
+        check_vocab(shard.vocab)
+    _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
+    flat = target.reshape(-1)
+    keep = kept_rows(flat, ignore_index)
+    kept_target = (flat if keep is None else flat[keep]).long()
+    return shard, keep, kept_target, batch_shape
 
 
 def prepare_rows(
@@ -44,20 +63,13 @@ def prepare_rows(
     ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
     it gives the batch shape, the compute dtype and the device.
     """
-    batch_shape = like.shape[:-1]
-    _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
-        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard = vocab_shard(fn, group, local_vocab, vocab_start, like.device)
-    if _checks.shapes_enabled():
-        _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)
-    _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
-    flat = target.reshape(-1)
-    keep = kept_rows(flat, ignore_index)
-    kept_target = (flat if keep is None else flat[keep]).long()
+    shard, keep, kept_target, batch_shape = shard_rows(
+        fn, like, local_vocab, target, group, vocab_start, ignore_index,
+        lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab))
     scorer = VocabParallelScorer(
         shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
     )
