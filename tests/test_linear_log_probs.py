@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ from leanloss import LinearLogProbs, linear_log_probs
 from leanloss._checks import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
 from leanloss._fused import engine as _engine
 from leanloss._fused import logp_rows
-from leanloss._fused.kernels import get_kernel_mode, set_kernel_mode
 from leanloss.parallel import vocab_parallel_linear_log_probs
+
+from _oracle import free_port, in_kernel_modes
 
 
 def reference(hidden, weight, target, bias=None, *, temperature=1.0, ignore_index=-100):
@@ -253,20 +253,15 @@ def test_compiled_kernel_equals_eager(kernel):
     z = torch.randn(6, 300, generator=g) * 3
     x_t = z[:, 7].clone()
     lse, ent, a, c = torch.logsumexp(z * 0.8, 1), torch.rand(6, generator=g), *torch.randn(2, 6, generator=g)
-    previous = get_kernel_mode()
-    results = []
-    try:
-        for mode in ("eager", "compiled"):
-            set_kernel_mode(mode)
-            block = z.clone()
-            if kernel == "stats":
-                out = logp_rows.LOGP_STATS_KERNEL(block, x_t, scale=0.8)
-            else:
-                out = logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, a, c, scale=0.8)
-            results.append([*out, block])
-    finally:
-        set_kernel_mode(previous)
-    for got, want in zip(results[1], results[0]):
+
+    def run():
+        block = z.clone()
+        if kernel == "stats":
+            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, scale=0.8), block]
+        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, a, c, scale=0.8), block]
+
+    eager, compiled = in_kernel_modes(run)
+    for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -414,17 +409,11 @@ def _parallel_child(rank: int, port: int, inputs: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
     torch.save(cases, tmp_path / "inputs.pt")
-    mp.start_processes(_parallel_child, args=(_free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
+    mp.start_processes(_parallel_child, args=(free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     failures = []

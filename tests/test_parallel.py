@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 import leanloss
 from leanloss._checks import LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+from _oracle import free_port
 
 # ------------------------------------------------------------------------------------------
 # cases
@@ -194,12 +195,6 @@ def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------
 # the float64 reference and the comparison
 # ------------------------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def _spawn_world(world: int, tmp_path) -> tuple:
     cases = _cases_with_inputs(world)
     inputs = str(tmp_path / "inputs.pt")
     torch.save(cases, inputs)
-    mp.start_processes(_child, args=(world, _free_port(), inputs, str(tmp_path)), nprocs=world,
+    mp.start_processes(_child, args=(world, free_port(), inputs, str(tmp_path)), nprocs=world,
                        join=True, start_method="spawn")
     return cases, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 

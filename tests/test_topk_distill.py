@@ -12,8 +12,9 @@ import leanloss
 from leanloss import (InputWarning, LinearTopKDistillLoss, TopKDistillLoss, linear_topk_distill_loss,
                       topk_distill_loss)
 from leanloss._checks import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
-from leanloss._fused.kernels import get_kernel_mode, set_kernel_mode
 from leanloss.linear import topk_distill as topk_module
+
+from _oracle import in_kernel_modes
 
 
 def oracle(logits, ids, logprobs, target=None, *, temperature=1.0, hard_weight=0.0,
@@ -176,17 +177,14 @@ def test_compiled_kernel_equals_eager():
     p[2, 2:] = 0
     args = (z.gather(1, ids), p, p.sum(1), torch.special.xlogy(p, p).sum(1), z[:, 9].clone(),
             torch.randn(6, generator=g))
-    previous = get_kernel_mode()
-    results = []
-    try:
-        for mode in ("eager", "compiled"):
-            set_kernel_mode(mode)
-            block = z.clone()
-            (loss,) = topk_module._TOPK_KERNEL(block, *args, scale=1 / 1.3, temperature=1.3, hard_weight=0.4)
-            results.append((loss, block))
-    finally:
-        set_kernel_mode(previous)
-    for got, want in zip(*results[::-1]):
+
+    def run():
+        block = z.clone()
+        (loss,) = topk_module._TOPK_KERNEL(block, *args, scale=1 / 1.3, temperature=1.3, hard_weight=0.4)
+        return loss, block
+
+    eager, compiled = in_kernel_modes(run)
+    for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
