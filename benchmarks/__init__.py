@@ -5,4 +5,4 @@ Each suite is a module ``benchmarks/<suite>.py`` with ``cases(...)`` (the case d
 ``_harness.case_result(...)``). The runner skips suites whose module does not exist yet.
 """
 
-SUITES = ("linear_ce", "distill", "checks_cost", "hf_step")
+SUITES = ("linear_ce", "distill", "checks_cost", "hf_step", "log_probs")

@@ -226,3 +226,28 @@ __all__ = [
     "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
     "raises_like", "all_finite", "module_oracle",
 ]
+
+
+def in_kernel_modes(run: Callable[[], Sequence[Tensor]]) -> Tuple[list, list]:
+    """``run()``'s tensors with the row kernels forced eager, then forced compiled (the mode is
+    restored afterwards): the two ways of running a kernel must agree."""
+    from leanloss._fused.kernels import get_kernel_mode, set_kernel_mode
+
+    previous = get_kernel_mode()
+    results = []
+    try:
+        for mode in ("eager", "compiled"):
+            set_kernel_mode(mode)
+            results.append(list(run()))
+    finally:
+        set_kernel_mode(previous)
+    return results[0], results[1]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a spawned ``torch.distributed`` world)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

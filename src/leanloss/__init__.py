@@ -24,9 +24,12 @@ from .functional import (
     jsd,
     kl_div,
     linear_distill_loss,
+    linear_log_probs,
+    linear_topk_distill_loss,
     nll_loss,
+    topk_distill_loss,
 )
-from .linear import linear_cross_entropy
+from .linear import linear_cross_entropy, linear_log_probs, linear_topk_distill_loss
 from . import parallel  # leanloss.parallel.vocab_parallel_(linear_)cross_entropy
 from .modules import (
     BCELoss,
@@ -37,7 +40,10 @@ from .modules import (
     KLDivLoss,
     LinearCrossEntropyLoss,
     LinearDistillLoss,
+    LinearLogProbs,
+    LinearTopKDistillLoss,
     NLLLoss,
+    TopKDistillLoss,
 )
 
 __version__ = "0.1.0"
@@ -61,6 +67,12 @@ __all__ = [
     "linear_distill_loss",
     "DistillLoss",
     "LinearDistillLoss",
+    "topk_distill_loss",
+    "linear_topk_distill_loss",
+    "TopKDistillLoss",
+    "LinearTopKDistillLoss",
+    "linear_log_probs",
+    "LinearLogProbs",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "InputWarning",

@@ -546,3 +546,34 @@ def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_clas
     if shapes_enabled():
         check_row_targets(fn, target, rows_shape, "the student")
     check_index_target_range(fn, target, num_classes, ignore_index)
+
+
+def check_topk(fn: str, ids: Tensor, logprobs: Tensor, rows_shape, num_classes: int) -> None:
+    """A teacher's top-k entries: ``ids`` int64 and ``logprobs`` floating, both of shape
+    ``rows_shape + (k,)`` with ``k >= 1``; every id ``< num_classes`` (ids ``< 0`` are padding)."""
+    check_tensor(fn, "topk_ids", ids)
+    check_tensor(fn, "topk_logprobs", logprobs)
+    if shapes_enabled():
+        if ids.dtype != torch.int64:
+            raise LeanlossTypeError(
+                f"{fn}: argument 'topk_ids' must hold class ids as an int64 (Long) tensor, got "
+                f"dtype {ids.dtype}")
+        check_floating(fn, "topk_logprobs", logprobs, "log-probabilities")
+        expected = tuple(rows_shape)
+        if ids.dim() != len(expected) + 1 or tuple(ids.shape[:-1]) != expected or ids.shape[-1] < 1:
+            raise LeanlossValueError(
+                f"{fn}: argument 'topk_ids' must have shape {expected + ('k',)} (k >= 1 entries "
+                f"per row of the student), got {fmt_shape(ids)}")
+        if logprobs.shape != ids.shape:
+            raise LeanlossValueError(
+                f"{fn}: arguments 'topk_ids' and 'topk_logprobs' must have the same shape (one "
+                f"log-probability per id), got {fmt_shape(ids)} and {fmt_shape(logprobs)}")
+        check_same_device(fn, topk_ids=ids, topk_logprobs=logprobs)
+    if not values_enabled() or ids.numel() == 0:
+        return
+    bad = ids >= num_classes
+    if bool(bad.any()):
+        position = first_position(bad)
+        raise TargetOutOfRangeError(
+            f"{fn}: argument 'topk_ids' must hold class ids in [0, {num_classes - 1}] (or a "
+            f"negative id for padding), got {int(ids[position])} at position {position}")

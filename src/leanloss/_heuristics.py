@@ -161,6 +161,25 @@ def warn_kl_inputs(fn: str, input: Tensor, target: Tensor, log_target: bool) -> 
             )
 
 
+def warn_if_topk_probabilities(fn: str, name: str, logprobs: Tensor, ids: Tensor) -> None:
+    """Top-k log-probabilities must be <= 0; non-padding values in [0, 1], some of them
+    positive, are probabilities (the softmax of probabilities is not the teacher)."""
+    if not _checks.values_enabled() or logprobs.numel() == 0:
+        return
+    sample = _sample_rows(logprobs, -1, _SAMPLE_COLS)
+    kept = _sample_rows(ids, -1, _SAMPLE_COLS) >= 0
+    if not bool(kept.any()):
+        return
+    values = sample[kept]
+    lo, hi, finite = _range(values)
+    if finite and lo >= 0.0 and _POSITIVE_TOL < hi <= 1.0:
+        _checks.warn(
+            f"{fn}: argument '{name}' looks like probabilities (its entries lie in [0, 1], max "
+            f"{hi:.4g}), but {fn} expects the teacher's log-probabilities (values <= 0). Pass "
+            f"{name}.log() (or the teacher's log_softmax values)."
+        )
+
+
 def warn_if_sigmoid_outputs(fn: str, input: Tensor) -> None:
     """BCE-with-logits given values that all lie in [0, 1] (looks like sigmoid outputs)."""
     if not _checks.values_enabled() or input.numel() < _MIN_ELEMENTS:

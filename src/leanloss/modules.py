@@ -24,6 +24,9 @@ __all__ = [
     "DistillLoss",
     "LinearDistillLoss",
     "LinearCrossEntropyLoss",
+    "LinearLogProbs",
+    "TopKDistillLoss",
+    "LinearTopKDistillLoss",
 ]
 
 
@@ -221,3 +224,74 @@ class LinearCrossEntropyLoss(nn.Module):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+
+
+class LinearLogProbs(nn.Module):
+    """Module form of :func:`leanloss.linear_log_probs`.
+
+    ``forward(hidden, weight, target, bias=None)`` returns
+    ``linear_log_probs(hidden, weight, target, bias, **options)``: per-token ``log p(target)``
+    under ``softmax((hidden @ weight.T + bias) / temperature)`` (and the entropy with
+    ``return_entropy=True``) without materializing the logits.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
+                 ignore_index: int = -100, chunk_size: Optional[int] = None) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.return_entropy = return_entropy
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None):
+        return F.linear_log_probs(hidden, weight, target, bias, temperature=self.temperature,
+                                return_entropy=self.return_entropy, ignore_index=self.ignore_index,
+                                chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, return_entropy={self.return_entropy}, "
+                f"ignore_index={self.ignore_index}")
+
+
+class _TopKOptions(nn.Module):
+    """The options of the top-k losses (see :func:`leanloss.topk_distill_loss`)."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.temperature, self.ignore_index = temperature, ignore_index
+        self.hard_weight, self.reduction = hard_weight, reduction
+
+    def options(self) -> dict:
+        return dict(temperature=self.temperature, ignore_index=self.ignore_index,
+                    hard_weight=self.hard_weight, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+
+
+class TopKDistillLoss(_TopKOptions):
+    """Module form of :func:`leanloss.topk_distill_loss`:
+    ``forward(student_logits, topk_ids, topk_logprobs, target=None)``."""
+
+    def forward(self, student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
+                target: Optional[Tensor] = None) -> Tensor:
+        return F.topk_distill_loss(student_logits, topk_ids, topk_logprobs, target, **self.options())
+
+
+class LinearTopKDistillLoss(_TopKOptions):
+    """Module form of :func:`leanloss.linear_topk_distill_loss` (extra option: ``chunk_size``):
+    ``forward(student_hidden, student_weight, topk_ids, topk_logprobs, target=None,
+    student_bias=None)``."""
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100, hard_weight: float = 0.0,
+                 reduction: str = "mean", chunk_size: Optional[int] = None) -> None:
+        super().__init__(temperature, ignore_index, hard_weight, reduction)
+        self.chunk_size = chunk_size
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, topk_ids: Tensor,
+                topk_logprobs: Tensor, target: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None) -> Tensor:
+        return F.linear_topk_distill_loss(student_hidden, student_weight, topk_ids, topk_logprobs, target,
+                                        student_bias=student_bias, chunk_size=self.chunk_size,
+                                        **self.options())

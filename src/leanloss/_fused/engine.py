@@ -91,7 +91,8 @@ class ScoreResult(NamedTuple):
     """What :meth:`Scorer.score` returns for one block.
 
     ``loss``: ``(n,)`` per-row losses in the compute dtype, weighted so that the ``'sum'``
-    reduction is their plain sum. ``row_scale``: ``None``, or ``(n,)`` when the gradient
+    reduction is their plain sum; ``(n, k)`` for a scorer with ``outputs = k > 1`` (see
+    :class:`Scorer`). ``row_scale``: ``None``, or ``(n,)`` when the gradient
     written over the block still has to be multiplied by ``row_scale[:, None]`` (the engine
     applies it on the ``(n, D)`` side of the backward matmuls: one pass over the block less).
     ``point``: optional :class:`PointGradient` (with or without ``row_scale``, it describes
@@ -118,6 +119,11 @@ class Scorer(Protocol):
       (compute dtype), and the scorer must overwrite ``logits`` in place with
       ``c * d loss_r / d z_r`` (the gradient with respect to the raw logits, before any
       transform the scorer applies), or with that divided by a returned ``row_scale``.
+
+    A scorer may return ``k > 1`` outputs per row (say a log-probability and an entropy) by
+    setting the optional attribute ``outputs = k``: its losses are ``(n, k)``, only
+    ``reduction='none'`` applies (the loss is ``(M, k)``), and ``grad_scale`` is ``(n, k)``,
+    the upstream gradient of each output, so the scorer writes ``sum_j c_j d out_j / d z``.
 
     Returns a :class:`ScoreResult`. The same block may be scored twice in one call of the loss
     (``reduction='none'`` recomputes blocks in backward); scorers may keep per-row by-products
@@ -313,7 +319,8 @@ def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs, policy_vocab
     """One pass over the blocks: per-row losses, and gradients when ``grad_scale_of`` is set."""
     dtype = compute_dtype(hidden.dtype)
     m = hidden.shape[0]
-    losses = torch.empty(m, dtype=dtype, device=hidden.device)
+    outputs = getattr(scorer, "outputs", 1)
+    losses = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=hidden.device)
     grads = (_Grads(hidden, weight, bias, needs, dtype, single_block=chunk >= m)
              if grad_scale_of is not None else None)
     if m == 0:
@@ -376,7 +383,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         go = grad_out.contiguous()
 
         def grad_scale_of(rows, n, dtype):
-            return go[rows].to(dtype).unsqueeze(1)
+            scale = go[rows].to(dtype)
+            return scale.unsqueeze(1) if scale.dim() == 1 else scale  # (n, 1), or (n, k)
 
         _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, grad_scale_of, ctx.needs,
                         ctx.policy_vocab)
@@ -408,7 +416,8 @@ def fused_linear_loss(
         hidden: ``(M, D)`` rows that count (callers drop ignored rows before calling).
         weight: ``(V, D)``; bias: ``(V,)`` or ``None``.
         scorer: the per-block loss math (:class:`Scorer`).
-        reduction: ``'none'`` -> ``(M,)`` per-row losses; ``'sum'`` -> their sum;
+        reduction: ``'none'`` -> ``(M,)`` per-row losses (``(M, k)`` for a scorer with
+            ``outputs = k``, which allows no other reduction); ``'sum'`` -> their sum;
             ``'mean'`` -> their sum divided by ``divisor`` (a Python number or 0-dim tensor,
             ``M`` when ``None``; ``0`` gives ``nan`` like torch's mean over nothing).
         chunk_size: rows per block (default: :func:`plan_chunk`).
@@ -420,6 +429,9 @@ def fused_linear_loss(
     respect to ``hidden``, ``weight`` and ``bias`` (first order only).
     """
     m = hidden.shape[0]
+    if getattr(scorer, "outputs", 1) > 1 and reduction != "none":
+        raise ValueError(f"fused_linear_loss: a scorer with several outputs per row needs "
+                         f"reduction='none', got {reduction!r}")
     if divisor is None:
         divisor = m
     if isinstance(divisor, Tensor):

@@ -4,6 +4,8 @@ All of them run on one chunked engine (:mod:`leanloss._fused.engine`) with a per
 """
 from .._fused.engine import Scorer, ScoreResult, default_chunk_size, fused_linear_loss
 from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
+from .log_probs import LogProbScorer, linear_log_probs
+from .topk_distill import TopKDistillScorer, linear_topk_distill_loss
 
 __all__ = [
     "Scorer",
@@ -12,4 +14,8 @@ __all__ = [
     "default_chunk_size",
     "CrossEntropyScorer",
     "linear_cross_entropy",
+    "LogProbScorer",
+    "linear_log_probs",
+    "TopKDistillScorer",
+    "linear_topk_distill_loss",
 ]

@@ -41,7 +41,7 @@ from .. import _checks, _heuristics
 from .._dtypes import compute_dtype, upcast
 from .._reduce import reduce_kept_rows, reduce_loss, resolve_reduction
 
-__all__ = ["distill_loss", "jsd", "divergence_terms", "KINDS"]
+__all__ = ["distill_loss", "jsd", "topk_distill_loss", "divergence_terms", "topk_teacher", "KINDS"]
 
 #: ``kind`` values of the distillation losses
 KINDS = _checks.DISTILL_KINDS
@@ -137,26 +137,129 @@ def distill_loss(
                 f"(..., V), got {_checks.fmt_shape(student_logits)} and {_checks.fmt_shape(teacher_logits)}"
             )
     _checks.check_distill_target(fn, target, student_logits.shape[:-1], student_logits.shape[-1],
-                         ignore_index, hard_weight)
+                                 ignore_index, hard_weight)
     dtype = compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
     s, t = student_logits.to(dtype), teacher_logits.to(dtype)
     inv_t = 1.0 / temperature
     log_q = torch.log_softmax(s / temperature if inv_t != 1.0 else s, dim=-1)
     log_p = torch.log_softmax(t / temperature if inv_t != 1.0 else t, dim=-1)
     loss = divergence_terms(log_p, log_q, kind, beta).sum(-1)
-    loss = loss * ((1.0 - hard_weight) * temperature**2)
+    loss = _mix_hard_and_reduce(loss, s, log_q, target, temperature=temperature,
+                                ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction)
+    return _heuristics.finite_or_warn(fn, loss, student_logits=student_logits, teacher_logits=teacher_logits)
+
+
+def _mix_hard_and_reduce(soft: Tensor, s: Tensor, log_q: Tensor, target: Optional[Tensor], *,
+                         temperature: float, ignore_index: int, hard_weight: float,
+                         reduction: str) -> Tensor:
+    """``a CE(s, y) + (1 - a) T^2 soft`` per row (``s``: the untempered student logits,
+    ``log_q``: ``log_softmax(s / T)``), rows with ``y == ignore_index`` zeroed, then reduced over
+    the kept rows (:func:`leanloss._reduce.reduce_kept_rows`)."""
+    loss = soft * ((1.0 - hard_weight) * temperature**2)
     keep = None
     if target is not None:
         keep = target != ignore_index
         if hard_weight > 0:
-            log_q1 = log_q if inv_t == 1.0 else torch.log_softmax(s, dim=-1)
+            log_q1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
             safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
             ce = -log_q1.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)
             loss = loss + hard_weight * ce
         loss = torch.where(keep, loss, loss.new_zeros(()))
-    return _heuristics.finite_or_warn(
-        fn, reduce_kept_rows(loss, keep, reduction), student_logits=student_logits, teacher_logits=teacher_logits
-    )
+    return reduce_kept_rows(loss, keep, reduction)
+
+
+def topk_teacher(topk_ids: Tensor, topk_logprobs: Tensor, temperature: float,
+                 dtype: torch.dtype):
+    """The teacher's tempered distribution over its top-k entries: ``(ids, p, log_p)``.
+
+    ``p = softmax(topk_logprobs / T)`` over the entries whose id is ``>= 0`` (padding entries,
+    id ``< 0``, get ``p = 0``, ``log_p = 0`` and id ``0``); a row of padding only has ``p = 0``
+    everywhere. Computed without autograd (the teacher gets no gradient), in ``dtype``.
+    """
+    pad = topk_ids < 0
+    lp = topk_logprobs.detach().to(dtype)
+    if temperature != 1.0:
+        lp = lp / temperature
+    lp = torch.log_softmax(lp.masked_fill(pad, float("-inf")), dim=-1)
+    lp = torch.where(pad, torch.zeros((), dtype=dtype, device=lp.device), lp)  # all-padding rows: nan -> 0
+    p = torch.where(pad, torch.zeros((), dtype=dtype, device=lp.device), lp.exp())
+    return topk_ids.clamp_min(0), p, lp
+
+
+def check_topk_options(fn: str, topk_ids, topk_logprobs, rows_shape, num_classes: int, target,
+                       ignore_index: int, temperature, hard_weight):
+    """Argument checks shared by the dense and fused top-k losses; returns
+    ``(temperature, hard_weight)`` as floats."""
+    temperature = _checks.check_positive(fn, "temperature", temperature)
+    hard_weight = _checks.check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0)
+    _checks.check_topk(fn, topk_ids, topk_logprobs, rows_shape, num_classes)
+    _checks.check_distill_target(fn, target, rows_shape, num_classes, ignore_index, hard_weight)
+    _heuristics.warn_if_topk_probabilities(fn, "topk_logprobs", topk_logprobs, topk_ids)
+    return temperature, hard_weight
+
+
+def topk_distill_loss(
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Distillation from a teacher's stored top-k log-probabilities (offline distillation).
+
+    With :math:`T` = ``temperature``, the teacher's distribution over its ``k`` entries
+    :math:`p = \mathrm{softmax}(\ell / T)` (:math:`\ell` = ``topk_logprobs``, renormalized over
+    the entries that are not padding), the student's :math:`\log q = \mathrm{log\_softmax}(s / T)`
+    over the WHOLE vocabulary, read at the teacher's ids, and :math:`a` = ``hard_weight``:
+
+    .. math::
+        \ell_r = a\,\mathrm{CE}(s_r, y_r) + (1 - a)\,T^2 \sum_i p_i (\log p_i - \log q_{\mathrm{id}_i})
+
+    (the forward KL of the renormalized top-k teacher to the student; :math:`\mathrm{CE}` on
+    the untempered logits, as in :func:`distill_loss`). Terms with :math:`p_i = 0` are 0; a row
+    whose entries are all padding has no soft term.
+
+    Args:
+        student_logits: ``(..., V)``.
+        topk_ids: ``(..., k)`` int64 class ids of the teacher's top-k entries per row; ids
+            ``< 0`` are padding (rows with fewer than ``k`` entries).
+        topk_logprobs: ``(..., k)`` the teacher's log-probabilities at those ids (at ``T = 1``;
+            only their differences matter, so top-k logits give the same loss). No gradient
+            flows to them.
+        target: optional class indices ``(...)``; rows whose target is ``ignore_index`` are
+            excluded (loss 0, no gradient, not counted by ``'mean'``). Required when
+            ``hard_weight > 0``; all rows count when ``None``.
+        temperature: :math:`T > 0`; hard_weight: :math:`a \in [0, 1]`.
+        reduction: ``'none'`` (shape ``(...)``, 0 at excluded rows) | ``'sum'`` | ``'mean'``
+            (over the counted rows; ``nan`` when none is).
+
+    Computed in float32 for 16-bit inputs (float64 stays float64); the loss is returned in that
+    dtype. The fused form is :func:`leanloss.linear_topk_distill_loss`.
+    """
+    fn = "topk_distill_loss"
+    reduction = resolve_reduction(reduction)
+    _checks.check_tensor(fn, "student_logits", student_logits)
+    if _checks.shapes_enabled():
+        _checks.check_floating(fn, "student_logits", student_logits, "logits")
+        if student_logits.dim() < 1:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'student_logits' must have shape (..., V), got a 0-dim tensor")
+    rows_shape = student_logits.shape[:-1]
+    temperature, hard_weight = check_topk_options(
+        fn, topk_ids, topk_logprobs, rows_shape, student_logits.shape[-1], target, ignore_index,
+        temperature, hard_weight)
+    dtype = compute_dtype(student_logits.dtype)
+    s = student_logits.to(dtype)
+    log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
+    ids, p, log_p = topk_teacher(topk_ids, topk_logprobs, temperature, dtype)
+    soft = _xlogratio(p, log_p, log_q.gather(-1, ids)).sum(-1)
+    loss = _mix_hard_and_reduce(soft, s, log_q, target, temperature=temperature,
+                                ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction)
+    return _heuristics.finite_or_warn(fn, loss, student_logits=student_logits)
 
 
 def jsd(

@@ -4,15 +4,22 @@
 * :func:`vocab_parallel_linear_cross_entropy`: each rank holds ``(V_local, D)`` rows of the LM
   head; the fused engine never materializes the logits.
 * :func:`vocab_parallel_linear_distill_loss`: the same for a student and a teacher head.
+* :func:`vocab_parallel_linear_log_probs`: per-token log-probabilities and entropies from such
+  a sharded head (the input of RL losses).
 
 DTensor inputs (torch's tensor parallelism) give the group and the slices themselves.
 
-All equal the unsharded loss on every rank, in value and gradient; only per-token statistics
+All equal the unsharded function on every rank, in value and gradient; only per-token statistics
 cross ranks.
 """
 from .cross_entropy import vocab_parallel_cross_entropy
 from .distill import vocab_parallel_linear_distill_loss
 from .linear import vocab_parallel_linear_cross_entropy
+from .log_probs import vocab_parallel_linear_log_probs
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
-           "vocab_parallel_linear_distill_loss"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_distill_loss",
+    "vocab_parallel_linear_log_probs",
+]

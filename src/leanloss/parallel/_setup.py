@@ -13,7 +13,7 @@ from .._fused.rows import kept_rows, scatter_rows
 from ._comm import VocabShard, resolve_group, vocab_shard
 from ._scorer import VocabParallelScorer
 
-__all__ = ["RowSetup", "find_shard", "prepare_rows", "to_batch_shape"]
+__all__ = ["RowSetup", "find_shard", "shard_rows", "prepare_rows", "to_batch_shape"]
 
 
 @dataclass
@@ -47,6 +47,24 @@ def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], grou
     return shard
 
 
+def shard_rows(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start,
+               ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None):
+    """Check ``target`` against the batch (``like.shape[:-1]``), find the shard
+    (:func:`find_shard`) and drop ignored rows: ``(shard, keep, kept_target, batch_shape)``.
+    ``check_vocab(V)`` runs metadata checks that need the global vocabulary."""
+    batch_shape = like.shape[:-1]
+    _checks.check_tensor(fn, "target", target)
+    if _checks.shapes_enabled():
+        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
+    shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
+    if _checks.shapes_enabled() and check_vocab is not None:
+        check_vocab(shard.vocab)
+    flat = target.reshape(-1)
+    keep = kept_rows(flat, ignore_index)
+    kept_target = (flat if keep is None else flat[keep]).long()
+    return shard, keep, kept_target, batch_shape
+
+
 def prepare_rows(
     fn: str,
     like: Tensor,
@@ -66,19 +84,13 @@ def prepare_rows(
     ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
     it gives the batch shape, the compute dtype and the device.
     """
-    batch_shape = like.shape[:-1]
-    _checks.check_tensor(fn, "target", target)
     if _checks.shapes_enabled():
-        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
-    if _checks.shapes_enabled():
-        _checks.check_class_weight(fn, "class_weight", class_weight, shard.vocab)
-    flat = target.reshape(-1)
-    keep = kept_rows(flat, ignore_index)
-    kept_target = (flat if keep is None else flat[keep]).long()
+    shard, keep, kept_target, batch_shape = shard_rows(
+        fn, like, local_vocab, target, group, vocab_start, ignore_index,
+        lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
     scorer = VocabParallelScorer(
         shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
     )

@@ -1,0 +1,119 @@
+"""Per-token log-probabilities and entropy (the RL input): fused vs dense, training and scoring.
+
+Case: ``hidden (N, D)`` and ``weight (V, D)`` (both require grad), targets with none ignored,
+temperature 0.9, objective ``sum(a * logp) + sum(b * entropy)`` with fixed random ``a``, ``b``
+(the upstream gradients of a policy-gradient loss are per token, known only in backward).
+Impls:
+
+* ``roofline``: the four matmuls a per-token objective needs at least: ``z = h @ W.T`` in
+  forward, the same product again in backward (the upstream gradient is not known in forward),
+  ``g @ W`` and ``g.T @ h``;
+* ``leanloss``: :func:`leanloss.linear_log_probs` with ``return_entropy=True``, fwd+bwd;
+* ``torch_eager``: ``log_softmax((h @ W.T) / T)`` gathered at the targets and
+  ``-(p * log p).sum(-1)``, eager, fwd+bwd;
+* ``leanloss_score`` / ``torch_eager_score``: the same two outputs under ``torch.no_grad()``
+  (rollout scoring); their ``x_roof_paired`` is against ONE matmul ``h @ W.T`` (the scoring
+  roofline), interleaved in the same process.
+
+``extra_mb`` is the peak RSS above the inputs and (for the training impls) their gradients.
+Run one case: ``python -m benchmarks.log_probs --case '{"impl": "leanloss", ...}'``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import leanloss  # noqa: E402  (imported before the baseline RSS is taken, for every impl alike)
+from benchmarks import _harness  # noqa: E402
+
+SUITE = "log_probs"
+DEFAULT = dict(N=2048, D=1024, V=131072, dtypes=("float32", "bfloat16"), repeats=3)
+QUICK = dict(N=64, D=64, V=4000, dtypes=("float32",), repeats=5)
+IMPLS = ("roofline", "leanloss", "torch_eager", "leanloss_score", "torch_eager_score")
+TEMPERATURE = 0.9
+
+
+def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> list:
+    base = QUICK if quick else DEFAULT
+    dtypes = base["dtypes"] if dtype is None else (dtype,)
+    impls = [i for i in IMPLS if only is None or i in only]
+    return [dict(suite=SUITE, impl=impl, N=int(tokens or base["N"]), D=int(hidden or base["D"]),
+                 V=int(vocab or base["V"]), dtype=dt, repeats=base["repeats"], temperature=TEMPERATURE)
+            for dt in dtypes for impl in impls]
+
+
+def _dense(h, w, t, temperature):
+    log_q = torch.log_softmax((h @ w.T).float() / temperature, dim=-1)
+    logp = log_q.gather(1, t.unsqueeze(1)).squeeze(1)
+    return logp, -(log_q.exp() * log_q).sum(-1)
+
+
+def _step_fn(impl: str, h, w, t, a, b, temperature):
+    def clear():
+        h.grad = w.grad = None
+
+    if impl == "roofline":
+        def step():
+            with torch.no_grad():
+                z = h @ w.T
+                z = h @ w.T
+                z @ w
+                z.T @ h
+        return step
+    if impl == "matmul":
+        def step():
+            with torch.no_grad():
+                h @ w.T
+        return step
+    if impl.startswith("leanloss"):
+        def outputs():
+            return leanloss.linear_log_probs(h, w, t, temperature=temperature, return_entropy=True)
+    elif impl.startswith("torch_eager"):
+        def outputs():
+            return _dense(h, w, t, temperature)
+    else:
+        raise ValueError(f"unknown impl {impl!r}")
+    if impl.endswith("_score"):
+        def step():
+            with torch.no_grad():
+                outputs()
+        return step
+
+    def step():
+        logp, ent = outputs()
+        ((logp * a).sum() + (ent * b).sum()).backward()
+        clear()
+    return step
+
+
+def run_case(case: dict) -> dict:
+    dtype = getattr(torch, case["dtype"])
+    n, d, v = case["N"], case["D"], case["V"]
+    temperature = case.get("temperature", TEMPERATURE)
+    g = torch.Generator().manual_seed(0)
+    # drawn in their dtype and scaled in place: no float32 temporaries, whose peak would count
+    # as the scoring impls' extra memory
+    h = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g, dtype=dtype).mul_(d ** -0.5).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    impl = case["impl"]
+    step = _step_fn(impl, h, w, t, a, b, temperature)
+    training = impl in ("leanloss", "torch_eager")
+    grad_bytes = (h.numel() + w.numel()) * h.element_size() if training else 0
+    base_rss = _harness.rss_bytes()
+    timing = _harness.time_fwd_bwd(step, repeats=case.get("repeats", 3), warmup=1)
+    result = _harness.case_result(case, time=timing, base_rss=base_rss, grad_bytes=grad_bytes)
+    if impl != "roofline":  # interleaved with its roofline in this process: 4 matmuls, or 1 for scoring
+        reference = _step_fn("roofline" if training else "matmul", h, w, t, a, b, temperature)
+        result.update(_harness.paired_ratio(step, reference, case.get("repeats", 3)))
+    return result
+
+
+if __name__ == "__main__":
+    _harness.main(run_case)

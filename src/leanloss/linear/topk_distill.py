@@ -1,0 +1,190 @@
+r"""Top-k distillation of a linear LM head: :func:`leanloss.topk_distill_loss` without the logits.
+
+The teacher is stored data (its top-k ids and log-probabilities per token), so the only
+``(tokens, vocab)`` array is the student's, and the engine walks it in blocks. Per row, with
+``y = z / T``, ``q = softmax(y)``, the teacher's tempered distribution ``p`` over its ids
+(``P = sum_i p_i``: 1, or 0 for a row of padding only) and ``a`` = ``hard_weight``::
+
+    soft = T^2 (sum_i p_i log p_i - sum_i p_i (y_{id_i} - lse(y)))
+    loss = a (lse(z) - z_t) + (1 - a) soft
+    dloss/dz_c = (1 - a) T (P q_c - sum_i p_i [c == id_i]) + a (softmax(z)_c - [c == t])
+
+The row kernel :func:`topk_block` computes the loss and writes the dense part of the gradient
+(the two softmax terms) over the block; the point terms at the ``k`` ids and at the target are
+added after it (the target's reported to the engine as a
+:class:`~leanloss._fused.engine.PointGradient`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _heuristics
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss
+from .._fused.kernels import RowKernel
+from .._fused.rows import kept_rows, scatter_rows
+from .._reduce import resolve_reduction
+from ..losses.distill import check_topk_options, topk_teacher
+
+__all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "topk_block"]
+
+
+def _lse(y: Tensor) -> Tensor:
+    m = y.amax(1, keepdim=True)
+    return (m + (y - m).exp().sum(1, keepdim=True).log()).squeeze(1)
+
+
+def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tensor,
+               x_t: Optional[Tensor], g: Optional[Tensor], *, scale: float, temperature: float,
+               hard_weight: float):
+    """Row kernel of the module docstring on a block of raw logits ``z``.
+
+    ``x_ids``: ``(n, k)`` raw student logits at the teacher's ids (compute dtype); ``p``: the
+    teacher's probabilities (0 at padding); ``p_sum``, ``p_logp``: ``sum_i p_i`` and
+    ``sum_i p_i log p_i``; ``x_t``: the raw target logit (``None`` without the hard term);
+    ``g``: the per-row gradient scale, or ``None``. Returns ``(loss,)``; with ``g`` it also
+    overwrites ``z`` with the dense part of ``g * dloss/dz``.
+    """
+    a = hard_weight
+    y = z.to(p.dtype)
+    if scale != 1.0:
+        y = y * scale
+    lse = _lse(y)
+    log_q = x_ids * scale - lse.unsqueeze(1)
+    cross = torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(1)
+    loss = (p_logp - cross) * ((1.0 - a) * temperature * temperature)
+    lse1 = None
+    if a > 0.0:
+        lse1 = lse if scale == 1.0 else _lse(z.to(p.dtype))
+        loss = loss + (lse1 - x_t) * a
+    if g is None:
+        return (loss,)
+    grad = (y - lse.unsqueeze(1)).exp() * (p_sum * g * ((1.0 - a) * temperature)).unsqueeze(1)
+    if a > 0.0:
+        grad = grad + (z.to(p.dtype) - lse1.unsqueeze(1)).exp() * (g * a).unsqueeze(1)
+    z.copy_(grad)
+    return (loss,)
+
+
+_TOPK_KERNEL = RowKernel(topk_block, "top-k distillation")
+
+
+def _add_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
+    """``block[r, cols[r, i]] += values[r, i]`` for a row-contiguous block, in place (repeated
+    columns add up). Through the flat index, as :func:`~leanloss._fused.engine.set_at_cols`."""
+    n, width = block.shape
+    if n == 0:
+        return
+    flat = (torch.arange(n, device=block.device) * block.stride(0)).unsqueeze(1) + cols
+    block.as_strided((block.stride(0) * (n - 1) + width,), (1,)).index_add_(
+        0, flat.reshape(-1), values.reshape(-1).to(block.dtype))
+
+
+class TopKDistillScorer:
+    """Per-block top-k distillation (see the module docstring); 16-bit blocks read in place.
+
+    ``ids``, ``p`` ``(M, k)`` and ``target`` ``(M,)`` (or ``None``) are aligned with the rows the
+    engine walks; ``p`` is the teacher's tempered distribution (:func:`topk_teacher`).
+    """
+
+    low_precision_blocks = True
+
+    def __init__(self, ids: Tensor, p: Tensor, log_p: Tensor, target: Optional[Tensor], *,
+                 temperature: float, hard_weight: float) -> None:
+        self.ids, self.p, self.target = ids, p, target
+        self.p_sum = p.sum(1)
+        self.p_logp = (p * log_p).sum(1)  # log_p is 0 where p is
+        self.options = dict(scale=1.0 / temperature, temperature=temperature, hard_weight=hard_weight)
+
+    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+        dtype = self.p.dtype
+        ids = self.ids[rows]
+        hard = self.options["hard_weight"] > 0.0
+        t = self.target[rows] if hard else None
+        x_ids = z.gather(1, ids).to(dtype)
+        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype) if hard else None
+        g = None if grad_scale is None else grad_scale.reshape(-1)
+        (loss,) = _TOPK_KERNEL(z, x_ids, self.p[rows], self.p_sum[rows], self.p_logp[rows], x_t, g,
+                               **self.options)
+        if g is None:
+            return ScoreResult(loss)
+        a, temp = self.options["hard_weight"], self.options["temperature"]
+        if a < 1.0:
+            _add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
+        if not hard:
+            return ScoreResult(loss)
+        coef = g * (-a)
+        dense_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype)
+        _add_at_cols(z, t.unsqueeze(1), coef.unsqueeze(1))
+        return ScoreResult(loss, None, PointGradient(t, coef, dense_t))
+
+
+@torch.compiler.disable
+def linear_topk_distill_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r""":func:`leanloss.topk_distill_loss` of ``student_hidden @ student_weight.T + student_bias``
+    without materializing the student's logits.
+
+    Same value and student gradients as
+    ``topk_distill_loss(student_hidden @ student_weight.T + student_bias, topk_ids,
+    topk_logprobs, target, ...)`` (see there for the formula and the padding convention).
+
+    Args:
+        student_hidden: ``(..., D)``; student_weight: ``(V, D)``; student_bias: ``(V,)`` or None.
+        topk_ids, topk_logprobs: ``(..., k)``, the teacher's top-k ids (``< 0``: padding) and
+            log-probabilities, stored data (no gradient).
+        target: optional ``(...)`` class indices; rows with ``ignore_index`` are dropped before
+            any matmul. Required when ``hard_weight > 0``.
+        reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
+            blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
+        chunk_size: rows per block (default: the engine's plan).
+
+    Matmuls run in the inputs' dtype; softmax statistics and accumulation in float32 (float64
+    stays float64); the loss is returned in that compute dtype.
+    """
+    fn = "linear_topk_distill_loss"
+    reduction = resolve_reduction(reduction)
+    vocab = _checks.check_linear_shapes(fn, student_hidden, student_weight, student_bias, None,
+                                        hidden_name="student_hidden", weight_name="student_weight",
+                                        bias_name="student_bias")
+    if _checks.shapes_enabled() and student_bias is not None:
+        _checks.check_same_dtype(fn, "student_bias", student_bias, "student_weight", student_weight)
+    lead = tuple(student_hidden.shape[:-1])
+    temperature, hard_weight = check_topk_options(fn, topk_ids, topk_logprobs, lead, vocab, target,
+                                                  ignore_index, temperature, hard_weight)
+    if _checks.shapes_enabled():
+        _checks.check_same_device(fn, student_hidden=student_hidden, topk_ids=topk_ids, target=target)
+    k = topk_ids.shape[-1]
+    h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ids, lps = topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k)
+    rows = h.shape[0]
+    tgt = kept = None
+    if target is not None:
+        tgt = target.reshape(-1)
+        kept = kept_rows(tgt, ignore_index)
+        if kept is not None:
+            h, ids, lps, tgt = (x.index_select(0, kept) for x in (h, ids, lps, tgt))
+    dtype = compute_dtype(student_hidden.dtype)
+    ids, p, log_p = topk_teacher(ids, lps, temperature, dtype)
+    scorer = TopKDistillScorer(ids, p, log_p, tgt, temperature=temperature, hard_weight=hard_weight)
+    loss = fused_linear_loss(h, student_weight, student_bias, scorer, reduction=reduction,
+                             divisor=h.shape[0], chunk_size=chunk_size)
+    if reduction == "none":
+        loss = scatter_rows(loss, kept, rows).reshape(lead)
+    return _heuristics.finite_or_warn(fn, loss, student_hidden=student_hidden,
+                                      student_weight=student_weight, student_bias=student_bias)

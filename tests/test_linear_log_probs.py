@@ -1,0 +1,461 @@
+"""linear_log_probs (and its vocab-parallel form) against dense torch in float64: per-token
+log p(target) and entropy, and the gradients of any combination of the two."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import leanloss
+from leanloss import LinearLogProbs, linear_log_probs
+from leanloss._checks import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
+from leanloss._fused import engine as _engine
+from leanloss._fused import logp_rows
+from leanloss.parallel import vocab_parallel_linear_log_probs
+
+from _oracle import free_port, in_kernel_modes
+
+
+def reference(hidden, weight, target, bias=None, *, temperature=1.0, ignore_index=-100):
+    """Dense float64: ``log_softmax(z / T)`` at the target and ``-sum p log p``, 0 at ignored."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    keep = target != ignore_index
+    logp = log_q.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+
+
+def make(shape=(23,), d=6, v=37, *, dtype=torch.float64, bias=True, ignore_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*shape, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, v, shape, generator=g)
+    t[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return h, w, b, t
+
+
+def upstream(shape, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64),
+            torch.randn(shape, generator=g, dtype=torch.float64))
+
+
+def leaves_of(*xs):
+    return [x for x in xs if x is not None]
+
+
+def objective(logp, entropy, a, b):
+    """``sum(a * logp) + sum(b * entropy)``: any upstream gradients of both outputs."""
+    return (logp.double() * a).sum() + (entropy.double() * b).sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_values_and_gradients_float64(temperature, bias, chunk_size):
+    h, w, b, t = make(bias=bias)
+    logp, ent = linear_log_probs(h, w, t, b, temperature=temperature, return_entropy=True,
+                                 chunk_size=chunk_size)
+    rl, re = reference(h, w, t, b, temperature=temperature)
+    assert logp.dtype == ent.dtype == torch.float64 and logp.shape == t.shape
+    torch.testing.assert_close(logp, rl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, re, rtol=1e-12, atol=1e-12)
+    a, c = upstream(t.shape)
+    got = torch.autograd.grad(objective(logp, ent, a, c), leaves_of(h, w, b))
+    want = torch.autograd.grad(objective(rl, re, a, c), leaves_of(h, w, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("which", ["logp", "entropy"])
+def test_one_output_alone(which):
+    """Only one output in the graph: its gradient alone (the other's upstream is zero)."""
+    h, w, b, t = make(shape=(3, 5))
+    logp, ent = linear_log_probs(h, w, t, b, temperature=0.8, return_entropy=True, chunk_size=4)
+    rl, re = reference(h, w, t, b, temperature=0.8)
+    out, ref = (logp, rl) if which == "logp" else (ent, re)
+    a, _ = upstream(t.shape)
+    got = torch.autograd.grad((out * a).sum(), (h, w, b))
+    want = torch.autograd.grad((ref * a).sum(), (h, w, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+def test_logp_only_is_the_default_return():
+    h, w, b, t = make()
+    logp = linear_log_probs(h, w, t, b, temperature=0.9)
+    assert isinstance(logp, torch.Tensor)
+    torch.testing.assert_close(logp, reference(h, w, t, b, temperature=0.9)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_entropy_gradient_is_the_closed_form():
+    """dH/dz_c = -p_c (log p_c + H) / T, the formula the kernel writes (logits as leaves)."""
+    g = torch.Generator().manual_seed(3)
+    v, temp = 11, 0.6
+    z = torch.randn(5, v, generator=g, dtype=torch.float64)
+    w = torch.eye(v, dtype=torch.float64)  # hidden @ w.T = hidden: the logits are the leaves
+    h = z.clone().requires_grad_()
+    _, ent = linear_log_probs(h, w, torch.zeros(5, dtype=torch.int64), temperature=temp,
+                              return_entropy=True)
+    (grad,) = torch.autograd.grad(ent.sum(), h)
+    log_p = torch.log_softmax(z / temp, -1)
+    p, entropy = log_p.exp(), -(log_p.exp() * log_p).sum(-1, keepdim=True)
+    torch.testing.assert_close(grad, -p * (log_p + entropy) / temp, rtol=1e-12, atol=1e-13)
+
+
+def test_ignored_tokens_are_zero_and_get_no_gradient():
+    h, w, b, t = make(shape=(4, 6), ignore_frac=0.4)
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True)
+    ignored = t == -100
+    assert ignored.any() and (~ignored).any()
+    assert (logp[ignored] == 0).all() and (ent[ignored] == 0).all() and (ent[~ignored] > 0).all()
+    (gh,) = torch.autograd.grad(objective(logp, ent, *upstream(t.shape)), h)
+    assert (gh[ignored] == 0).all() and (gh[~ignored] != 0).any()
+
+
+def test_custom_ignore_index_inside_vocabulary():
+    h, w, b, t = make(ignore_frac=0.0)
+    t[::3] = 5
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True, ignore_index=5)
+    rl, re = reference(h, w, t, b, ignore_index=5)
+    torch.testing.assert_close(logp, rl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, re, rtol=1e-12, atol=1e-12)
+
+
+def test_all_ignored_and_empty():
+    h, w, b, t = make(shape=(4,))
+    t[:] = -100
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True)
+    assert torch.equal(logp, torch.zeros(4, dtype=torch.float64)) and torch.equal(ent, logp)
+    (gw,) = torch.autograd.grad((logp + ent).sum(), w)
+    assert torch.equal(gw, torch.zeros_like(w))
+    empty = linear_log_probs(h[:0], w, t[:0], b)
+    assert empty.shape == (0,)
+
+
+def test_masked_vocabulary_entries_stay_exact():
+    """A -inf bias masks classes (padded vocabularies): finite entropy, exact gradients."""
+    h, w, b, t = make(ignore_frac=0.0)
+    mask = torch.zeros(w.shape[0], dtype=torch.bool)
+    mask[-7:] = True
+    t = torch.where(mask[t], 0, t)
+    bias = b.detach().masked_fill(mask, float("-inf")).requires_grad_()
+    logp, ent = linear_log_probs(h, w, t, bias, temperature=0.8, return_entropy=True, chunk_size=5)
+    z = (h.double() @ w.double().T)[:, ~mask] + b.double()[~mask]
+    rl, re = reference(h, w[~mask], t, b[~mask], temperature=0.8)
+    assert torch.isfinite(ent).all()
+    torch.testing.assert_close(logp, rl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, re, rtol=1e-12, atol=1e-12)
+    a, c = upstream(t.shape)
+    gh, gw = torch.autograd.grad(objective(logp, ent, a, c), (h, w))
+    wh, ww = torch.autograd.grad(objective(rl, re, a, c), (h, w))
+    torch.testing.assert_close(gh, wh, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-11)  # masked rows: 0 in both
+    assert z.isfinite().all()
+
+
+def test_float32_and_leading_shape():
+    h, w, b, t = make(shape=(2, 3, 5), dtype=torch.float32)
+    logp, ent = linear_log_probs(h, w, t, b, temperature=0.9, return_entropy=True, chunk_size=7)
+    assert logp.dtype == torch.float32 and logp.shape == (2, 3, 5)
+    rl, re = reference(h, w, t, b, temperature=0.9)
+    torch.testing.assert_close(logp.double(), rl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), re, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_against_float64_reference():
+    """16-bit blocks read in place; several blocks, so the weight gradient takes the float32
+    accumulator with the exact target terms."""
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 40, 32, 3000
+    h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().requires_grad_()
+    b = torch.randn(v, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    t[5] = -100
+    logp, ent = linear_log_probs(h, w, t, b, temperature=0.9, return_entropy=True, chunk_size=8)
+    assert logp.dtype == ent.dtype == torch.float32
+    rl, re = reference(h, w, t, b, temperature=0.9)
+    assert (logp.double() - rl).abs().max() < 2e-2 * rl.abs().max()
+    assert (ent.double() - re).abs().max() < 2e-2 * re.abs().max()
+    a, c = upstream(t.shape)
+    got = torch.autograd.grad(objective(logp, ent, a, c), (h, w, b))
+    want = torch.autograd.grad(objective(rl, re, a, c), (h, w, b))
+    for x, y in zip(got, want):
+        assert x.dtype == torch.bfloat16
+        assert (x.double() - y).norm() / y.norm() < 2e-2
+
+
+def test_no_grad_runs_only_the_forward_matmul(monkeypatch):
+    h, w, b, t = make()
+    calls = []
+    for owner, name in ((_engine._Grads, "add_block"), (_engine, "_logits_"),
+                        (logp_rows.LOGP_GRAD_KERNEL, "fn")):
+        original = getattr(owner, name)
+        wrapped = (lambda *a, _name=name, _original=original, **k:
+                   calls.append(_name) or _original(*a, **k))
+        monkeypatch.setattr(owner, name, wrapped)
+    with torch.no_grad():
+        logp, ent = linear_log_probs(h, w, t, b, return_entropy=True, chunk_size=5)
+    blocks = -(-int((t != -100).sum()) // 5)
+    assert not logp.requires_grad and calls == ["_logits_"] * blocks
+    torch.testing.assert_close(logp, reference(h, w, t, b)[0], rtol=1e-12, atol=1e-12)
+    calls.clear()
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True, chunk_size=5)
+    (logp + ent).sum().backward()  # the check above can fail: with grad there is more work
+    assert calls.count("_logits_") == 2 * blocks and calls.count("add_block") == blocks and "fn" in calls
+
+
+def test_backward_twice_through_retained_graph():
+    h, w, b, t = make()
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True, chunk_size=5)
+    loss = objective(logp, ent, *upstream(t.shape))
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in (h, w, b)]
+    loss.backward()
+    rl, re = reference(h, w, t, b)
+    want = torch.autograd.grad(objective(rl, re, *upstream(t.shape)), (h, w, b))
+    for f, x, e in zip(first, (h, w, b), want):
+        torch.testing.assert_close(f, e, rtol=1e-10, atol=1e-11)
+        torch.testing.assert_close(x.grad, 2 * e, rtol=1e-10, atol=1e-11)
+
+
+def test_inputs_not_modified():
+    h, w, b, t = make()
+    before = [x.detach().clone() for x in (h, w, b, t)]
+    logp, ent = linear_log_probs(h, w, t, b, temperature=0.5, return_entropy=True)
+    (logp + ent).sum().backward()
+    for x, y in zip((h, w, b, t), before):
+        assert torch.equal(x.detach(), y)
+
+
+def test_gradcheck_tiny():
+    h, w, b, t = make(shape=(5,), d=3, v=7, ignore_frac=0.2)
+
+    def fn(h_, w_, b_):
+        return linear_log_probs(h_, w_, t, b_, temperature=0.7, return_entropy=True, chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("kernel", ["stats", "grad"])
+def test_compiled_kernel_equals_eager(kernel):
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, 300, generator=g) * 3
+    x_t = z[:, 7].clone()
+    lse, ent, a, c = torch.logsumexp(z * 0.8, 1), torch.rand(6, generator=g), *torch.randn(2, 6, generator=g)
+
+    def run():
+        block = z.clone()
+        if kernel == "stats":
+            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, scale=0.8), block]
+        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, a, c, scale=0.8), block]
+
+    eager, compiled = in_kernel_modes(run)
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_module_form():
+    h, w, b, t = make()
+    module = LinearLogProbs(temperature=0.8, return_entropy=True, chunk_size=4)
+    logp, ent = module(h, w, t, b)
+    rl, re = reference(h, w, t, b, temperature=0.8)
+    torch.testing.assert_close(logp, rl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, re, rtol=1e-12, atol=1e-12)
+    assert "temperature=0.8" in repr(module)
+    assert leanloss.functional.linear_log_probs is linear_log_probs
+
+
+def grpo_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, entropy=None, entropy_coef=0.0):
+    """The README's GRPO-style clipped objective (token-level mean over the completion)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = -torch.minimum(ratio * advantages[:, None], clipped * advantages[:, None])
+    if entropy is not None:
+        per_token = per_token - entropy_coef * entropy
+    return (per_token * mask).sum() / mask.sum()
+
+
+def test_grpo_objective_equals_dense():
+    """The README's recipe: the fused log-probs give the dense objective and its gradients."""
+    g = torch.Generator().manual_seed(7)
+    groups, length, d, v = 4, 6, 8, 50
+    h, w, b, t = make(shape=(groups, length), d=d, v=v, ignore_frac=0.2, seed=7)
+    mask = (t != -100).double()
+    advantages = torch.randn(groups, generator=g, dtype=torch.float64)
+    with torch.no_grad():  # the rollout policy's scores, before the update
+        old = linear_log_probs(h + 0.05, w, t, b, temperature=0.9)
+    logp, ent = linear_log_probs(h, w, t, b, temperature=0.9, return_entropy=True)
+    loss = grpo_loss(logp, old, advantages, mask, entropy=ent, entropy_coef=0.01)
+    rl, re = reference(h, w, t, b, temperature=0.9)
+    with torch.no_grad():
+        dense_old = reference(h + 0.05, w, t, b, temperature=0.9)[0]
+    torch.testing.assert_close(old, dense_old, rtol=1e-12, atol=1e-12)
+    dense = grpo_loss(rl, dense_old, advantages, mask, entropy=re, entropy_coef=0.01)
+    torch.testing.assert_close(loss, dense, rtol=1e-12, atol=1e-12)
+    got, want = torch.autograd.grad(loss, (h, w, b)), torch.autograd.grad(dense, (h, w, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    assert any(y.abs().max() > 1e-3 for y in want)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"temperature": 0.0}, LeanlossValueError, ["'temperature'"]),
+        ({"temperature": -1.0}, LeanlossValueError, ["'temperature'"]),
+        ({"target": torch.tensor([0, 7, 1])}, TargetOutOfRangeError, ["'target'", "7"]),
+        ({"target": torch.tensor([0, 1])}, LeanlossValueError, ["'target'", "(3,)"]),
+        ({"target": torch.tensor([0.0, 1.0, 2.0])}, LeanlossTypeError, ["'target'", "int64"]),
+        ({"weight": torch.randn(7, 5)}, LeanlossValueError, ["'weight'", "(V, D)"]),
+        ({"bias": torch.randn(7, dtype=torch.float64)}, LeanlossTypeError, ["'bias'"]),
+        ({"bias": torch.randn(6)}, LeanlossValueError, ["'bias'", "(7,)"]),
+    ],
+)
+def test_errors_name_the_argument(kwargs, error, words):
+    args = {"hidden": torch.randn(3, 4), "weight": torch.randn(7, 4), "target": torch.tensor([0, 6, 1])}
+    args.update(kwargs)
+    with pytest.raises(error) as info:
+        linear_log_probs(args.pop("hidden"), args.pop("weight"), args.pop("target"), **args)
+    for word in words:
+        assert word in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# vocab-parallel form, in a real gloo world of 2 ranks (spawned once for every case)
+# ------------------------------------------------------------------------------------------
+
+PARALLEL_CASES = {
+    "plain": dict(),
+    "temperature_bias_ignore": dict(temperature=0.7, bias=True, ignore=True),
+    "one_block": dict(chunk=64, temperature=1.3),
+    "leading_shape": dict(shape=(2, 3, 4), ignore=True, bias=True),
+    "targets_on_rank_1": dict(targets="last_rank", temperature=0.8),
+    "uneven_and_empty_slice": dict(sizes=(17, 0), bias=True),
+    "bf16": dict(dtype=torch.bfloat16, bias=True, ignore=True, temperature=0.9),
+}
+
+
+def _parallel_case(spec: dict, gen: torch.Generator) -> dict:
+    sizes = spec.get("sizes", (10, 7))
+    shape = spec.get("shape", (9,))
+    vocab, d = sum(sizes), 5
+    dtype = spec.get("dtype", torch.float64)
+    target = torch.randint(vocab, shape, generator=gen)
+    if spec.get("targets") == "last_rank":
+        target = sizes[0] + torch.randint(sizes[1], shape, generator=gen)
+    if spec.get("ignore"):
+        target[torch.rand(shape, generator=gen) < 0.3] = -100
+    case = dict(spec=spec, sizes=sizes, target=target,
+                hidden=torch.randn(*shape, d, generator=gen, dtype=torch.float64).to(dtype),
+                weight=torch.randn(vocab, d, generator=gen, dtype=torch.float64).to(dtype),
+                up=[torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2)])
+    if spec.get("bias"):
+        case["bias"] = torch.randn(vocab, generator=gen, dtype=torch.float64).to(dtype)
+    return case
+
+
+def _parallel_rank(case: dict, rank: int) -> dict:
+    spec, sizes = case["spec"], case["sizes"]
+    start = sum(sizes[:rank])
+    local = slice(start, start + sizes[rank])
+    h = case["hidden"].clone().requires_grad_()
+    w = case["weight"][local].clone().requires_grad_()
+    b = case["bias"][local].clone().requires_grad_() if "bias" in case else None
+    comm = []
+    original = dist.all_reduce
+
+    def logged(t, *args, **kwargs):
+        comm.append(t.numel())
+        return original(t, *args, **kwargs)
+
+    dist.all_reduce = logged
+    try:
+        logp, ent = vocab_parallel_linear_log_probs(
+            h, w, case["target"], bias=b, temperature=spec.get("temperature", 1.0),
+            return_entropy=True, chunk_size=spec.get("chunk", 4))
+        objective(logp, ent, *case["up"]).backward()
+    finally:
+        dist.all_reduce = original
+    return dict(logp=logp.detach(), ent=ent.detach(), h=h.grad, w=w.grad,
+                b=None if b is None else b.grad, comm=comm)
+
+
+def _parallel_child(rank: int, port: int, inputs: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.set_num_threads(1)
+        cases = torch.load(inputs, weights_only=False)
+        results = {}
+        for name, case in cases.items():
+            try:
+                results[name] = _parallel_rank(case, rank)
+            except Exception as exc:  # reported by the parent
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                break
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
+    torch.save(cases, tmp_path / "inputs.pt")
+    mp.start_processes(_parallel_child, args=(free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    failures = []
+    for name, case in cases.items():
+        spec = case["spec"]
+        low = spec.get("dtype", torch.float64) != torch.float64
+        h = case["hidden"].double().requires_grad_()
+        w = case["weight"].double().requires_grad_()
+        b = case["bias"].double().requires_grad_() if "bias" in case else None
+        rl, re = reference(h, w, case["target"], b, temperature=spec.get("temperature", 1.0))
+        grads = torch.autograd.grad(objective(rl, re, *case["up"]), leaves_of(h, w, b))
+        want = dict(zip(["h", "w", "b"], grads))
+        tol = dict(rtol=3e-2, atol=3e-2) if low else dict(rtol=1e-9, atol=1e-10)
+        rows = int((case["target"] != -100).sum())
+        for rank, res in enumerate(results):
+            if "error" in res.get(name, {"error": "missing"}):
+                failures.append(f"{name} rank {rank}: {res.get(name)}")
+                continue
+            res = res[name]
+            start = sum(case["sizes"][:rank])
+            local = slice(start, start + case["sizes"][rank])
+            pairs = [("logp", res["logp"], rl), ("entropy", res["ent"], re), ("h", res["h"], want["h"]),
+                     ("w", res["w"], want["w"][local])]
+            if b is not None:
+                pairs.append(("b", res["b"], want["b"][local]))
+            for what, got, ref in pairs:
+                if got is None or not torch.allclose(got.double(), ref, **tol):
+                    failures.append(f"{name} rank {rank}: {what} differs: {got} vs {ref}")
+            # O(tokens): per-row statistics (at most 3 per row of a block) and the hidden gradient
+            blocks = [s for s in res["comm"] if s != rows * case["hidden"].shape[-1]]
+            if not blocks or max(blocks) > 3 * min(rows, spec.get("chunk", 4)):
+                failures.append(f"{name} rank {rank}: collectives moved more than row statistics: {res['comm']}")
+    assert not failures, "\n".join(failures)
+
+
+def test_vocab_parallel_single_process_is_linear_log_probs():
+    h, w, b, t = make(shape=(3, 4), seed=3)
+    got = vocab_parallel_linear_log_probs(h, w, t, bias=b, temperature=0.8, return_entropy=True)
+    want = linear_log_probs(h, w, t, b, temperature=0.8, return_entropy=True)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TargetOutOfRangeError, match="'target'"):
+        vocab_parallel_linear_log_probs(h, w, torch.full_like(t, 37))
+    with pytest.raises(LeanlossValueError, match="'temperature'"):
+        vocab_parallel_linear_log_probs(h, w, t, temperature=0)
