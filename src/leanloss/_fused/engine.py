@@ -444,7 +444,7 @@ def fused_linear_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     chunk = chunk_size or plan_chunk(m, vocab, hidden.shape[1], weight.dtype,
-                                     weight_grad=needs[1] and reduction != "none")
+                                     weight_grad=needs[1])
     if divisor == 0 and reduction == "mean":
         divisor = float("nan")
     return _FusedLinearLoss.apply(hidden, weight, bias, scorer, reduction, divisor, chunk, needs,
