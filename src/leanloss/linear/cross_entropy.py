@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
+from .._compile import graph_break
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
@@ -159,7 +160,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
     _checks.check_index_target_range(_FN, target, vocab, ignore_index)
 
 
-@torch.compiler.disable
+@graph_break
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

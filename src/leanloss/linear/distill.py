@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._compile import graph_break
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
 from ._engine import Scorer, fused_linear_loss
@@ -243,6 +244,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
         )
 
 
+@graph_break
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

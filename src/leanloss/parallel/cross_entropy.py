@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
+from .._compile import graph_break
 from .._reduce import reduce_loss, resolve_reduction
 from ._setup import prepare_rows, scatter_rows
 
@@ -46,7 +47,7 @@ class _LocalLogitsLoss(torch.autograd.Function):
         return z.to(logits.dtype), None, None
 
 
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
+from .._compile import graph_break
 from .._reduce import resolve_reduction
 from ..linear._engine import default_chunk_size, fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -15,7 +16,7 @@ from ._setup import prepare_rows, scatter_rows
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     local_weight: Tensor,
