@@ -2,7 +2,6 @@
 ``--version``, from a directory that is not the repository."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -22,7 +22,6 @@ import unittest
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import leanloss
 from _oracle import compare, module_oracle

@@ -28,7 +28,7 @@ from .functional import (
 )
 from .distill_modules import DistillLoss, LinearDistillLoss
 from .linear import LinearCrossEntropyLoss, linear_cross_entropy
-from . import parallel  # leanloss.parallel.vocab_parallel_(linear_)cross_entropy
+from . import parallel  # noqa: F401 - leanloss.parallel.vocab_parallel_(linear_)cross_entropy
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,

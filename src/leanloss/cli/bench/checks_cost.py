@@ -73,7 +73,8 @@ def _timed(step) -> float:
 
 def _paired(mode: str, step, repeats: int) -> dict:
     """Time ``step`` under ``mode`` and under ``'off'``, alternating so drift cancels."""
-    t_mode, t_off = [], []
+    t_mode: List[float] = []
+    t_off: List[float] = []
     for i in range(repeats):
         measured_first = i % 2 == 1
         for is_measured in (measured_first, not measured_first):

@@ -115,9 +115,12 @@ def select_cases(suites: Suites, sel: Selection) -> List[Row]:
     for name, module in suites.modules.items():
         if only_suites and name not in only_suites:
             continue
-        for vocab in sel.vocab or [None]:
-            for dtype in sel.dtype or [None]:
-                for impl in only_impls or [None]:
+        vocabs: List[Optional[int]] = [*sel.vocab] if sel.vocab else [None]
+        dtypes: List[Optional[str]] = [*sel.dtype] if sel.dtype else [None]
+        impls: List[Optional[str]] = [*only_impls] if only_impls else [None]
+        for vocab in vocabs:
+            for dtype in dtypes:
+                for impl in impls:
                     try:
                         listed = module.cases(quick=sel.quick, vocab=vocab, tokens=sel.tokens,
                                               hidden=sel.hidden, dtype=dtype, only=impl)
@@ -260,7 +263,7 @@ def table_rows(results: List[Row]) -> Tuple[List[str], List[List[str]]]:
     for dt in dtypes:
         label = DTYPE_LABELS.get(dt, dt)
         header += [f"{label} x roof", f"{label} extra MB", f"{label} s"]
-    by_row: Dict[tuple, Dict[str, Row]] = {}
+    by_row: Dict[tuple, Dict[Optional[str], Row]] = {}
     for r in results:
         by_row.setdefault(tuple(r.get(k) for k in ROW_KEYS), {})[r.get("dtype")] = r
     notes = {key: "; ".join(n for n in (_notes(r) for r in rows.values()) if n) for key, rows in by_row.items()}
@@ -271,15 +274,15 @@ def table_rows(results: List[Row]) -> Tuple[List[str], List[List[str]]]:
         suite, n, d, v, impl = key
         row = [str(suite), str(impl), str(n), str(d), str(v)]
         for dt in dtypes:
-            r = rows.get(dt)
-            if r is None:
+            one = rows.get(dt)
+            if one is None:
                 row += ["", "", ""]
-            elif "error" in r:
+            elif "error" in one:
                 row += ["error", "", ""]
-            elif "skipped" in r:
+            elif "skipped" in one:
                 row += ["skipped", "", ""]
             else:
-                row += [_num(r.get("x_roof"), ".2f"), _num(r.get("extra_mb"), ".0f"), _num(r.get("time_s"), ".3f")]
+                row += [_num(one.get("x_roof"), ".2f"), _num(one.get("extra_mb"), ".0f"), _num(one.get("time_s"), ".3f")]
         if notes_col:
             row.append(notes[key])
         cells.append(row)
