@@ -15,6 +15,8 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 COMPAT_VENV ?= .venv-compat
+# pins that go with an older torch: transformers 5 needs torch >= 2.6 (empty it for a newer torch)
+COMPAT_PINS ?= transformers<5
 WHEEL_VENV  ?= .venv-wheel
 
 .PHONY: demo test lint wheel install-check test-compat bench tour clean
@@ -60,8 +62,8 @@ install-check: wheel
 $(COMPAT_VENV)/.installed-$(TORCH):
 	rm -rf $(COMPAT_VENV)
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install --quiet "$(TORCH)"
-	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[test,transformers]"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "$(TORCH)" $(if $(COMPAT_PINS),"$(COMPAT_PINS)")
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[test,bench,transformers]" $(if $(COMPAT_PINS),"$(COMPAT_PINS)")
 	touch "$@"
 
 test-compat: $(COMPAT_VENV)/.installed-$(TORCH)

@@ -371,6 +371,7 @@ def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Opt
         package: str = DEFAULT_PACKAGE) -> int:
     """``leanloss bench``: returns the exit status (1 when a case or suite failed)."""
     try:
+        import matplotlib  # noqa: F401 - needed at the end, for the plot: fail before running anything
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     except ImportError:
