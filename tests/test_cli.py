@@ -183,14 +183,14 @@ def test_paired_times_interleaves_step_and_reference():
         calls.append("ref")
 
     got = harness.paired_times(step, reference, rounds=3)
-    assert calls == ["ref"] + ["step", "ref"] * 3  # one untimed reference call, then alternating
+    assert calls == ["step", "ref"] * 3
     assert got["x_roof"] > 0 and len(got["times"]) == 3 and got["roofline_s"] > 0
 
 
 def test_paired_times_median_ratio(monkeypatch):
-    ticks = iter([0.0, 3.0, 4.0,  # round 1: step 3, reference 1 -> 3
-                  10.0, 12.0, 13.0,  # round 2: step 2, reference 1 -> 2
-                  20.0, 30.0, 32.0])  # round 3: step 10, reference 2 -> 5
+    ticks = iter([0.0, 3.0, 3.0, 4.0,  # round 1: step 3, reference 1 -> 3
+                  10.0, 12.0, 12.0, 13.0,  # round 2: step 2, reference 1 -> 2
+                  20.0, 30.0, 30.0, 32.0])  # round 3: step 10, reference 2 -> 5
     monkeypatch.setattr(harness.time, "perf_counter", lambda: next(ticks))
     got = harness.paired_times(lambda: None, lambda: None, rounds=3)
     assert got["x_roof"] == 3.0 and got["time_s"] == 3.0 and got["roofline_s"] == 1.0
@@ -364,6 +364,7 @@ def test_shipped_suites_list_the_issue_shapes():
     quick = linear_ce.cases(quick=True)
     assert [(c["impl"], c["N"], c["D"], c["V"], c["dtype"]) for c in quick] == [
         ("leanloss", 2048, 1024, 32000, "float32"), ("leanloss", 2048, 1024, 32000, "bfloat16")]
+    assert [(c["impl"], c["dtype"]) for c in distill.cases(quick=True)] == [("leanloss", "bfloat16")]
     jsd = distill.cases(quick=False)
     assert {c["impl"] for c in jsd} == {"leanloss", "torch_eager", "torch_compile", "liger"}
     assert all(c["kind"] == "jsd" and (c["N"], c["D"], c["V"]) == (2048, 1024, 32000) for c in jsd)

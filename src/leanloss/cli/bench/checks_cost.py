@@ -112,11 +112,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     x, target = _inputs(case)
     impl = case["impl"]
     if impl == "torch_eager":
-        step = _step(F.cross_entropy, x, target)
-        result = dict(case)
-        result.update(harness.step_memory(step, (x,)))
-        result.update(harness.paired_times(step, None, case["repeats"], (x,)))
-        return result
+        return harness.measure(case, _step(F.cross_entropy, x, target), leaves=(x,))
     if impl not in MODES:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     step = _step(leanloss.cross_entropy, x, target)

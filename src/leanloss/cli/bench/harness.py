@@ -9,8 +9,8 @@ package.
 Method (:func:`measure`), inside the child, after the imports, the inputs, any compilation and
 ``warmup`` untimed steps:
 
-* memory: ``extra_mb`` is the peak resident set size of ONE warmed-up step minus the resident
-  set size holding the inputs and the warm-up step's gradients. On Linux the peak is reset
+* memory: ``extra_mb`` is the peak resident set size of ONE warmed-up step (the first timed
+  one) minus the resident set size holding the inputs and the warm-up step's gradients. On Linux the peak is reset
   right before the step (``5`` written to ``/proc/self/clear_refs``) and read from ``VmHWM`` in
   ``/proc/self/status`` after it (``mem_method='VmHWM'``); where that is not possible the
   process's lifetime peak is used (``mem_method='ru_maxrss'``, which also counts the imports
@@ -108,60 +108,71 @@ def _clearer(leaves: Iterable[Any]) -> Callable[[], None]:
     return clear
 
 
-def step_memory(step: Step, leaves: Iterable[Any] = (), *, warmup: int = 1) -> Dict[str, Any]:
-    """Run ``warmup`` steps, then measure one step's peak RSS over the RSS that holds the inputs
-    and the gradients of ``leaves`` (``step`` leaves them set; they are cleared before each step).
-
-    Returns ``peak_rss_mb``, ``base_rss_mb``, ``extra_mb`` and ``mem_method``."""
-    clear = _clearer(leaves)
+def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warmup: int) -> int:
+    """Untimed calls: the reference once (one-time kernel setup), then ``warmup`` steps, whose
+    gradients stay set. Returns the RSS then: the inputs and one step's gradients."""
+    if reference is not None:
+        reference()
     for _ in range(max(1, warmup)):
         clear()
         step()
-    base = rss_bytes()  # inputs + the warm-up step's gradients
-    clear()
-    exact = reset_peak_rss()
-    step()
-    peak = peak_rss_bytes()
-    clear()
-    return {"peak_rss_mb": peak / MB, "base_rss_mb": base / MB, "extra_mb": (peak - base) / MB,
-            "mem_method": "VmHWM" if exact else "ru_maxrss"}
+    return rss_bytes()
 
 
-def paired_times(step: Step, reference: Optional[Step], rounds: int, leaves: Iterable[Any] = ()) -> Dict[str, Any]:
-    """Time ``step`` and ``reference`` alternately, ``rounds`` times each, in this process
-    (``reference`` gets one untimed call first). Returns ``time_s`` (the step's median),
-    ``times`` and, with a reference, ``x_roof`` (median of the per-round ratios) and
-    ``roofline_s`` (the reference's median)."""
+def paired_times(step: Step, reference: Optional[Step], rounds: int, leaves: Iterable[Any] = (), *,
+                 base_rss: Optional[int] = None) -> Dict[str, Any]:
+    """Time ``step`` and ``reference`` alternately, ``rounds`` times each, in this process.
+
+    Returns ``time_s`` (the step's median) and ``times``, and with a reference ``x_roof`` (the
+    median of the per-round ratios step / reference) and ``roofline_s`` (the reference's median).
+    With ``base_rss`` (the RSS holding the inputs and the gradients) the first round's step is
+    also the memory measurement: the peak is reset right before it and read right after it,
+    before the reference runs (``peak_rss_mb``, ``base_rss_mb``, ``extra_mb``, ``mem_method``)."""
     clear = _clearer(leaves)
-    if reference is not None:
-        reference()
+    out: Dict[str, Any] = {}
     times, refs, ratios = [], [], []
-    for _ in range(max(1, rounds)):
+    for i in range(max(1, rounds)):
         clear()
+        exact = reset_peak_rss() if (i == 0 and base_rss is not None) else False
         start = time.perf_counter()
         step()
         mid = time.perf_counter()
         times.append(mid - start)
+        if i == 0 and base_rss is not None:
+            peak = peak_rss_bytes()
+            out.update(peak_rss_mb=peak / MB, base_rss_mb=base_rss / MB, extra_mb=(peak - base_rss) / MB,
+                       mem_method="VmHWM" if exact else "ru_maxrss")
         if reference is not None:
+            ref_start = time.perf_counter()
             reference()
-            end = time.perf_counter()
-            refs.append(end - mid)
-            ratios.append((mid - start) / (end - mid))
+            refs.append(time.perf_counter() - ref_start)
+            ratios.append(times[-1] / refs[-1])
     clear()
-    out: Dict[str, Any] = {"time_s": statistics.median(times), "times": times}
+    out.update(time_s=statistics.median(times), times=times)
     if reference is not None:
         out.update(x_roof=statistics.median(ratios), roofline_s=statistics.median(refs))
     return out
 
 
+def step_memory(step: Step, leaves: Iterable[Any] = (), *, warmup: int = 1) -> Dict[str, Any]:
+    """``warmup`` steps, then one step's peak RSS over the RSS that holds the inputs and the
+    gradients of ``leaves`` (``step`` leaves them set; they are cleared before each step).
+    Returns ``peak_rss_mb``, ``base_rss_mb``, ``extra_mb`` and ``mem_method``."""
+    leaves = list(leaves)
+    base = _warm(step, None, _clearer(leaves), warmup)
+    got = paired_times(step, None, 1, leaves, base_rss=base)
+    return {k: got[k] for k in ("peak_rss_mb", "base_rss_mb", "extra_mb", "mem_method")}
+
+
 def measure(case: Dict[str, Any], step: Step, *, leaves: Iterable[Any] = (), reference: Optional[Step] = None,
             warmup: int = 1, **extra: Any) -> Dict[str, Any]:
-    """The result record of one case: the case, :func:`step_memory`, :func:`paired_times` over
-    ``case['repeats']`` rounds, and any suite-specific ``extra`` fields."""
+    """The result record of one case: the case, then (after the untimed warm-up) ``case['repeats']``
+    rounds of :func:`paired_times`, the first of which also measures the memory, and any
+    suite-specific ``extra`` fields."""
     leaves = list(leaves)
+    base = _warm(step, reference, _clearer(leaves), warmup)
     result = dict(case)
-    result.update(step_memory(step, leaves, warmup=warmup))
-    result.update(paired_times(step, reference, int(case.get("repeats", 3)), leaves))
+    result.update(paired_times(step, reference, int(case.get("repeats", 3)), leaves, base_rss=base))
     result.update(extra)
     return result
 
