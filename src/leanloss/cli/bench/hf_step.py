@@ -44,16 +44,18 @@ def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only
     return out
 
 
-def _model(case: dict):
+def _model(case: Dict[str, Any]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     D = case["D"]
     heads = max(1, D // 64)
+    # a PretrainedConfig keyword that LlamaConfig's typed signature does not list
+    common: Dict[str, Any] = {"attn_implementation": "sdpa"}
     config = LlamaConfig(
         vocab_size=case["V"], hidden_size=D, intermediate_size=4 * D,
         num_hidden_layers=case.get("layers", LAYERS), num_attention_heads=heads,
         num_key_value_heads=heads, max_position_embeddings=max(case["N"], 128),
-        tie_word_embeddings=False, attn_implementation="sdpa",
+        tie_word_embeddings=False, **common,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(getattr(torch, case["dtype"])).train()
