@@ -32,6 +32,8 @@ FULL_SHAPES = ((4096, 4096, 128256), (8192, 1024, 131072), (2048, 1024, 32000))
 QUICK_SHAPES = ((2048, 1024, 32000),)
 DTYPES = ("float32", "bfloat16")
 QUICK_IMPLS = ("leanloss",)
+# N*D*V above which a case times 2 rounds instead of 3 (one fp32 step of the 8B head is ~2 min here)
+LARGE = 5 * 10**11
 
 
 def _shapes(quick: bool, vocab, tokens, hidden) -> List[tuple]:
@@ -43,13 +45,15 @@ def _shapes(quick: bool, vocab, tokens, hidden) -> List[tuple]:
 
 def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> List[Dict[str, Any]]:
     """Full: every shape of ``FULL_SHAPES`` in float32 and bfloat16, every implementation, 3
-    rounds. Quick: N=2048, D=1024, V=32000, float32 and bfloat16, leanloss alone, 2 rounds."""
+    rounds (2 above ``LARGE``). Quick: N=2048, D=1024, V=32000, float32 and bfloat16, leanloss
+    alone, 2 rounds."""
     impls = [i for i in IMPLS if (only is None or i == only) and (only or not quick or i in QUICK_IMPLS)]
     out = []
     for n, d, v in _shapes(quick, vocab, tokens, hidden):
         for dt in ([dtype] if dtype else DTYPES):
             for impl in impls:
-                out.append(dict(suite=SUITE, impl=impl, N=n, D=d, V=v, dtype=dt, repeats=2 if quick else 3))
+                out.append(dict(suite=SUITE, impl=impl, N=n, D=d, V=v, dtype=dt,
+                                repeats=2 if quick or n * d * v > LARGE else 3))
     return out
 
 
