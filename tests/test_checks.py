@@ -398,6 +398,9 @@ def test_bad_input(case: Bad):
     _check_message(case, info.value)
     if case.torch_raises is None:
         return
+    if case.id.startswith("linear_cross_entropy-") and not hasattr(F, "linear_cross_entropy"):
+        pytest.skip(f"torch {torch.__version__} has no F.linear_cross_entropy (later torch versions add it) "
+                    "to compare the error class with; leanloss's error and message were checked")
     if case.torch_raises:
         with pytest.raises(Exception) as theirs:
             case.torch_call()
@@ -517,6 +520,12 @@ def test_1d_input_accepts_a_target_of_shape_1_like_torch(fname, reduction):
     x = torch.randn(5, dtype=torch.float64)
     with leanloss.checks("shapes"):  # nll_loss on raw scores would (rightly) warn
         ours = getattr(leanloss, fname)(x, torch.tensor([3]), reduction=reduction)
-    theirs = getattr(F, fname)(x, torch.tensor([3]), reduction=reduction)
+    try:
+        theirs = getattr(F, fname)(x, torch.tensor([3]), reduction=reduction)
+    except RuntimeError as exc:
+        # torch 2.5 rejects this pair ("size mismatch (got input: [5], target: [1])"); torch 2.13
+        # accepts it as the unbatched () target, and leanloss follows the newer torch
+        assert "size mismatch" in str(exc)
+        theirs = getattr(F, fname)(x, torch.tensor(3), reduction=reduction)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)

@@ -1,9 +1,10 @@
-"""The ``leanloss`` command run as a user runs it: ``python -m leanloss tour`` / ``bench``."""
+"""The ``leanloss`` command run as a user runs it: ``python -m leanloss tour`` / ``bench`` /
+``--version``, from a directory that is not the repository."""
 import json
 import os
-import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,16 +13,21 @@ import torch
 import torch.nn.functional as F
 
 import leanloss
-from leanloss import bench, cli, tour
+from leanloss import cli
+from leanloss.cli import tour
+from leanloss.cli.bench import harness, runner
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_BENCH = REPO / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _leanloss(*args, env=None, cwd=None, timeout=240):
+    """``python -m leanloss ARGS`` in a fresh process, from ``cwd`` (a temporary directory when
+    not given, so nothing depends on the repository being the working directory)."""
+    env = {**os.environ, **(env or {})}
+    src = str(Path(leanloss.__file__).resolve().parents[1])  # the tree under test comes first
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), src) if p)
     return subprocess.run([sys.executable, "-m", "leanloss", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
+                          env=env, cwd=cwd or tempfile.gettempdir(), timeout=timeout)
 
 
 def _row(output: str, label: str) -> str:
@@ -137,157 +143,253 @@ def test_peak_tensor_memory_counts_live_storage_once():
     del c
 
 
+def test_version_names_leanloss_and_torch():
+    result = _leanloss("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(f"leanloss {leanloss.__version__} (torch {torch.__version__}")
+
+
 # --------------------------------------------------------------------------------------------
-# bench
+# bench: the measurement
+# --------------------------------------------------------------------------------------------
+
+needs_vmhwm = pytest.mark.skipif(not harness.reset_peak_rss(), reason="no /proc/self/clear_refs (not Linux)")
+
+
+@needs_vmhwm
+def test_step_memory_counts_one_steps_temporaries_not_inputs_or_grads():
+    mb = 2**20
+    # above glibc's largest mmap threshold (32 MiB): each buffer is mapped on allocation and
+    # returned on free, whatever this process allocated before
+    leaf = torch.zeros(64 * mb // 4, requires_grad=True)  # 64 MiB input, 64 MiB gradient
+
+    def step():
+        tmp = torch.ones(96 * mb // 4)  # 96 MiB alive only during the step
+        leaf.grad = torch.ones_like(leaf)
+        del tmp
+
+    got = harness.step_memory(step, (leaf,))
+    assert got["mem_method"] == "VmHWM"
+    # the gradient is in the base (held after the warm-up step), the temporary is the extra
+    assert 90 <= got["extra_mb"] <= 102, got
+    assert leaf.grad is None  # cleared after the measured step
+
+
+def test_paired_times_interleaves_step_and_reference():
+    calls = []
+
+    def step():
+        calls.append("step")
+
+    def reference():
+        calls.append("ref")
+
+    got = harness.paired_times(step, reference, rounds=3)
+    assert calls == ["step", "ref"] * 3
+    assert got["x_roof"] > 0 and len(got["times"]) == 3 and got["roofline_s"] > 0
+
+
+def test_paired_times_median_ratio(monkeypatch):
+    ticks = iter([0.0, 3.0, 3.0, 4.0,  # round 1: step 3, reference 1 -> 3
+                  10.0, 12.0, 12.0, 13.0,  # round 2: step 2, reference 1 -> 2
+                  20.0, 30.0, 30.0, 32.0])  # round 3: step 10, reference 2 -> 5
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(ticks))
+    got = harness.paired_times(lambda: None, lambda: None, rounds=3)
+    assert got["x_roof"] == 3.0 and got["time_s"] == 3.0 and got["roofline_s"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# bench: the runner, on a suite package of its own
 # --------------------------------------------------------------------------------------------
 
 FAKE_SUITE = '''
-"""A tiny suite for the runner's tests: pure Python, fast children, no torch."""
-from benchmarks import _harness
+"""A tiny suite for the runner's tests: pure Python, fast children."""
+from leanloss.cli.bench import harness
 
 
 def cases(*, quick, vocab=None, tokens=None, hidden=None, dtype=None, only=None):
-    vocabs = [vocab] if vocab else ([64, 256] if quick else [1024])
-    impls = ["roofline", "torch_eager", "leanloss", "torch_compile"]
-    return [dict(suite="fake", impl=impl, N=tokens or 8, D=hidden or 4, V=v, dtype=dtype or "float32",
-                 repeats=2) for v in vocabs for impl in impls if only in (None, impl)]
+    vocabs = [vocab] if vocab else [64]
+    dtypes = [dtype] if dtype else ["float32", "bfloat16"]
+    impls = ["leanloss", "torch_eager"] + ([] if quick else ["torch_compile"]) + ["missing_peer"]
+    out = [dict(suite="fake", impl=impl, N=tokens or 8, D=hidden or 4, V=v, dtype=dt, repeats=2)
+           for v in vocabs for dt in dtypes for impl in impls if only in (None, impl)]
+    for case in out:
+        if case["impl"] == "missing_peer":
+            case["skipped"] = "missing_peer is not installed"
+    return out
 
 
 def run_case(case):
     if case.get("crash"):
         raise RuntimeError("boom")
-    base = _harness.rss_bytes()
-    size = {"roofline": 1, "torch_eager": 3, "leanloss": 2, "torch_compile": 2}[case["impl"]] * case["V"]
-    timing = _harness.time_fwd_bwd(lambda: sum(range(size)), case["repeats"])
-    return _harness.case_result(case, time=timing, base_rss=base, grad_bytes=0, note="fake")
+    if case.get("unavailable"):
+        raise harness.Unavailable("not in this torch")
+    k = {"leanloss": 2, "torch_eager": 3, "torch_compile": 2}[case["impl"]]
+
+    def step():
+        buffer = b"x" * (k * 4 * 2**20)  # k * 4 MiB, written: resident during the step
+        return sum(range(k * case["V"] * 100)) + len(buffer)
+
+    return harness.measure(case, step, reference=lambda: sum(range(case["V"] * 100)), note="fake")
 
 
 if __name__ == "__main__":
-    _harness.main(run_case)
+    harness.main(run_case)
 '''
 
 
 @pytest.fixture
-def fake_bench(tmp_path):
-    pkg = tmp_path / "benchmarks"
+def fake_package(tmp_path):
+    pkg = tmp_path / "fakebench"
     pkg.mkdir()
     (pkg / "__init__.py").write_text('SUITES = ("fake", "absent")\n')
-    shutil.copy(REAL_BENCH / "_harness.py", pkg / "_harness.py")
     (pkg / "fake.py").write_text(textwrap.dedent(FAKE_SUITE))
-    return pkg
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)}
 
 
-RESULT_KEYS = {"suite", "impl", "N", "D", "V", "dtype", "repeats", "time_s", "times", "peak_rss_mb", "extra_mb"}
+RESULT_KEYS = {"suite", "impl", "N", "D", "V", "dtype", "repeats", "time_s", "times", "peak_rss_mb", "extra_mb",
+               "mem_method", "x_roof", "roofline_s"}
 
 
 def _check_outputs(out: Path) -> dict:
     doc = json.loads((out / "bench.json").read_text())
-    assert doc["schema_version"] == bench.SCHEMA_VERSION
-    assert {"created", "leanloss", "machine", "args", "results", "suites_run", "suites_missing"} <= set(doc)
-    assert doc["results"], "no results"
-    for row in doc["results"]:
+    assert doc["schema_version"] == runner.SCHEMA_VERSION
+    assert {"created", "leanloss", "machine", "method", "args", "results", "suites_run", "suites_missing"} <= set(doc)
+    measured = [r for r in doc["results"] if "skipped" not in r]
+    assert measured, "no results"
+    for row in measured:
         assert "error" not in row, row
         assert RESULT_KEYS <= set(row), row
-        assert row["time_s"] > 0 and len(row["times"]) == row["repeats"]
+        assert row["time_s"] > 0 and len(row["times"]) == row["repeats"] and row["x_roof"] > 0
         assert row["peak_rss_mb"] > 0
-    png = (out / "bench.png").read_bytes()
-    assert png.startswith(PNG_MAGIC)
+    assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)
     import matplotlib.image
 
     image = matplotlib.image.imread(str(out / "bench.png"))
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    table = (out / "bench.md").read_text().splitlines()
-    rows = [line for line in table if line.startswith("| ") and not line.startswith("| suite")]
-    assert table[0].startswith("Machine: ") and len(rows) == len(doc["results"])
-    for line, row in zip(rows, doc["results"]):
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[:2] == [row["suite"], row["impl"]] and float(cells[6]) == round(row["time_s"], 4)
     return doc
 
 
-def test_bench_quick_with_fake_suite(fake_bench, tmp_path):
+def _md_table(out: Path):
+    lines = (out / "bench.md").read_text().splitlines()
+    assert lines[0].startswith("Machine: ")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+    return rows[0], rows[1:]
+
+
+def test_bench_quick_with_a_suite_package(fake_package, tmp_path):
     out = tmp_path / "out"
-    result = _leanloss("bench", "--quick", "--out", str(out), env={"LEANLOSS_BENCH_DIR": str(fake_bench)})
+    result = _leanloss("bench", "--quick", "--package", "fakebench", "--out", str(out), env=fake_package)
     assert result.returncode == 0, result.stdout + result.stderr
     doc = _check_outputs(out)
     assert doc["suites_missing"] == ["absent"] and doc["suites_run"] == ["fake"]
-    assert doc["args"]["quick_skipped"] == ["torch_compile"] and "leaves out 2 case(s)" in result.stdout
-    rows = {(r["impl"], r["V"]): r for r in doc["results"]}
-    assert set(rows) == {(i, v) for i in ("roofline", "torch_eager", "leanloss") for v in (64, 256)}
-    for v in (64, 256):
-        lean, roof, eager = rows["leanloss", v], rows["roofline", v], rows["torch_eager", v]
-        assert lean["x_roofline"] == pytest.approx(lean["time_s"] / roof["time_s"])
-        assert lean["x_torch_eager"] == pytest.approx(lean["time_s"] / eager["time_s"])
+    rows = {(r["impl"], r["dtype"]): r for r in doc["results"]}
+    assert set(rows) == {(i, d) for i in ("leanloss", "torch_eager", "missing_peer") for d in ("float32", "bfloat16")}
+    for dt in ("float32", "bfloat16"):
+        lean, eager = rows["leanloss", dt], rows["torch_eager", dt]
+        assert lean["x_torch_eager"] == pytest.approx(lean["x_roof"] / eager["x_roof"])
+        assert lean["mem_x_torch_eager"] == pytest.approx(lean["extra_mb"] / eager["extra_mb"])
         assert lean["note"] == "fake"
-    assert "x roof" in result.stdout and "leanloss" in result.stdout
+        assert rows["missing_peer", dt]["skipped"] == "missing_peer is not installed"
+    assert "skipped fake missing_peer" in result.stdout and "missing_peer is not installed" in result.stdout
+    # the Markdown table: float32 and bfloat16 side by side, one row per implementation
+    header, cells = _md_table(out)
+    assert header[:5] == ["suite", "impl", "N", "D", "V"]
+    assert header[5:11] == ["fp32 x roof", "fp32 extra MB", "fp32 s", "bf16 x roof", "bf16 extra MB", "bf16 s"]
+    by_impl = {c[1]: c for c in cells}
+    assert set(by_impl) == {"leanloss", "torch_eager", "missing_peer"}
+    assert float(by_impl["leanloss"][5]) == round(rows["leanloss", "float32"]["x_roof"], 2)
+    assert float(by_impl["leanloss"][8]) == round(rows["leanloss", "bfloat16"]["x_roof"], 2)
+    assert by_impl["missing_peer"][5] == "skipped"
 
 
-def test_bench_selection_flags(fake_bench, tmp_path):
+def test_bench_selection_flags(fake_package, tmp_path):
     out = tmp_path / "sel"
-    result = _leanloss("bench", "--out", str(out), "--vocab", "32,48", "--tokens", "3", "--hidden", "2",
-                       "--dtype", "bfloat16", "--only", "leanloss", "--jobs", "1",
-                       env={"LEANLOSS_BENCH_DIR": str(fake_bench)})
+    result = _leanloss("bench", "--package", "fakebench", "--out", str(out), "--vocab", "32,48", "--tokens", "3",
+                       "--hidden", "2", "--dtype", "bfloat16", "--only", "leanloss,torch_compile", env=fake_package)
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads((out / "bench.json").read_text())
     got = sorted((r["impl"], r["N"], r["D"], r["V"], r["dtype"]) for r in doc["results"])
-    assert got == [("leanloss", 3, 2, 32, "bfloat16"), ("leanloss", 3, 2, 48, "bfloat16")]
+    assert got == [(impl, 3, 2, v, "bfloat16") for impl in ("leanloss", "torch_compile") for v in (32, 48)]
 
 
-def test_run_in_subprocess_reports_errors(fake_bench):
-    import importlib.util
+def test_bench_unknown_package_is_a_clear_error(tmp_path):
+    result = _leanloss("bench", "--package", "no_such_benchmarks", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "cannot import the benchmark package 'no_such_benchmarks'" in result.stdout
 
-    spec = importlib.util.spec_from_file_location("fake_harness", fake_bench / "_harness.py")
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
+
+def test_run_in_subprocess_reports_errors_and_skips(fake_package, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", fake_package["PYTHONPATH"])
     case = {"suite": "fake", "impl": "leanloss", "N": 2, "D": 2, "V": 8, "dtype": "float32", "repeats": 1}
-    ok = harness.run_in_subprocess("fake", case, timeout=60)
-    assert "error" not in ok and ok["V"] == 8 and ok["time_s"] >= 0
-    crashed = harness.run_in_subprocess("fake", {**case, "crash": True}, timeout=60)
+    ok = harness.run_in_subprocess("fakebench.fake", case, timeout=60)
+    assert "error" not in ok and ok["V"] == 8 and ok["time_s"] >= 0 and ok["x_roof"] > 0
+    crashed = harness.run_in_subprocess("fakebench.fake", {**case, "crash": True}, timeout=60)
     assert crashed["crash"] is True and "boom" in crashed["error"]
-    missing = harness.run_in_subprocess("nope", case, timeout=60)
+    skipped = harness.run_in_subprocess("fakebench.fake", {**case, "unavailable": True}, timeout=60)
+    assert skipped["skipped"] == "not in this torch" and "error" not in skipped
+    missing = harness.run_in_subprocess("fakebench.nope", case, timeout=60)
     assert "error" in missing and missing["impl"] == "leanloss"
 
 
-def test_add_ratios_groups_by_shape():
-    rows = [
-        {"suite": "s", "impl": "roofline", "N": 1, "D": 1, "V": 8, "dtype": "float32", "time_s": 1.0, "extra_mb": 0.0},
-        {"suite": "s", "impl": "torch_eager", "N": 1, "D": 1, "V": 8, "dtype": "float32", "time_s": 4.0, "extra_mb": 8.0},
-        {"suite": "s", "impl": "leanloss", "N": 1, "D": 1, "V": 8, "dtype": "float32", "time_s": 2.0, "extra_mb": 2.0},
-        {"suite": "s", "impl": "leanloss", "N": 1, "D": 1, "V": 16, "dtype": "float32", "time_s": 3.0, "extra_mb": 1.0},
-        {"suite": "s", "impl": "leanloss", "N": 1, "D": 1, "V": 32, "dtype": "float32", "error": "x"},
-    ]
-    bench.add_ratios(rows)
-    assert rows[2]["x_roofline"] == 2.0 and rows[2]["x_torch_eager"] == 0.5
-    assert rows[2]["mem_x_torch_eager"] == 0.25
-    assert "x_roofline" not in rows[3] and "x_roofline" not in rows[4]
-    header, cells = bench.table_rows(rows)
-    assert "x roof" in header and "x compile" not in header
-    assert cells[4][6] == "error"
+def test_add_ratios_compares_same_process_ratios_within_a_group():
+    def row(impl, v, x_roof, extra, **kw):
+        return {"suite": "s", "impl": impl, "N": 1, "D": 1, "V": v, "dtype": "float32", "x_roof": x_roof,
+                "time_s": 9.0, "extra_mb": extra, **kw}
+
+    rows = [row("torch_eager", 8, 2.0, 8.0), row("leanloss", 8, 1.0, 2.0), row("torch_compile", 8, 0.5, 4.0),
+            row("leanloss", 16, 3.0, 1.0), row("leanloss", 32, 0, 0, error="x"),
+            row("cut_cross_entropy", 8, 0, 0, skipped="absent")]
+    runner.add_ratios(rows)
+    assert rows[1]["x_torch_eager"] == 0.5 and rows[1]["x_torch_compile"] == 2.0
+    assert rows[1]["mem_x_torch_eager"] == 0.25 and "x_cut_cross_entropy" not in rows[1]
+    assert "x_torch_eager" not in rows[3] and "x_torch_eager" not in rows[4]
+    assert "x_torch_eager" not in rows[0]  # not compared with itself
+    header, cells = runner.table_rows(rows)
+    assert header[5:8] == ["fp32 x roof", "fp32 extra MB", "fp32 s"]
+    assert [c[5] for c in cells] == ["2.00", "1.00", "0.50", "3.00", "error", "skipped"]
 
 
-def test_locate_bench_dir_errors_clearly(tmp_path, monkeypatch):
-    monkeypatch.setenv("LEANLOSS_BENCH_DIR", str(tmp_path))
-    with pytest.raises(bench.BenchSetupError, match="LEANLOSS_BENCH_DIR"):
-        bench.locate_bench_dir()
+# --------------------------------------------------------------------------------------------
+# bench: the shipped suites, run from an install (not the repository)
+# --------------------------------------------------------------------------------------------
 
 
-REAL_SUITES = [s for s in ("linear_ce", "distill", "checks_cost", "hf_step") if (REAL_BENCH / f"{s}.py").exists()]
+def test_shipped_suites_list_the_issue_shapes():
+    from leanloss.cli.bench import SUITES, distill, linear_ce, log_probs
+
+    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step")
+    full = linear_ce.cases(quick=False)
+    assert {(c["N"], c["D"], c["V"]) for c in full} == {(4096, 4096, 128256), (8192, 1024, 131072), (2048, 1024, 32000)}
+    assert {c["dtype"] for c in full} == {"float32", "bfloat16"}
+    assert {c["impl"] for c in full} == set(linear_ce.IMPLS)
+    quick = linear_ce.cases(quick=True)
+    assert [(c["impl"], c["N"], c["D"], c["V"], c["dtype"]) for c in quick] == [
+        ("leanloss", 2048, 1024, 32000, "float32"), ("leanloss", 2048, 1024, 32000, "bfloat16")]
+    assert [(c["impl"], c["dtype"]) for c in distill.cases(quick=True)] == [("leanloss", "bfloat16")]
+    jsd = distill.cases(quick=False)
+    assert {c["impl"] for c in jsd} == {"leanloss", "torch_eager", "torch_compile", "liger"}
+    assert all(c["kind"] == "jsd" and (c["N"], c["D"], c["V"]) == (2048, 1024, 32000) for c in jsd)
+    lp = log_probs.cases(quick=False)
+    assert {(c["N"], c["D"], c["V"], c["temperature"]) for c in lp} == {(2048, 1024, 131072, 0.9)}
+    assert {c["dtype"] for c in lp} == {"float32", "bfloat16"}
+    assert [(c["impl"], c["dtype"]) for c in log_probs.cases(quick=True)] == [("leanloss", "bfloat16")]
 
 
-def test_bench_quick_with_the_repos_benchmarks(tmp_path):
-    """The real benchmarks/ found from leanloss's install: one present suite at a tiny size, or,
-    before any suite has landed, an empty run that names the missing suites."""
+def test_bench_shipped_linear_ce_from_a_temporary_directory(tmp_path):
+    """The suites ship inside the package: tiny sizes, leanloss and two peers, any cwd."""
     out = tmp_path / "real"
-    only = ["--only", f"{REAL_SUITES[0]},roofline,torch_eager,leanloss"] if REAL_SUITES else []
-    result = _leanloss("bench", "--quick", "--out", str(out), *only, "--vocab", "256", "--tokens", "32",
-                       "--hidden", "16", env={"LEANLOSS_BENCH_DIR": ""}, cwd=tmp_path)
+    result = _leanloss("bench", "--quick", "--out", str(out), "--only", "linear_ce,leanloss,torch_eager,torch_chunked",
+                       "--vocab", "256", "--tokens", "32", "--hidden", "16", "--dtype", "float32", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    if REAL_SUITES:
-        doc = _check_outputs(out)
-        assert doc["suites_run"] == [REAL_SUITES[0]]
-        assert {r["V"] for r in doc["results"]} == {256}
+    doc = _check_outputs(out)
+    assert doc["suites_run"] == ["linear_ce"] and doc["args"]["package"] == "leanloss.cli.bench"
+    rows = {r["impl"]: r for r in doc["results"]}
+    assert set(rows) == {"leanloss", "torch_eager", "torch_chunked"}
+    assert rows["leanloss"]["loss"] == pytest.approx(rows["torch_eager"]["loss"], rel=1e-5)
+    assert rows["leanloss"]["mem_method"] == ("VmHWM" if harness.reset_peak_rss() else "ru_maxrss")
+    chunked = rows["torch_chunked"]
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        assert chunked["loss"] == pytest.approx(rows["torch_eager"]["loss"], rel=1e-5)
     else:
-        doc = json.loads((out / "bench.json").read_text())
-        assert doc["results"] == [] and set(doc["suites_missing"]) == {"linear_ce", "distill", "checks_cost", "hf_step"}
-        assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)
-        assert "not present yet" in result.stdout
+        assert "no chunked F.linear_cross_entropy" in chunked["skipped"]

@@ -1,9 +1,9 @@
-"""leanloss.identities: both sides of every identity hold, and each side equals torch's."""
+"""leanloss.cli.identities: both sides of every identity hold, and each side equals torch's."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from leanloss import identities as I
+from leanloss.cli import identities as I
 
 DT = torch.float64
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import leanloss
-from _oracle import CLASS_SHAPES, SHAPE_IDS, assert_close, compare, index_target, logits, positive, probs, unit
+from _oracle import CLASS_SHAPES, SHAPE_IDS, assert_close, compare, index_target, logits, positive, unit
 
 pytestmark = pytest.mark.filterwarnings("ignore::leanloss.InputWarning")
 F64 = torch.float64

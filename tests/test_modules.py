@@ -118,8 +118,9 @@ def test_buffers_move_with_to(name):
     assert all(b.dtype == torch.bfloat16 for b in o.buffers())
     o.to("cpu")
     assert all(b.device.type == "cpu" for b in o.buffers())
-    compare(o, module_oracle(lambda: theirs(**kwargs)), tuple(a.detach().to(torch.bfloat16).requires_grad_(a.requires_grad) if a.is_floating_point() else a
-                        for a in _inputs(name)))
+    compare(o, module_oracle(lambda: theirs(**kwargs)),
+            tuple(a.detach().to(torch.bfloat16).requires_grad_(a.requires_grad) if a.is_floating_point() else a
+                  for a in _inputs(name)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

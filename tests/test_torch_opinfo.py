@@ -22,7 +22,6 @@ import unittest
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import leanloss
 from _oracle import compare, module_oracle
@@ -146,6 +145,12 @@ def test_module_inputs(module, dtype):
         def check():
             torch_module, ours = _module_pair(info, mi.constructor_input, dtype)
             args = tuple(mi.forward_input.args)
+            if module is torch.nn.CosineEmbeddingLoss and not bool((args[2].abs() == 1).all()):
+                # torch's sample target is make_tensor(...).sign(), 0 where make_tensor drew an exact 0
+                # (it does at this seed on torch 2.5, not on 2.13); leanloss rejects 0 targets by design
+                with pytest.raises(ValueError, match="argument 'target' must hold only 1"):
+                    ours(*args, **mi.forward_input.kwargs)
+                return
             compare(ours, torch_module, args, mi.forward_input.kwargs, dtype=dtype)
         return check
 

@@ -357,6 +357,12 @@ def _train(trainer_cls, model, tmp_path, **extra):
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_trainer_with_gradient_accumulation_matches_unpatched(tmp_path, monkeypatch, smoothing):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    if smoothing and "num_items_in_batch" not in inspect.signature(LabelSmoother.__call__).parameters:
+        pytest.skip(f"transformers {transformers.__version__}: its LabelSmoother averages each micro-batch on its "
+                    "own (no num_items_in_batch; transformers 5 adds it), so the unpatched Trainer is no "
+                    "reference for label smoothing under gradient accumulation")
     seen = []
     real = lt.linear_cross_entropy
 

@@ -30,7 +30,7 @@ from .functional import (
     topk_distill_loss,
 )
 from .linear import linear_cross_entropy, linear_log_probs, linear_topk_distill_loss
-from . import parallel  # leanloss.parallel.vocab_parallel_(linear_)cross_entropy
+from . import parallel  # noqa: F401 - leanloss.parallel.vocab_parallel_*
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,

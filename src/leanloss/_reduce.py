@@ -18,7 +18,6 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 __all__ = ["REDUCTIONS", "legacy_reduction", "resolve_reduction", "reduce_loss", "reduce_kept_rows"]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
+from .._compile import graph_break
 from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
@@ -136,7 +137,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
 
 
 @_docs.fill
-@torch.compiler.disable
+@graph_break
 @routes_dtensor(route_linear_cross_entropy)  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_cross_entropy(
     hidden: Tensor,

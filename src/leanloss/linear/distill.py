@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._compile import graph_break
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
@@ -207,7 +208,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
         )
 
 
-@torch.compiler.disable  # a data-dependent row selection and the engine's in-place blocks: run eagerly
+@graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
 @routes_dtensor(route_linear_distill_loss)  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
     student_hidden: Tensor,

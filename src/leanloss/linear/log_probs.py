@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._compile import graph_break
 from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
@@ -82,7 +83,7 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tenso
     return temperature
 
 
-@torch.compiler.disable
+@graph_break
 def linear_log_probs(
     hidden: Tensor,
     weight: Tensor,

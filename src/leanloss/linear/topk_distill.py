@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._compile import graph_break
 from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss
@@ -122,7 +123,7 @@ class TopKDistillScorer:
         return ScoreResult(loss, None, PointGradient(t, coef, dense_t))
 
 
-@torch.compiler.disable
+@graph_break
 def linear_topk_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

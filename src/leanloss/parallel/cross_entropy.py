@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
+from .._compile import graph_break
 from .._reduce import reduce_loss, resolve_reduction
 from ._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, to_batch_shape
@@ -48,7 +49,7 @@ class _LocalLogitsLoss(torch.autograd.Function):
 
 
 @_docs.fill
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._compile import graph_break
 from .. import _checks
 from .._reduce import resolve_reduction
 from .._fused.engine import ScoreResult, fused_linear_loss
@@ -160,7 +161,7 @@ def _check_heads(fn: str, student_hidden, student_weight, student_bias, teacher_
         )
 
 
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_distill_loss(
     student_hidden: Tensor,
     student_local_weight: Tensor,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
+from .._compile import graph_break
 from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -17,7 +17,7 @@ __all__ = ["vocab_parallel_linear_cross_entropy"]
 
 
 @_docs.fill
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_cross_entropy(
     hidden: Tensor,
     local_weight: Tensor,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._compile import graph_break
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
@@ -81,7 +82,7 @@ class VocabParallelLogProbScorer:
             stats[:, j] = column
 
 
-@torch.compiler.disable  # collectives and a data-dependent row selection: run eagerly
+@graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_log_probs(
     hidden: Tensor,
     local_weight: Tensor,

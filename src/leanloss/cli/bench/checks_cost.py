@@ -18,34 +18,35 @@ itself: its ``overhead_pct`` is the noise floor of the measurement. Because that
 several percent on a shared machine, the ``leanloss`` case also times the value checks alone,
 as ``cross_entropy`` calls them on these inputs (``value_checks_s``, fastest of 50 runs), and
 reports their share of the forward + backward time with checks off (``value_checks_pct``).
-Goal of the issue: ``overhead_pct`` < 5 for ``leanloss`` at N=2048, C=32000, float32.
-Run one case: ``python -m benchmarks.checks_cost --case '{"impl": "leanloss", "N": 2048, ...}'``.
+The goal: ``overhead_pct`` < 5 for ``leanloss`` at N=2048, C=32000, float32.
+``extra_mb`` is one warmed-up step's peak RSS over the inputs and their gradient (see ``harness``).
+Run one case: ``python -m leanloss.cli.bench.checks_cost --case '{"impl": "leanloss", "N": 2048, ...}'``.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-import leanloss  # imported before the baseline RSS is taken, for every impl alike
-from benchmarks import _harness
+import leanloss
+from leanloss.cli.bench import harness
 
 SUITE = "checks_cost"
 MODES = {"leanloss": "full", "leanloss_shapes": "shapes", "leanloss_off": "off"}
 IMPLS = ("torch_eager", "leanloss_off", "leanloss_shapes", "leanloss")
 
 
-def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> list[dict]:
-    """Full: N=2048, C=32000, float32, 9 timed pairs. Quick: N=256, C=2000, 5 pairs.
-    ``hidden`` does not apply (no projection): ``D`` is 0."""
-    V = vocab or (2000 if quick else 32000)
-    N = tokens or (256 if quick else 2048)
+def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> List[Dict[str, Any]]:
+    """N=2048, C=32000, float32. Full: every mode, 9 timed pairs. Quick: ``leanloss`` (checks
+    'full') alone, 3 pairs. ``hidden`` does not apply (no projection): ``D`` is 0."""
+    impls = [i for i in IMPLS if (only is None or i == only) and (only or not quick or i == "leanloss")]
     return [
-        dict(suite=SUITE, impl=impl, N=N, D=0, V=V, dtype=dtype or "float32", repeats=5 if quick else 9)
-        for impl in IMPLS
-        if only is None or impl == only
+        dict(suite=SUITE, impl=impl, N=int(tokens or 2048), D=0, V=int(vocab or 32000), dtype=dtype or "float32",
+             repeats=3 if quick else 9)
+        for impl in impls
     ]
 
 
@@ -58,8 +59,8 @@ def _inputs(case: dict):
 
 def _step(loss_fn, x, target):
     def step():
+        x.grad = None  # the previous step's gradient; this step's stays set (see harness.step_memory)
         loss_fn(x, target).backward()
-        x.grad = None
 
     return step
 
@@ -72,7 +73,8 @@ def _timed(step) -> float:
 
 def _paired(mode: str, step, repeats: int) -> dict:
     """Time ``step`` under ``mode`` and under ``'off'``, alternating so drift cancels."""
-    t_mode, t_off = [], []
+    t_mode: List[float] = []
+    t_off: List[float] = []
     for i in range(repeats):
         measured_first = i % 2 == 1
         for is_measured in (measured_first, not measured_first):
@@ -106,27 +108,25 @@ def _value_checks_alone(x, target, repeats: int = 50) -> float:
         return min(_timed(checks) for _ in range(repeats))
 
 
-def run_case(case: dict) -> dict:
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     x, target = _inputs(case)
-    base_rss = _harness.rss_bytes()
-    grad_bytes = x.numel() * x.element_size()
     impl = case["impl"]
     if impl == "torch_eager":
-        result = _harness.time_fwd_bwd(_step(F.cross_entropy, x, target), repeats=case["repeats"])
-    elif impl in MODES:
-        step = _step(leanloss.cross_entropy, x, target)
-        with leanloss.checks(MODES[impl]):
-            step()  # warmup in the measured mode (and 'off' below)
-        with leanloss.checks("off"):
-            step()
-        result = _paired(MODES[impl], step, case["repeats"])
-        if MODES[impl] == "full":
-            result["value_checks_s"] = _value_checks_alone(x, target)
-            result["value_checks_pct"] = 100.0 * result["value_checks_s"] / result["off_time_s"]
-    else:
+        return harness.measure(case, _step(F.cross_entropy, x, target), leaves=(x,))
+    if impl not in MODES:
         raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    return _harness.case_result(case, time=result, base_rss=base_rss, grad_bytes=grad_bytes)
+    step = _step(leanloss.cross_entropy, x, target)
+    with leanloss.checks(MODES[impl]):
+        result = dict(case)
+        result.update(harness.step_memory(step, (x,)))  # includes the warm-up in the measured mode
+    with leanloss.checks("off"):
+        step()
+    result.update(_paired(MODES[impl], step, case["repeats"]))
+    if MODES[impl] == "full":
+        result["value_checks_s"] = _value_checks_alone(x, target)
+        result["value_checks_pct"] = 100.0 * result["value_checks_s"] / result["off_time_s"]
+    return result
 
 
 if __name__ == "__main__":
-    _harness.main(run_case)
+    harness.main(run_case)

@@ -1,7 +1,7 @@
-"""``leanloss tour``: the seed notebooks' lessons, run live, leanloss next to torch.
+"""``leanloss tour``: the classic lessons about these losses, run live, leanloss next to torch.
 
-Every row computes a value with leanloss and the same value with torch (and shows the seed
-notebooks' printed number where there is one, for reference); a check mark means leanloss
+Every row computes a value with leanloss and the same value with torch (and, in the "seed"
+column, the textbook value where the lesson has one, for reference); a check mark means leanloss
 agrees with torch. The tour exits non-zero when any row disagrees. Output fits 100 columns.
 
 Steps: 1 cross entropy, 2 log_softmax + NLL, 3 KL divergence and entropy, 4 binary cross
@@ -137,7 +137,7 @@ def _leanloss_warnings():
 
 
 # --------------------------------------------------------------------------------------------
-# the data of the seed notebooks
+# the lessons' example inputs
 # --------------------------------------------------------------------------------------------
 
 UNSURE_LOGITS = [[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]]
@@ -146,7 +146,7 @@ CLASS_TARGETS = [2, 3]
 BCE_TARGETS = [1.0, 0.0]
 BCE_WRONG, BCE_RIGHT = [0.3, 0.7], [0.9, 0.1]
 LOGITS_WRONG, LOGITS_RIGHT = [-50.0, 50.0], [50.0, -50.0]
-SEED = {  # values printed in the seed notebooks (shown for reference; rows check against torch)
+SEED = {  # the lessons' reference values, shown beside; rows check against torch
     "ce_unsure": 1.5649813413619995,
     "ce_confident": 0.00013624693383462727,
     "bce_wrong": 1.2039728164672852,
@@ -466,7 +466,7 @@ def step_fused(r: Report) -> None:
     r.note(f"An LM head: hidden ({n}, {d}) @ weight ({v}, {d}).T -> logits ({n}, {v}), "
            f"every 7th target ignored (-100). Forward + backward.")
     r.columns("", "leanloss fused", "torch dense", "")
-    chunk = 64  # rows per block; the default aims at ~32 MiB blocks, more than this whole head
+    chunk = 64  # rows per block; the default blocks (about 96 MiB) would hold this whole head
     f_loss, f_h, f_w, f_peak = _fwd_bwd_peak(lambda h, w: fused(h, w, target, chunk_size=chunk), hidden, weight)
     d_loss, d_h, d_w, d_peak = _fwd_bwd_peak(lambda h, w: F.cross_entropy(h @ w.T, target), hidden, weight)
     r.row("loss", f_loss, d_loss, rtol=1e-5, atol=1e-6)
@@ -478,7 +478,7 @@ def step_fused(r: Report) -> None:
     r.info("  minus the gradients (MB)", f"{(f_peak - grads) / mb:.2f}", f"{(d_peak - grads) / mb:.2f}")
     r.note(f"The logits alone are {n * v * 4 / mb:.0f} MB in float32 (their gradient as much again); "
            f"the fused loss never holds them: it walks {chunk} tokens at a time (chunk_size={chunk}; "
-           f"the default aims at 32 MiB blocks). Dense torch needed {d_peak / max(f_peak, 1):.1f}x "
+           f"the default aims at about 96 MiB of float32 logits per block). Dense torch needed {d_peak / max(f_peak, 1):.1f}x "
            f"the fused loss's memory here (peak of the tensors a call creates, alive at once).")
 
 

@@ -1,4 +1,4 @@
-"""The identities the seed notebooks teach, as functions you can check.
+"""The identities between the losses that ``leanloss tour`` teaches, as functions you can check.
 
 Each function computes both sides of one identity with leanloss's own losses and returns an
 :class:`Identity`: ``lhs`` and ``rhs`` tensors, ``holds()`` to compare them, and tuple
@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .functional import (
+from leanloss.functional import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     cross_entropy,

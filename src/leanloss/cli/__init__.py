@@ -1,4 +1,9 @@
-"""The ``leanloss`` command: ``leanloss tour [--section N]`` and ``leanloss bench [...]``."""
+"""The ``leanloss`` command: ``leanloss tour [--section N]``, ``leanloss bench [...]``, ``--version``.
+
+The applications of the library live in this package: the tour (:mod:`.tour`) and the
+identities it teaches (:mod:`.identities`), and the benchmark runner with its suites
+(:mod:`.bench`). Nothing in ``leanloss`` outside this package imports it.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _ints(text: str) -> List[int]:
@@ -38,23 +43,35 @@ def _flatten(groups: Optional[List[List]]) -> Optional[List]:
     return out
 
 
+def _version() -> str:
+    import torch
+
+    from .. import __version__
+
+    return f"leanloss {__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import tour
+    from .bench.runner import DEFAULT_PACKAGE
 
     parser = argparse.ArgumentParser(
         prog="leanloss",
         description="leanloss: entropy-family losses for PyTorch, exact to torch, lean, safe.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="{tour,bench}")
     sub.required = True
 
-    p_tour = sub.add_parser("tour", help="the seed notebooks' lessons, leanloss next to torch")
+    p_tour = sub.add_parser("tour", help="the losses' lessons, computed live, leanloss next to torch")
     p_tour.add_argument("--section", type=int, choices=range(1, len(tour.STEPS) + 1), metavar="N",
                         help=f"run one step (1-{len(tour.STEPS)}): "
                         + "; ".join(f"{i} {t}" for i, (t, _) in enumerate(tour.STEPS, 1)))
 
-    p_bench = sub.add_parser("bench", help="run benchmarks/: table, bench.json and bench.png")
-    p_bench.add_argument("--quick", action="store_true", help="tiny sizes, under a minute in total")
+    p_bench = sub.add_parser("bench", help="run the benchmark suites: table, bench.json, bench.md, bench.png")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="one case per suite (N=2048, D=1024, V=32000, float32 and bfloat16), "
+                         "leanloss alone: about a minute")
     p_bench.add_argument("--out", type=Path, default=Path("bench-results"),
                          help="output directory (default: ./bench-results)")
     p_bench.add_argument("--vocab", type=_ints, action="append", metavar="V[,V...]",
@@ -65,9 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--only", action="append", metavar="SUITE|IMPL",
                          help="run only this suite or implementation (repeatable, comma-separated)")
     p_bench.add_argument("--jobs", type=_positive, default=None,
-                         help="cases run at once (default 1; 2 with --quick)")
+                         help="cases run at once (default 1: more share the cores and blur the times)")
     p_bench.add_argument("--timeout", type=float, default=None,
-                         help="seconds per case (default 120 with --quick, else 1800)")
+                         help="seconds per case (default 300 with --quick, else 1800)")
+    p_bench.add_argument("--package", default=DEFAULT_PACKAGE, metavar="PKG",
+                         help=f"the package of suites to run (default {DEFAULT_PACKAGE}; see its harness "
+                         "module for the contract)")
     return parser
 
 
@@ -82,12 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # `leanloss tour | head`: the reader left, nothing to report
             sys.stderr.close()
             return 0
-    from . import bench
+    from .bench import runner
 
     only = _flatten([[o for o in group.split(",") if o] for group in args.only]) if args.only else None
-    sel = bench.Selection(quick=args.quick, vocab=_flatten(args.vocab), tokens=args.tokens,
-                          hidden=args.hidden, dtype=_flatten([[d] for d in args.dtype or []]), only=only)
-    return bench.run(sel, args.out, timeout=args.timeout, jobs=args.jobs)
+    sel = runner.Selection(quick=args.quick, vocab=_flatten(args.vocab), tokens=args.tokens,
+                           hidden=args.hidden, dtype=_flatten([[d] for d in args.dtype or []]), only=only)
+    return runner.run(sel, args.out, timeout=args.timeout, jobs=args.jobs, package=args.package)
 
 
 if __name__ == "__main__":  # pragma: no cover

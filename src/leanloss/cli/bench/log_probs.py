@@ -5,43 +5,39 @@ temperature 0.9, objective ``sum(a * logp) + sum(b * entropy)`` with fixed rando
 (the upstream gradients of a policy-gradient loss are per token, known only in backward).
 Impls:
 
-* ``roofline``: the four matmuls a per-token objective needs at least: ``z = h @ W.T`` in
-  forward, the same product again in backward (the upstream gradient is not known in forward),
-  ``g @ W`` and ``g.T @ h``;
+The roofline (timed interleaved in the same process, see ``harness``) is the four matmuls a
+per-token objective needs at least: ``z = h @ W.T`` in forward, the same product again in
+backward (the upstream gradient is not known in forward), ``g @ W`` and ``g.T @ h``; for the
+scoring impls it is ONE matmul ``h @ W.T``.
+
 * ``leanloss``: :func:`leanloss.linear_log_probs` with ``return_entropy=True``, fwd+bwd;
 * ``torch_eager``: ``log_softmax((h @ W.T) / T)`` gathered at the targets and
   ``-(p * log p).sum(-1)``, eager, fwd+bwd;
 * ``leanloss_score`` / ``torch_eager_score``: the same two outputs under ``torch.no_grad()``
-  (rollout scoring); their ``x_roof_paired`` is against ONE matmul ``h @ W.T`` (the scoring
-  roofline), interleaved in the same process.
+  (rollout scoring).
 
-``extra_mb`` is the peak RSS above the inputs and (for the training impls) their gradients.
-Run one case: ``python -m benchmarks.log_probs --case '{"impl": "leanloss", ...}'``.
+``extra_mb`` is the peak RSS of one warmed-up step above the inputs and (for the training
+impls) their gradients. One case: ``python -m leanloss.cli.bench.log_probs --case JSON``.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
 
-if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-
-import leanloss  # noqa: E402  (imported before the baseline RSS is taken, for every impl alike)
-from benchmarks import _harness  # noqa: E402
+import leanloss
+from leanloss.cli.bench import harness
 
 SUITE = "log_probs"
 DEFAULT = dict(N=2048, D=1024, V=131072, dtypes=("float32", "bfloat16"), repeats=3)
-QUICK = dict(N=64, D=64, V=4000, dtypes=("float32",), repeats=5)
-IMPLS = ("roofline", "leanloss", "torch_eager", "leanloss_score", "torch_eager_score")
+QUICK = dict(N=2048, D=1024, V=32000, dtypes=("bfloat16",), repeats=2)
+IMPLS = ("leanloss", "torch_eager", "leanloss_score", "torch_eager_score")
+QUICK_IMPLS = ("leanloss",)
 TEMPERATURE = 0.9
 
 
 def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> list:
     base = QUICK if quick else DEFAULT
     dtypes = base["dtypes"] if dtype is None else (dtype,)
-    impls = [i for i in IMPLS if only is None or i in only]
+    impls = [i for i in IMPLS if (only is None or i == only) and (only or not quick or i in QUICK_IMPLS)]
     return [dict(suite=SUITE, impl=impl, N=int(tokens or base["N"]), D=int(hidden or base["D"]),
                  V=int(vocab or base["V"]), dtype=dt, repeats=base["repeats"], temperature=TEMPERATURE)
             for dt in dtypes for impl in impls]
@@ -54,9 +50,6 @@ def _dense(h, w, t, temperature):
 
 
 def _step_fn(impl: str, h, w, t, a, b, temperature):
-    def clear():
-        h.grad = w.grad = None
-
     if impl == "roofline":
         def step():
             with torch.no_grad():
@@ -87,7 +80,6 @@ def _step_fn(impl: str, h, w, t, a, b, temperature):
     def step():
         logp, ent = outputs()
         ((logp * a).sum() + (ent * b).sum()).backward()
-        clear()
     return step
 
 
@@ -103,17 +95,11 @@ def run_case(case: dict) -> dict:
     t = torch.randint(0, v, (n,), generator=g)
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     impl = case["impl"]
-    step = _step_fn(impl, h, w, t, a, b, temperature)
     training = impl in ("leanloss", "torch_eager")
-    grad_bytes = (h.numel() + w.numel()) * h.element_size() if training else 0
-    base_rss = _harness.rss_bytes()
-    timing = _harness.time_fwd_bwd(step, repeats=case.get("repeats", 3), warmup=1)
-    result = _harness.case_result(case, time=timing, base_rss=base_rss, grad_bytes=grad_bytes)
-    if impl != "roofline":  # interleaved with its roofline in this process: 4 matmuls, or 1 for scoring
-        reference = _step_fn("roofline" if training else "matmul", h, w, t, a, b, temperature)
-        result.update(_harness.paired_ratio(step, reference, case.get("repeats", 3)))
-    return result
+    step = _step_fn(impl, h, w, t, a, b, temperature)
+    reference = _step_fn("roofline" if training else "matmul", h, w, t, a, b, temperature)
+    return harness.measure(case, step, leaves=(h, w) if training else (), reference=reference)
 
 
 if __name__ == "__main__":
-    _harness.main(run_case)
+    harness.main(run_case)

@@ -1,0 +1,220 @@
+"""What every benchmark suite shares: the measurement of one step, the result record, and the
+child-process protocol.
+
+Protocol: each case runs in a fresh child, ``python -m <package>.<suite> --case JSON``, which
+prints one JSON object as the last line of its stdout (:func:`main`, :func:`run_in_subprocess`).
+The child needs no working directory or repository: the suites are modules of the installed
+package.
+
+Method (:func:`measure`), inside the child, after the imports, the inputs, any compilation and
+``warmup`` untimed steps:
+
+* memory: ``extra_mb`` is the peak resident set size of ONE warmed-up step (the first timed
+  one) minus the resident set size holding the inputs and the warm-up step's gradients. On Linux the peak is reset
+  right before the step (``5`` written to ``/proc/self/clear_refs``) and read from ``VmHWM`` in
+  ``/proc/self/status`` after it (``mem_method='VmHWM'``); where that is not possible the
+  process's lifetime peak is used (``mem_method='ru_maxrss'``, which also counts the imports
+  and the warm-up).
+* time: ``rounds`` rounds of the step and the ``reference`` (the matmuls alone: the roofline)
+  timed alternately in the same process. ``time_s`` is the step's median, ``x_roof`` the median
+  of the per-round ratios step / reference. Absolute times drift between processes on a shared
+  machine; a ratio taken in one process does not, so ratios are what compare implementations.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, Optional
+
+__all__ = [
+    "Unavailable",
+    "rss_bytes",
+    "reset_peak_rss",
+    "peak_rss_bytes",
+    "step_memory",
+    "paired_times",
+    "measure",
+    "run_in_subprocess",
+    "main",
+]
+
+MB = 2**20
+Step = Callable[[], Any]
+
+
+class Unavailable(RuntimeError):
+    """A peer implementation that cannot run here (not installed, not supported by this torch):
+    the case is reported as skipped with this message, not as a failure."""
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process in bytes (``/proc/self/statm``; where ``/proc``
+    is missing, the lifetime peak from ``getrusage``)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _ru_maxrss_bytes()
+
+
+def _ru_maxrss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS to its current RSS (Linux: ``/proc/self/clear_refs``).
+    Returns False where that is not possible; :func:`peak_rss_bytes` then reads the lifetime peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vmhwm_bytes() is not None
+    except OSError:
+        return False
+
+
+def _vmhwm_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            found = re.search(r"^VmHWM:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size in bytes since the last :func:`reset_peak_rss` (``VmHWM``), or the
+    lifetime peak where ``/proc`` is missing."""
+    hwm = _vmhwm_bytes()
+    return hwm if hwm is not None else _ru_maxrss_bytes()
+
+
+def _clearer(leaves: Iterable[Any]) -> Callable[[], None]:
+    leaves = list(leaves)
+
+    def clear() -> None:
+        for x in leaves:
+            x.grad = None
+
+    return clear
+
+
+def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warmup: int) -> int:
+    """Untimed calls: the reference once (one-time kernel setup), then ``warmup`` steps, whose
+    gradients stay set. Returns the RSS then: the inputs and one step's gradients."""
+    if reference is not None:
+        reference()
+    for _ in range(max(1, warmup)):
+        clear()
+        step()
+    return rss_bytes()
+
+
+def paired_times(step: Step, reference: Optional[Step], rounds: int, leaves: Iterable[Any] = (), *,
+                 base_rss: Optional[int] = None) -> Dict[str, Any]:
+    """Time ``step`` and ``reference`` alternately, ``rounds`` times each, in this process.
+
+    Returns ``time_s`` (the step's median) and ``times``, and with a reference ``x_roof`` (the
+    median of the per-round ratios step / reference) and ``roofline_s`` (the reference's median).
+    With ``base_rss`` (the RSS holding the inputs and the gradients) the first round's step is
+    also the memory measurement: the peak is reset right before it and read right after it,
+    before the reference runs (``peak_rss_mb``, ``base_rss_mb``, ``extra_mb``, ``mem_method``)."""
+    clear = _clearer(leaves)
+    out: Dict[str, Any] = {}
+    times, refs, ratios = [], [], []
+    for i in range(max(1, rounds)):
+        clear()
+        exact = reset_peak_rss() if (i == 0 and base_rss is not None) else False
+        start = time.perf_counter()
+        step()
+        mid = time.perf_counter()
+        times.append(mid - start)
+        if i == 0 and base_rss is not None:
+            peak = peak_rss_bytes()
+            out.update(peak_rss_mb=peak / MB, base_rss_mb=base_rss / MB, extra_mb=(peak - base_rss) / MB,
+                       mem_method="VmHWM" if exact else "ru_maxrss")
+        if reference is not None:
+            ref_start = time.perf_counter()
+            reference()
+            refs.append(time.perf_counter() - ref_start)
+            ratios.append(times[-1] / refs[-1])
+    clear()
+    out.update(time_s=statistics.median(times), times=times)
+    if reference is not None:
+        out.update(x_roof=statistics.median(ratios), roofline_s=statistics.median(refs))
+    return out
+
+
+def step_memory(step: Step, leaves: Iterable[Any] = (), *, warmup: int = 1) -> Dict[str, Any]:
+    """``warmup`` steps, then one step's peak RSS over the RSS that holds the inputs and the
+    gradients of ``leaves`` (``step`` leaves them set; they are cleared before each step).
+    Returns ``peak_rss_mb``, ``base_rss_mb``, ``extra_mb`` and ``mem_method``."""
+    leaves = list(leaves)
+    base = _warm(step, None, _clearer(leaves), warmup)
+    got = paired_times(step, None, 1, leaves, base_rss=base)
+    return {k: got[k] for k in ("peak_rss_mb", "base_rss_mb", "extra_mb", "mem_method")}
+
+
+def measure(case: Dict[str, Any], step: Step, *, leaves: Iterable[Any] = (), reference: Optional[Step] = None,
+            warmup: int = 1, **extra: Any) -> Dict[str, Any]:
+    """The result record of one case: the case, then (after the untimed warm-up) ``case['repeats']``
+    rounds of :func:`paired_times`, the first of which also measures the memory, and any
+    suite-specific ``extra`` fields."""
+    leaves = list(leaves)
+    base = _warm(step, reference, _clearer(leaves), warmup)
+    result = dict(case)
+    result.update(paired_times(step, reference, int(case.get("repeats", 3)), leaves, base_rss=base))
+    result.update(extra)
+    return result
+
+
+def _tail(text: str, limit: int = 2000) -> str:
+    return text[-limit:].strip()
+
+
+def run_in_subprocess(module: str, case: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    """Run one case of the suite ``module`` (a dotted module name) in a fresh Python process and
+    return its result dict (the JSON object on the last line of the child's stdout). Never raises:
+    on a crash, timeout or unreadable output it returns the case with ``error`` set to a reason."""
+    cmd = [sys.executable, "-m", module, "--case", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout:g} s"}
+    except OSError as exc:
+        return {**case, "error": f"could not start the child: {exc}"}
+    if proc.returncode != 0:
+        return {**case, "error": f"exit code {proc.returncode}: {_tail(proc.stderr) or _tail(proc.stdout)}"}
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {**case, "error": f"no JSON on the last line of stdout: {_tail(proc.stdout, 500)!r}"}
+    if not isinstance(result, dict):
+        return {**case, "error": f"last line of stdout is not a JSON object: {lines[-1][:200]!r}"}
+    return result
+
+
+def main(run_case: Callable[[Dict[str, Any]], Dict[str, Any]], argv: Optional[list] = None) -> None:
+    """Entry point of a suite module run as ``python -m <package>.<suite> --case JSON``: run the
+    case and print its result (or ``skipped`` with the reason :class:`Unavailable` gave) as JSON
+    on the last line of stdout."""
+    parser = argparse.ArgumentParser(description="Run one benchmark case (used by `leanloss bench`).")
+    parser.add_argument("--case", required=True, help="the case dict as JSON")
+    args = parser.parse_args(argv)
+    case = json.loads(args.case)
+    try:
+        result = run_case(case)
+    except Unavailable as exc:
+        result = {**case, "skipped": str(exc)}
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
