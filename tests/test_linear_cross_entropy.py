@@ -11,7 +11,6 @@ import leanloss
 from leanloss import LinearCrossEntropyLoss, linear_cross_entropy
 from leanloss._checks import LeanlossValueError, TargetOutOfRangeError
 from leanloss._fused import engine as _engine
-from leanloss.linear import cross_entropy as lce_module
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]

@@ -18,7 +18,6 @@ from _spawn import init_gloo, spawn
 from leanloss._checks import TARGET_SUMMARY_SIZE, LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
-from _oracle import free_port
 
 # ------------------------------------------------------------------------------------------
 # cases

@@ -23,13 +23,13 @@ from .functional import (
     entropy,
     jsd,
     kl_div,
+    linear_cross_entropy,
     linear_distill_loss,
     linear_log_probs,
     linear_topk_distill_loss,
     nll_loss,
     topk_distill_loss,
 )
-from .linear import linear_cross_entropy, linear_log_probs, linear_topk_distill_loss
 from . import parallel  # noqa: F401 - leanloss.parallel.vocab_parallel_*
 from .modules import (
     BCELoss,

@@ -33,6 +33,7 @@ def ce_row_loss(nll: Tensor, lse: Tensor, w_t: Optional[Tensor], smooth_sum: Opt
     if smoothing != 0.0:
         loss = loss * (1.0 - smoothing)
     if smoothing > 0.0:
+        assert smooth_sum is not None, "ce_row_loss: label smoothing needs smooth_sum"
         loss = loss + (smoothing / num_classes) * (w_total * lse - smooth_sum)
     if z_loss != 0.0:
         zl = lse.square() * z_loss

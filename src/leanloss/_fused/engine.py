@@ -278,6 +278,7 @@ class _Grads:
     def _accumulate(self, dz: Tensor, h: Tensor, point: Optional[PointGradient]) -> None:
         """``acc += dz.T @ h`` (``h`` already row-scaled) with the point terms added exactly."""
         acc = self.w
+        assert acc is not None
         if point is not None:  # take the point terms out of the 16-bit block
             set_at_cols(dz, point.cols, point.dense)
         vocab, dim = acc.shape
@@ -300,7 +301,7 @@ class _Grads:
         if self.w is not None and not self.w_started:
             self.w.zero_()
         gw = None if self.w is None else self.w.to(weight.dtype)
-        gb = None if self.b is None else self.b.to(bias.dtype)
+        gb = None if self.b is None or bias is None else self.b.to(bias.dtype)
         self._slice_buf = None
         return self.h, gw, gb
 

@@ -29,7 +29,6 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from torch import Tensor
 
 from .. import _checks
 

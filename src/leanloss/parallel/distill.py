@@ -101,22 +101,22 @@ class VocabParallelDistillScorer:
             ez = ea if temp == 1.0 else torch.exp((a - m_a[:, None]) * temp)
             picked = a.gather(1, self.local_target[rows, None]).squeeze(1) if has_local else a.new_zeros(n)
             sums += [ez.sum(1), torch.where(self.owned[rows], picked * temp, torch.zeros_like(picked))]
-        sums = self._all_reduce(torch.stack(sums, 1), dist.ReduceOp.SUM)
-        s_a = sums[:, 0]
+        stats = self._all_reduce(torch.stack(sums, 1), dist.ReduceOp.SUM)
+        s_a = stats[:, 0]
         q = ea.div_(s_a[:, None])
         lse_a = m_a + s_a.log()
         loss = a.new_zeros(n)
         grad = a.new_zeros(a.shape) if grad_scale is not None else None
         if soft:
-            s_b = sums[:, 1]
+            s_b = stats[:, 1]
             p = eb.div_(s_b[:, None])
             lse_b = m_b + s_b.log()
-            div, d_div = self._divergence(a, b, q, p, lse_a, lse_b, sums, grad is not None)
+            div, d_div = self._divergence(a, b, q, p, lse_a, lse_b, stats, grad is not None)
             loss += ((1.0 - hw) * temp * temp) * div
             if grad is not None:
                 grad += ((1.0 - hw) * temp * temp) * d_div
         if hard:
-            s_z, z_y = sums[:, -2], sums[:, -1]
+            s_z, z_y = stats[:, -2], stats[:, -1]
             loss += hw * (temp * m_a + s_z.log() - z_y)
             if grad is not None:  # d/da of the hard term: T (softmax(T a) - onehot(y))
                 softmax_z = q if temp == 1.0 else ez.div_(s_z[:, None])  # ez is ea (now q) at T = 1

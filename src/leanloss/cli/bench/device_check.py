@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any, Callable, Dict, List, Union
+
 import torch
 import torch.nn.functional as F
 
@@ -66,7 +68,7 @@ def ce_impls():
     """name -> (h, w, t) -> loss, or the reason it is unavailable."""
     import leanloss
 
-    impls = {"leanloss": lambda h, w, t: leanloss.linear_cross_entropy(h, w, t)}
+    impls: Dict[str, Union[str, Callable]] = {"leanloss": lambda h, w, t: leanloss.linear_cross_entropy(h, w, t)}
     dense = lambda h, w, t: F.cross_entropy((h @ w.T).float(), t)  # noqa: E731
     impls["eager"] = dense
     impls["torch.compile"] = torch.compile(dense)
@@ -94,7 +96,7 @@ def bench_ce(results):
         w = (torch.randn(v, d, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
         t = torch.randint(0, v, (n,), device="cuda", generator=g)
 
-        def roof():
+        def roof(h=h, w=w):
             z = h.detach() @ w.detach().T
             z @ w.detach()
             z.T @ h.detach()
@@ -105,7 +107,7 @@ def bench_ce(results):
                 results.append({**row, "skipped": fn})
                 continue
 
-            def step(fn=fn):
+            def step(fn=fn, h=h, w=w, t=t):
                 h.grad = w.grad = None
                 fn(h, w, t).backward()
 
@@ -128,7 +130,8 @@ def bench_jsd(results):
     ws = (torch.randn(v, d, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
     ht = torch.randn(n, d, device="cuda", generator=g).bfloat16()
     wt = (torch.randn(v, d, device="cuda", generator=g) * 0.02).bfloat16()
-    impls = {"leanloss": lambda: leanloss.linear_distill_loss(hs, ws, ht, wt, kind="jsd", beta=0.5)}
+    impls: Dict[str, Union[str, Callable]] = {
+        "leanloss": lambda: leanloss.linear_distill_loss(hs, ws, ht, wt, kind="jsd", beta=0.5)}
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -190,7 +193,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("device_check: no CUDA device; this check is for a GPU machine")
-    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=[])
+    results: List[Dict[str, Any]] = []
+    report: Dict[str, Any] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results)
     started = time.time()
     if not args.skip_tests and Path("tests").is_dir():
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda or CUDA", "-p", "no:cacheprovider"],

@@ -21,14 +21,16 @@ impls) their gradients. One case: ``python -m leanloss.cli.bench.log_probs --cas
 """
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 
 import leanloss
 from leanloss.cli.bench import harness
 
 SUITE = "log_probs"
-DEFAULT = dict(N=2048, D=1024, V=131072, dtypes=("float32", "bfloat16"), repeats=3)
-QUICK = dict(N=2048, D=1024, V=32000, dtypes=("bfloat16",), repeats=2)
+DEFAULT: Dict[str, Any] = dict(N=2048, D=1024, V=131072, dtypes=("float32", "bfloat16"), repeats=3)
+QUICK: Dict[str, Any] = dict(N=2048, D=1024, V=32000, dtypes=("bfloat16",), repeats=2)
 IMPLS = ("leanloss", "torch_eager", "leanloss_score", "torch_eager_score")
 QUICK_IMPLS = ("leanloss",)
 TEMPERATURE = 0.9
@@ -59,10 +61,10 @@ def _step_fn(impl: str, h, w, t, a, b, temperature):
                 z.T @ h
         return step
     if impl == "matmul":
-        def step():
+        def matmul():
             with torch.no_grad():
                 h @ w.T
-        return step
+        return matmul
     if impl.startswith("leanloss"):
         def outputs():
             return leanloss.linear_log_probs(h, w, t, temperature=temperature, return_entropy=True)
@@ -72,15 +74,15 @@ def _step_fn(impl: str, h, w, t, a, b, temperature):
     else:
         raise ValueError(f"unknown impl {impl!r}")
     if impl.endswith("_score"):
-        def step():
+        def score():
             with torch.no_grad():
                 outputs()
-        return step
+        return score
 
-    def step():
+    def train():
         logp, ent = outputs()
         ((logp * a).sum() + (ent * b).sum()).backward()
-    return step
+    return train
 
 
 def run_case(case: dict) -> dict:
