@@ -31,7 +31,7 @@ from leanloss.integrations.transformers import apply_leanloss  # noqa: E402
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
 from _spawn import init_gloo, spawn  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 # A tiny Llama; vocab 37 splits unevenly (19 + 18 over 2 ranks, 10 + 10 + 10 + 7 over 4).
 CONFIG = dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
