@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import compute_dtype
+from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._reduce import resolve_reduction
 from ._engine import _BLOCK_BYTES, Scorer, default_chunk_size, fused_linear_loss
 from ._ce_rows import ce_grad_coefficients, ce_row_loss
@@ -216,6 +216,7 @@ def linear_cross_entropy(
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
     ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
     """
+    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
     reduction = resolve_reduction(reduction)
     _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
            logit_scale, ignore_index)

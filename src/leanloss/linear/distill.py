@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from ..losses.distill import check_distill_options, check_distill_target
 from ._engine import Scorer, fused_linear_loss
@@ -285,6 +286,9 @@ def linear_distill_loss(
     that compute dtype.
     """
     fn = "linear_distill_loss"
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
+        autocast_matmul_operands(student_hidden, student_weight, student_bias,
+                                 teacher_hidden, teacher_weight, teacher_bias)
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = check_distill_options(fn, kind, beta, temperature, hard_weight)
     _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
@@ -157,6 +157,7 @@ def binary_cross_entropy(
     """
     fn = "binary_cross_entropy"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_pair(
         fn, input, target,
         f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) "
@@ -200,6 +201,7 @@ def binary_cross_entropy_with_logits(
     """
     fn = "binary_cross_entropy_with_logits"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight, pos_weight = autocast_loss_inputs(fn, input, target, weight, pos_weight)
     _check_pair(fn, input, target, f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     if _checks.shapes_enabled():
         _checks.check_floating(fn, "input", input, "logits")

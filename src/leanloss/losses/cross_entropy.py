@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["cross_entropy", "nll_loss"]
@@ -125,6 +125,7 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_common(fn, input, target, weight, "log-probabilities")
     _check_index_inputs(fn, input, target, weight, ignore_index)
     from .. import _heuristics  # local import: heuristics import this module's neighbours
@@ -177,6 +178,7 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_common(fn, input, target, weight, "logits")
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     from .. import _heuristics

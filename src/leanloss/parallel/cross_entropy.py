@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
+from .._dtypes import autocast_loss_inputs
 from .._reduce import reduce_loss, resolve_reduction
 from ._setup import prepare_rows, scatter_rows
 
@@ -99,6 +100,7 @@ def vocab_parallel_cross_entropy(
     forward only, so every rank of ``group`` must call this function together.
     """
     fn = "vocab_parallel_cross_entropy"
+    local_logits, class_weight = autocast_loss_inputs("cross_entropy", local_logits, class_weight)
     reduction = resolve_reduction(reduction)
     _checks.check_tensor(fn, "local_logits", local_logits)
     if _checks.shapes_enabled():

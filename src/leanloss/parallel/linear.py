@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
+from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from ..linear._engine import default_chunk_size, fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -65,6 +66,7 @@ def vocab_parallel_linear_cross_entropy(
     shape. Every rank of ``group`` must call this function together (and its backward).
     """
     fn = "vocab_parallel_linear_cross_entropy"
+    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     reduction = resolve_reduction(reduction)
     _checks.check_linear_shapes(fn, hidden, local_weight, bias, target, weight_name="local_weight")
     setup = prepare_rows(fn, hidden, local_weight.shape[0], target, group, vocab_start, ignore_index,
