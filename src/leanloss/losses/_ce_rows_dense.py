@@ -2,15 +2,17 @@ r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row 
 
 The per-row statistics and the gradient of :func:`leanloss.cross_entropy` (the formula and its
 gradient coefficients are those of :mod:`leanloss.linear._ce_rows`) computed from blocks of a
-few MiB of rows that stay in cache: each block is copied once into a float32 (float64 for
-float64 input) scratch buffer, so a bfloat16/float16 input is never upcast as a whole, and the
-gradient is written in the input's dtype in one pass. Per row, with ``m = max_c x_c``:
+few MiB of rows that stay in cache: a float32/float64 block's softmax is written straight into a
+scratch buffer, a bfloat16/float16 block is copied into a float32 one first, so a 16-bit input is
+never upcast as a whole, and the gradient is written in the input's dtype in one pass. Per row:
 
-* ``p = softmax(x)`` in place in the scratch block; ``log s = -log max_c p_c`` where
-  ``s = sum_c exp(x_c - m)`` (the largest probability is ``1 / s``, never below ``1 / C``), so
-  ``nll = (m - x_t) + log s`` without cancellation at large logits;
-* with smoothing, ``sum_c w_c (x_c - m)`` from the block shifted by ``m``: the statistics are
-  shifted by ``m`` (``lse - m`` and ``S - W m``), which leaves ``W lse - S`` unchanged;
+* ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``; rows whose ``p_t`` is so small
+  that its log would lose digits (a loss above ~69) are recomputed as ``logsumexp(x) - x_t``;
+* with smoothing (16-bit inputs), the block is first shifted by the row max ``m``, giving
+  ``sum_c w_c (x_c - m)`` without cancellation; with ``s = sum_c exp(x_c - m)`` the largest
+  probability is ``1 / s``, so ``log s = -log max_c p_c`` and ``nll = log s - (x_t - m)``. The
+  row formula gets these shifted statistics (``lse - m`` and ``S - W m``: ``W lse - S`` is
+  unchanged);
 * gradient ``a p - b [c = t] - s w`` (coefficients times the upstream gradient); the target
   entry is written separately from the float32 values, rounded once.
 
@@ -67,6 +69,8 @@ class _Rows:
         self.w_t = None if self.w is None else torch.where(self.valid, self.w[self.target.squeeze(1)],
                                                            torch.zeros((), dtype=self.dtype))
         self.eps = float(eps)
+        # below this a float32/float64 target probability loses digits in log(p_t)
+        self.tiny = torch.finfo(self.dtype).tiny * 1e8
         w_total = float(self.num_classes) if self.w is None else self.w.sum()
         self.stats = dict(eps=self.eps, w_total=w_total, num_classes=self.num_classes, z_loss=0.0)
 
@@ -90,37 +94,50 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
     eps = rows.eps
     for start in range(0, n, step):
         end = min(start + step, n)
-        zb = z[: end - start]
-        zb.copy_(x[start:end])
-        t = rows.target[start:end]
-        m = zb.amax(1, keepdim=True)
-        z_t = zb.gather(1, t).squeeze(1)
-        shifted_sum = None
-        if eps > 0.0:  # sum_c w_c (x_c - m): the shift keeps it exact at large logits
-            zb.sub_(m)
-            shifted_sum = zb.sum(1) if rows.w is None else zb @ rows.w
-        _softmax_out(zb, 1, False, out=zb)
-        log_s = zb.amax(1).log_().neg_()
+        zb, xb, t = z[: end - start], x[start:end], rows.target[start:end]
         w_t = None if rows.w_t is None else rows.w_t[start:end]
+        log_s = shifted_sum = None
+        if eps > 0.0:
+            zb.copy_(xb)
+            zb.sub_(zb.amax(1, keepdim=True))  # logits shifted by the row max m
+            shifted_sum = zb.sum(1) if rows.w is None else zb @ rows.w  # sum_c w_c (x_c - m)
+            nll = zb.gather(1, t).squeeze(1)  # x_t - m, negated below
+            _softmax_out(zb, 1, False, out=zb)
+            log_s = zb.amax(1).log_().neg_()  # the largest probability is 1 / s
+            nll = log_s - nll
+        else:
+            if x.dtype == rows.dtype:
+                _softmax_out(xb, 1, False, out=zb)
+            else:
+                _softmax_out(zb.copy_(xb), 1, False, out=zb)
+            p_t = zb.gather(1, t).squeeze(1)
+            nll = p_t.log().neg_()
+            tiny = p_t < rows.tiny
+            if bool(tiny.any()):  # log(p_t) would lose digits or be inf: lse - x_t from the row
+                idx = tiny.nonzero().squeeze(1)
+                xr = xb.index_select(0, idx).to(rows.dtype)
+                nll[idx] = torch.logsumexp(xr, 1) - xr.gather(1, t[idx]).squeeze(1)
         if want_loss:
-            nll = (m.squeeze(1) - z_t).add_(log_s)
             loss = ce_row_loss(nll, log_s, w_t, shifted_sum, **rows.stats)
             losses[start:end] = torch.where(rows.valid[start:end], loss, torch.zeros((), dtype=loss.dtype))
         if g is None:
             continue
         a, b, s = ce_grad_coefficients(g[start:end], log_s, w_t, **rows.stats)
-        # the target entry from float32 values: a p_t - b - s w_t, rounded once
+        # the target entry from the float32 values, rounded once: a p_t - b - s w_t
         g_t = a * zb.gather(1, t).squeeze(1) - b
         if eps > 0.0:
             g_t = g_t - (s if rows.w is None else s * rows.w[t.squeeze(1)])
-        zb.mul_(a.unsqueeze(1))
-        if eps > 0.0:
-            if rows.w is None:
-                zb.sub_(s.unsqueeze(1))
-            else:
-                zb.addcmul_(s.unsqueeze(1), rows.w.unsqueeze(0), value=-1.0)
         out = grad[start:end]
-        out.copy_(zb)
+        if eps > 0.0 and rows.w is not None:
+            zb.mul_(a.unsqueeze(1)).addcmul_(s.unsqueeze(1), rows.w.unsqueeze(0), value=-1.0)
+        elif eps > 0.0:
+            torch.addcmul(s.unsqueeze(1).neg(), zb, a.unsqueeze(1), out=zb)
+        elif out.dtype == zb.dtype:
+            torch.mul(zb, a.unsqueeze(1), out=out)
+        else:
+            zb.mul_(a.unsqueeze(1))
+        if out.dtype != zb.dtype or eps > 0.0:
+            out.copy_(zb)
         out.scatter_(1, t, g_t.unsqueeze(1).to(out.dtype))
     return losses, grad
 
