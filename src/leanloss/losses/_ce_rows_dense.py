@@ -1,18 +1,18 @@
 r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row block at a time.
 
 The per-row statistics and the gradient of :func:`leanloss.cross_entropy` (the formula and its
-gradient coefficients are those of :mod:`leanloss.linear._ce_rows`) computed from blocks of a
-few MiB of rows that stay in cache: a float32/float64 block's softmax is written straight into a
+gradient coefficients are those of :mod:`leanloss.linear._ce_rows`) computed from row blocks of
+at most :data:`BLOCK_BYTES` that stay in the last-level cache: a float32/float64 block's softmax is written straight into a
 scratch buffer, a bfloat16/float16 block is copied into a float32 one first, so a 16-bit input is
 never upcast as a whole, and the gradient is written in the input's dtype in one pass. Per row:
 
 * ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``; rows whose ``p_t`` is so small
   that its log would lose digits (a loss above ~69) are recomputed as ``logsumexp(x) - x_t``;
-* with smoothing (16-bit inputs), the block is first shifted by the row max ``m``, giving
-  ``sum_c w_c (x_c - m)`` without cancellation; with ``s = sum_c exp(x_c - m)`` the largest
-  probability is ``1 / s``, so ``log s = -log max_c p_c`` and ``nll = log s - (x_t - m)``. The
-  row formula gets these shifted statistics (``lse - m`` and ``S - W m``: ``W lse - S`` is
-  unchanged);
+* with smoothing (16-bit inputs), ``S = sum_c w_c x_c`` from the float32 block before its
+  softmax; with ``s = sum_c exp(x_c - m)`` the largest probability is ``1 / s`` (never below
+  ``1 / C``), at the row max ``m``, so ``log s = -log max_c p_c`` and
+  ``nll = (m - x_t) + log s`` exactly. The row formula gets the statistics shifted by ``m``
+  (``lse - m`` and ``S - W m``; ``W lse - S`` is unchanged);
 * gradient ``a p - b [c = t] - s w`` (coefficients times the upstream gradient); the target
   entry is written separately from the float32 values, rounded once.
 
@@ -34,8 +34,9 @@ from ..linear._ce_rows import ce_grad_coefficients, ce_row_loss
 
 __all__ = ["block_path_applies", "block_cross_entropy"]
 
-#: bytes of one scratch block (float32 rows): a few MiB stay in the caches of one socket
-BLOCK_BYTES = 8 * 2**20
+#: bytes of one scratch block (float32 rows): fits a last-level cache, and few enough blocks that
+#: each op's thread start/join is negligible even on a loaded machine
+BLOCK_BYTES = 32 * 2**20
 _softmax_out = torch.ops.aten._softmax.out
 
 
@@ -99,12 +100,13 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
         log_s = shifted_sum = None
         if eps > 0.0:
             zb.copy_(xb)
-            zb.sub_(zb.amax(1, keepdim=True))  # logits shifted by the row max m
-            shifted_sum = zb.sum(1) if rows.w is None else zb @ rows.w  # sum_c w_c (x_c - m)
-            nll = zb.gather(1, t).squeeze(1)  # x_t - m, negated below
+            w_sum = zb.sum(1) if rows.w is None else zb @ rows.w  # S = sum_c w_c x_c
             _softmax_out(zb, 1, False, out=zb)
-            log_s = zb.amax(1).log_().neg_()  # the largest probability is 1 / s
-            nll = log_s - nll
+            p_max, arg = zb.max(1)  # the largest probability is 1 / s, at the row max m
+            m = xb.gather(1, arg.unsqueeze(1)).squeeze(1).to(rows.dtype)
+            log_s = p_max.log_().neg_()
+            nll = (m - xb.gather(1, t).squeeze(1).to(rows.dtype)).add_(log_s)
+            shifted_sum = w_sum - rows.stats["w_total"] * m  # S - W m
         else:
             if x.dtype == rows.dtype:
                 _softmax_out(xb, 1, False, out=zb)
