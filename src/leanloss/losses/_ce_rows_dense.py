@@ -8,11 +8,8 @@ never upcast as a whole, and the gradient is written in the input's dtype in one
 
 * ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``; rows whose ``p_t`` is so small
   that its log would lose digits (a loss above ~69) are recomputed as ``logsumexp(x) - x_t``;
-* with smoothing (16-bit inputs), ``S = sum_c w_c x_c`` from the float32 block before its
-  softmax; with ``s = sum_c exp(x_c - m)`` the largest probability is ``1 / s`` (never below
-  ``1 / C``), at the row max ``m``, so ``log s = -log max_c p_c`` and
-  ``nll = (m - x_t) + log s`` exactly. The row formula gets the statistics shifted by ``m``
-  (``lse - m`` and ``S - W m``; ``W lse - S`` is unchanged);
+* with smoothing (16-bit inputs only: see :func:`block_path_applies`), ``S = sum_c w_c x_c``
+  from the float32 block before its softmax and ``lse = x_t + nll``;
 * gradient ``a p - b [c = t] - s w`` (coefficients times the upstream gradient); the target
   entry is written separately from the float32 values, rounded once.
 
@@ -36,7 +33,7 @@ __all__ = ["block_path_applies", "block_cross_entropy"]
 
 #: bytes of one scratch block (float32 rows): fits a last-level cache, and few enough blocks that
 #: each op's thread start/join is negligible even on a loaded machine
-BLOCK_BYTES = 32 * 2**20
+BLOCK_BYTES = 16 * 2**20
 _softmax_out = torch.ops.aten._softmax.out
 
 
@@ -97,43 +94,35 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
         end = min(start + step, n)
         zb, xb, t = z[: end - start], x[start:end], rows.target[start:end]
         w_t = None if rows.w_t is None else rows.w_t[start:end]
-        log_s = shifted_sum = None
+        lse = w_sum = None
+        src = xb if x.dtype == rows.dtype else zb.copy_(xb)  # softmax from float32 values
         if eps > 0.0:
-            zb.copy_(xb)
-            w_sum = zb.sum(1) if rows.w is None else zb @ rows.w  # S = sum_c w_c x_c
-            _softmax_out(zb, 1, False, out=zb)
-            p_max, arg = zb.max(1)  # the largest probability is 1 / s, at the row max m
-            m = xb.gather(1, arg.unsqueeze(1)).squeeze(1).to(rows.dtype)
-            log_s = p_max.log_().neg_()
-            nll = (m - xb.gather(1, t).squeeze(1).to(rows.dtype)).add_(log_s)
-            shifted_sum = w_sum - rows.stats["w_total"] * m  # S - W m
-        else:
-            if x.dtype == rows.dtype:
-                _softmax_out(xb, 1, False, out=zb)
-            else:
-                _softmax_out(zb.copy_(xb), 1, False, out=zb)
-            p_t = zb.gather(1, t).squeeze(1)
-            nll = p_t.log().neg_()
-            tiny = p_t < rows.tiny
-            if bool(tiny.any()):  # log(p_t) would lose digits or be inf: lse - x_t from the row
-                idx = tiny.nonzero().squeeze(1)
-                xr = xb.index_select(0, idx).to(rows.dtype)
-                nll[idx] = torch.logsumexp(xr, 1) - xr.gather(1, t[idx]).squeeze(1)
+            w_sum = src.sum(1) if rows.w is None else src @ rows.w  # S = sum_c w_c x_c
+        _softmax_out(src, 1, False, out=zb)
+        p_t = zb.gather(1, t).squeeze(1)
+        nll = p_t.log().neg_()
+        tiny = p_t < rows.tiny
+        if bool(tiny.any()):  # log(p_t) would lose digits or be inf: lse - x_t from the row
+            idx = tiny.nonzero().squeeze(1)
+            xr = xb.index_select(0, idx).to(rows.dtype)
+            nll[idx] = torch.logsumexp(xr, 1) - xr.gather(1, t[idx]).squeeze(1)
+        if eps > 0.0:
+            lse = xb.gather(1, t).squeeze(1).to(rows.dtype) + nll
         if want_loss:
-            loss = ce_row_loss(nll, log_s, w_t, shifted_sum, **rows.stats)
+            loss = ce_row_loss(nll, lse, w_t, w_sum, **rows.stats)
             losses[start:end] = torch.where(rows.valid[start:end], loss, torch.zeros((), dtype=loss.dtype))
         if g is None:
             continue
-        a, b, s = ce_grad_coefficients(g[start:end], log_s, w_t, **rows.stats)
+        a, b, s = ce_grad_coefficients(g[start:end], lse, w_t, **rows.stats)
         # the target entry from the float32 values, rounded once: a p_t - b - s w_t
-        g_t = a * zb.gather(1, t).squeeze(1) - b
+        g_t = a * p_t - b
         if eps > 0.0:
             g_t = g_t - (s if rows.w is None else s * rows.w[t.squeeze(1)])
         out = grad[start:end]
         if eps > 0.0 and rows.w is not None:
-            zb.mul_(a.unsqueeze(1)).addcmul_(s.unsqueeze(1), rows.w.unsqueeze(0), value=-1.0)
+            zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1) * rows.w)
         elif eps > 0.0:
-            torch.addcmul(s.unsqueeze(1).neg(), zb, a.unsqueeze(1), out=zb)
+            zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1))
         elif out.dtype == zb.dtype:
             torch.mul(zb, a.unsqueeze(1), out=out)
         else:
