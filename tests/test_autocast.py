@@ -12,12 +12,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _oracle import TOL, _assert_near_low_precision, gen, index_target, log_probs, logits, positive, probs, raises_like, unit, upstream
+from _oracle import (TOL, _assert_near_low_precision, gen, index_target, log_probs, logits, positive, probs,
+                     raises_like, unit, upstream)
 
 import leanloss
 import leanloss.functional as LF
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_CUDA)]
 INPUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 DT_IDS = ["bf16", "fp16", "fp32", "fp64"]
 

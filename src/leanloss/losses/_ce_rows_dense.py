@@ -2,12 +2,16 @@ r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row 
 
 The per-row statistics and the gradient of :func:`leanloss.cross_entropy` (the formula and its
 gradient coefficients are those of :mod:`leanloss.linear._ce_rows`) computed from row blocks of
-at most :data:`BLOCK_BYTES` that stay in the last-level cache: a float32/float64 block's softmax is written straight into a
-scratch buffer, a bfloat16/float16 block is copied into a float32 one first, so a 16-bit input is
-never upcast as a whole, and the gradient is written in the input's dtype in one pass. Per row:
+at most :data:`BLOCK_BYTES` that stay in the last-level cache: a float32/float64 block's softmax
+is written straight into a scratch buffer, a bfloat16/float16 block is copied into a float32 one
+first, so a 16-bit input is never upcast as a whole, and the gradient is written in the input's
+dtype in one pass. Per row:
 
-* ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``; rows whose ``p_t`` is so small
-  that its log would lose digits (a loss above ~69) are recomputed as ``logsumexp(x) - x_t``;
+* ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``, which carries about one ulp
+  of ``p_t``. Where that is not enough -- ``p_t > 1/2`` (a loss below ``log 2``, whose relative
+  precision ``-log p_t`` would lose) or ``p_t`` near float32's underflow (a loss above ~69) --
+  the row's ``nll`` is taken from torch's ``log_softmax`` of that row, ``(x_t - m) - log s``,
+  which is torch's own value for float32 input;
 * with smoothing (16-bit inputs only: see :func:`block_path_applies`), ``S = sum_c w_c x_c``
   from the float32 block before its softmax and ``lse = x_t + nll``;
 * gradient ``a p - b [c = t] - s w`` (coefficients times the upstream gradient); the target
@@ -101,11 +105,11 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
         _softmax_out(src, 1, False, out=zb)
         p_t = zb.gather(1, t).squeeze(1)
         nll = p_t.log().neg_()
-        tiny = p_t < rows.tiny
-        if bool(tiny.any()):  # log(p_t) would lose digits or be inf: lse - x_t from the row
-            idx = tiny.nonzero().squeeze(1)
-            xr = xb.index_select(0, idx).to(rows.dtype)
-            nll[idx] = torch.logsumexp(xr, 1) - xr.gather(1, t[idx]).squeeze(1)
+        redo = (p_t > 0.5) | (p_t < rows.tiny)
+        if bool(redo.any()):  # -log(p_t) would lose digits: torch's log_softmax of those rows
+            idx = redo.nonzero().squeeze(1)
+            log_p = torch.log_softmax(xb.index_select(0, idx).to(rows.dtype), 1)
+            nll[idx] = log_p.gather(1, t[idx]).squeeze(1).neg_()
         if eps > 0.0:
             lse = xb.gather(1, t).squeeze(1).to(rows.dtype) + nll
         if want_loss:
@@ -183,13 +187,16 @@ class _BlockCrossEntropy(torch.autograd.Function):
 
 
 def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                        reduction: str, label_smoothing: float, reference: Callable[[Tensor], Tensor]) -> Tensor:
+                        reduction: str, label_smoothing: float,
+                        reference: Callable[[Tensor], Tensor]) -> Tensor:
     """The loss of :func:`leanloss.cross_entropy` for (C)/(N, C) ``input`` with class indices, in
     the compute dtype (float32 for 16-bit input); ``reference(input)`` is the differentiable
-    formula used for double backward. ``'none'`` has ``target``'s shape."""
+    formula used for double backward. ``'none'`` has ``target``'s shape (``()`` for a (C) input)."""
     x = input.unsqueeze(0) if input.dim() == 1 else input
     t = target.reshape(x.shape[0])
     rows = _Rows(x.detach(), t, weight, ignore_index, label_smoothing)
     want_grad = torch.is_grad_enabled() and input.requires_grad
     loss = _BlockCrossEntropy.apply(x, rows, reduction, want_grad, reference)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    if reduction != "none":
+        return loss
+    return loss.reshape(()) if input.dim() == 1 else loss.reshape(target.shape)

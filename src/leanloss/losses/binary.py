@@ -82,7 +82,8 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor], reduction: str) -> Tensor:
+    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor],
+                reduction: str) -> Tensor:
         log_sig = torch.nn.functional.logsigmoid(x)
         if pw is not None:
             log_sig.mul_((pw - 1) * t + 1)
