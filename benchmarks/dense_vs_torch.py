@@ -1,6 +1,7 @@
 """leanloss's dense losses against their torch twins: forward + backward, time ratio.
 
-Standalone: ``PYTHONPATH=src python benchmarks/dense_vs_torch.py [--repeats 7] [--only NAME]``.
+Standalone: ``PYTHONPATH=src python benchmarks/dense_vs_torch.py [--repeats 7] [--only NAME]
+[--threads N]``.
 Each case times leanloss and torch alternately in this one process (the same tensors, the same
 upstream gradient, steps interleaved so that load changes hit both sides alike) and prints the
 ratio of the median times, leanloss / torch (below 1: leanloss is faster). Absolute times are
@@ -100,7 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", action="append", help="case name substring (repeatable)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     names = [n for n in CASES if not opts.only or any(s in n for s in opts.only)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {opts.repeats} interleaved "
           f"repeats, ratio = median leanloss / median torch (fwd+bwd)")

@@ -191,7 +191,8 @@ def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
                         reference: Callable[[Tensor], Tensor]) -> Tensor:
     """The loss of :func:`leanloss.cross_entropy` for (C)/(N, C) ``input`` with class indices, in
     the compute dtype (float32 for 16-bit input); ``reference(input)`` is the differentiable
-    formula used for double backward. ``'none'`` has ``target``'s shape (``()`` for a (C) input)."""
+    formula used for double backward. ``'none'`` has ``target``'s shape (``()`` for a (C)
+    input)."""
     x = input.unsqueeze(0) if input.dim() == 1 else input
     t = target.reshape(x.shape[0])
     rows = _Rows(x.detach(), t, weight, ignore_index, label_smoothing)
