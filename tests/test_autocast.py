@@ -127,6 +127,8 @@ def _cases(dt):
         "ce_weight_same": (LF.cross_entropy, F.cross_entropy, [x, t], {"weight": w32.to(dt)}),
         "ce_smoothing_sum": (LF.cross_entropy, F.cross_entropy, [x, t],
                              {"label_smoothing": 0.1, "reduction": "sum"}),
+        "ce_weight_smoothing_none": (LF.cross_entropy, F.cross_entropy, [x, t],
+                                     {"weight": w32, "label_smoothing": 0.2, "reduction": "none"}),
         "ce_none_3d": (LF.cross_entropy, F.cross_entropy, [x3, t3], {"reduction": "none"}),
         "ce_probs_fp32": (LF.cross_entropy, F.cross_entropy, [x, p32], {"label_smoothing": 0.2}),
         "nll": (LF.nll_loss, F.nll_loss, [lp, t], {}),

@@ -101,7 +101,8 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
         lse = w_sum = None
         src = xb if x.dtype == rows.dtype else zb.copy_(xb)  # softmax from float32 values
         if eps > 0.0:
-            w_sum = src.sum(1) if rows.w is None else src @ rows.w  # S = sum_c w_c x_c
+            # S = sum_c w_c x_c; torch.mv, unlike @, is not lowered by CPU autocast
+            w_sum = src.sum(1) if rows.w is None else torch.mv(src, rows.w)
         _softmax_out(src, 1, False, out=zb)
         p_t = zb.gather(1, t).squeeze(1)
         nll = p_t.log().neg_()
