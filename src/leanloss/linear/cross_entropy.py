@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
-from .._dtypes import compute_dtype
+from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._reduce import resolve_reduction
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
@@ -193,6 +193,7 @@ def linear_cross_entropy(
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
     ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
     """
+    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
     reduction = resolve_reduction(reduction)
     _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
            logit_scale, ignore_index)

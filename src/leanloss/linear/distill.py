@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._compile import graph_break
+from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
@@ -252,6 +253,9 @@ def linear_distill_loss(
     that compute dtype.
     """
     fn = "linear_distill_loss"
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
+        autocast_matmul_operands(student_hidden, student_weight, student_bias,
+                                 teacher_hidden, teacher_weight, teacher_bias)
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
     _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,

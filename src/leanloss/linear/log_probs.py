@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._compile import graph_break
 from .. import _checks, _heuristics
-from .._dtypes import compute_dtype
+from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
 from .._fused.rows import kept_rows, scatter_rows
@@ -122,6 +122,7 @@ def linear_log_probs(
     backward, so backward recomputes each block of logits: four matmuls for forward and
     backward. Under ``torch.no_grad()`` (rollout scoring) only the forward matmul runs.
     """
+    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
     temperature = check_log_prob_inputs(_FN, hidden, weight, target, bias, temperature, ignore_index)
     lead_shape = target.shape
     h_all = hidden.reshape(-1, hidden.shape[-1])

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .._compile import graph_break
 from .. import _checks, _heuristics
-from .._dtypes import compute_dtype
+from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss
 from .._fused.kernels import RowKernel
 from .._fused.rows import kept_rows, scatter_rows
@@ -158,6 +158,7 @@ def linear_topk_distill_loss(
     Matmuls run in the inputs' dtype; softmax statistics and accumulation in float32 (float64
     stays float64); the loss is returned in that compute dtype.
     """
+    student_hidden, student_weight, student_bias = autocast_matmul_operands(student_hidden, student_weight, student_bias)
     fn = "linear_topk_distill_loss"
     reduction = resolve_reduction(reduction)
     vocab = _checks.check_linear_shapes(fn, student_hidden, student_weight, student_bias, None,

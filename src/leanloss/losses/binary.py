@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_with_logits"]
@@ -75,28 +75,50 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
     * target: ``w (log sigmoid(-x) - p_w log sigmoid(x))`` (``-w x`` without ``p_w``),
     * weight: the unweighted loss; pos_weight: ``-w t log sigmoid(x)`` (torch gives neither).
 
-    The backward is written in differentiable ops, so double backward works.
+    The Function applies ``reduction`` itself, so that a ``'mean'``/``'sum'`` gradient is a
+    scalar factor instead of an expanded tensor. Forward and first backward build each result in
+    one fresh buffer, updated in place (the passes of torch's own kernel); a backward that builds
+    a graph (``create_graph=True``) uses the same formulas out of place, so double backward works.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor]) -> Tensor:
+    def forward(ctx, x: Tensor, t: Tensor, w: Optional[Tensor], pw: Optional[Tensor],
+                reduction: str) -> Tensor:
         log_sig = torch.nn.functional.logsigmoid(x)
-        scale = log_sig if pw is None else log_sig * ((pw - 1) * t + 1)
-        loss = (1 - t) * x - scale
+        if pw is not None:
+            log_sig.mul_((pw - 1) * t + 1)
+        loss = torch.rsub(t, 1).mul_(x).sub_(log_sig)
         ctx.save_for_backward(x, t, w, pw)
-        return loss if w is None else loss * w
+        ctx.reduction = reduction
+        return reduce_loss(loss if w is None else loss.mul_(w), reduction)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, t, w, pw = ctx.saved_tensors
-        scale = grad if w is None else grad * w
+        if ctx.reduction == "mean":
+            grad = grad / x.numel()  # a scalar: d mean / d loss_i = 1 / numel
+        differentiable = torch.is_grad_enabled()
         grad_x = grad_t = grad_w = grad_pw = None
         if ctx.needs_input_grad[0]:
-            if pw is None:
-                grad_x = (torch.sigmoid(x) - t) * scale
+            if differentiable:
+                scale = grad if w is None else grad * w
+                if pw is None:
+                    grad_x = (torch.sigmoid(x) - t) * scale
+                else:
+                    pt = pw * t
+                    grad_x = ((pt + 1 - t) * torch.sigmoid(x) - pt) * scale
             else:
-                pt = pw * t
-                grad_x = ((pt + 1 - t) * torch.sigmoid(x) - pt) * scale
+                grad_x = torch.sigmoid(x)
+                if pw is None:
+                    grad_x.sub_(t)
+                else:
+                    pt = pw * t
+                    grad_x.mul_(pt + 1 - t).sub_(pt)
+                grad_x.mul_(grad)
+                if w is not None:
+                    grad_x.mul_(w)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            scale = grad if w is None else grad * w
         if ctx.needs_input_grad[1]:
             if pw is None:
                 grad_t = -x * scale
@@ -108,7 +130,7 @@ class _BinaryCrossEntropyWithLogits(torch.autograd.Function):
             grad_w = (grad * unweighted).sum_to_size(w.shape)
         if ctx.needs_input_grad[3]:
             grad_pw = (-t * torch.nn.functional.logsigmoid(x) * scale).sum_to_size(pw.shape)
-        return grad_x, grad_t, grad_w, grad_pw
+        return grad_x, grad_t, grad_w, grad_pw, None
 
 
 def _expand_weight(fn: str, name: str, weight: Optional[Tensor], shape: torch.Size) -> Optional[Tensor]:
@@ -157,6 +179,7 @@ def binary_cross_entropy(
     """
     fn = "binary_cross_entropy"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_pair(
         fn, input, target,
         f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) "
@@ -200,6 +223,7 @@ def binary_cross_entropy_with_logits(
     """
     fn = "binary_cross_entropy_with_logits"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight, pos_weight = autocast_loss_inputs(fn, input, target, weight, pos_weight)
     _check_pair(fn, input, target, f"Target size ({target.size()}) must be the same as input size ({input.size()})")
     if _checks.shapes_enabled():
         _checks.check_floating(fn, "input", input, "logits")
@@ -220,10 +244,10 @@ def binary_cross_entropy_with_logits(
     x, t = upcast(input), upcast(target)
     w = None if weight is None else upcast(weight)
     pw = None if pos_weight is None else upcast(pos_weight)
-    loss = _BinaryCrossEntropyWithLogits.apply(x, t, w, pw)
+    loss = _BinaryCrossEntropyWithLogits.apply(x, t, w, pw, reduction)
     # torch builds the loss in place on (1 - target): its result has the target's dtype
     out_dtype = target.dtype
     return _heuristics.finite_or_warn(
-        fn, reduce_loss(loss, reduction).to(out_dtype), input=input, target=target, weight=weight,
+        fn, loss.to(out_dtype), input=input, target=target, weight=weight,
         pos_weight=pos_weight,
     )

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["cosine_embedding_loss"]
@@ -38,6 +38,7 @@ def cosine_embedding_loss(
     """
     fn = "cosine_embedding_loss"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input1, input2, target = autocast_loss_inputs(fn, input1, input2, target)
     for name, t in (("input1", input1), ("input2", input2), ("target", target)):
         _checks.check_tensor(fn, name, t)
     if _checks.shapes_enabled():

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
+from ._ce_rows_dense import block_cross_entropy, block_path_applies
 
 __all__ = ["cross_entropy", "nll_loss"]
 
@@ -125,6 +126,7 @@ def nll_loss(
     """
     fn = "nll_loss"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_common(fn, input, target, weight, "log-probabilities")
     _check_index_inputs(fn, input, target, weight, ignore_index)
     from .. import _heuristics  # local import: heuristics import this module's neighbours
@@ -177,6 +179,7 @@ def cross_entropy(
     """
     fn = "cross_entropy"
     reduction = resolve_reduction(reduction, size_average, reduce)
+    input, target, weight = autocast_loss_inputs(fn, input, target, weight)
     _check_common(fn, input, target, weight, "logits")
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     from .. import _heuristics
@@ -186,11 +189,19 @@ def cross_entropy(
     _check_index_inputs(fn, input, target, weight, ignore_index)
     class_dim = _class_dim(input)
     _heuristics.warn_if_probabilities(fn, input, class_dim)
-    log_probs = _classes_last(torch.log_softmax(upcast(input), dim=class_dim))
     tgt = target.reshape(1) if input.dim() == 1 else target  # () or (1,), as torch accepts
-    loss = _index_loss(fn, log_probs, tgt, weight, ignore_index, reduction, label_smoothing)
-    if input.dim() == 1 and reduction == "none":
-        loss = loss.squeeze(0)
+
+    def reference(x: Tensor) -> Tensor:
+        """The formula above in differentiable torch ops (any shape; double backward)."""
+        log_probs = _classes_last(torch.log_softmax(upcast(x), dim=_class_dim(x)))
+        loss = _index_loss(fn, log_probs, tgt, weight, ignore_index, reduction, label_smoothing)
+        return loss.squeeze(0) if x.dim() == 1 and reduction == "none" else loss
+
+    if block_path_applies(input, weight, label_smoothing):
+        loss = block_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                   reference)
+    else:
+        loss = reference(input)
     return _heuristics.finite_or_warn(fn, loss.to(input.dtype), input=input)
 
 

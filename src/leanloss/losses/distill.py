@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import compute_dtype, upcast
+from .._dtypes import autocast_loss_inputs, compute_dtype, upcast
 from .._reduce import reduce_kept_rows, reduce_loss, resolve_reduction
 
 __all__ = ["distill_loss", "jsd", "topk_distill_loss", "divergence_terms", "topk_teacher", "KINDS"]
@@ -123,6 +123,7 @@ def distill_loss(
     """
     fn = "distill_loss"
     reduction = resolve_reduction(reduction)
+    student_logits, teacher_logits = autocast_loss_inputs(fn, student_logits, teacher_logits)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
     _checks.check_tensor(fn, "student_logits", student_logits)
     _checks.check_tensor(fn, "teacher_logits", teacher_logits)
@@ -292,6 +293,7 @@ def jsd(
     """
     fn = "jsd"
     reduction = resolve_reduction(reduction, allowed=("none", "mean", "sum", "batchmean"))
+    input, target = autocast_loss_inputs(fn, input, target)
     beta = _checks.check_in_closed_interval(fn, "beta", beta, 0.0, 1.0)
     _checks.check_tensor(fn, "input", input)
     _checks.check_tensor(fn, "target", target)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _heuristics
-from .._dtypes import upcast
+from .._dtypes import autocast_loss_inputs, upcast
 from .._reduce import reduce_loss, resolve_reduction
 
 __all__ = ["kl_div", "entropy"]
@@ -35,6 +35,7 @@ def kl_div(
     and ``'batchmean'`` (sum divided by ``input.size(0)``, the KL divergence per sample).
     """
     fn = "kl_div"
+    input, target = autocast_loss_inputs(fn, input, target)
     _checks.check_tensor(fn, "input", input)
     _checks.check_tensor(fn, "target", target)
     legacy = size_average is not None or reduce is not None
@@ -91,6 +92,7 @@ def entropy(logits: Optional[Tensor] = None, probs: Optional[Tensor] = None, dim
     if (logits is None) == (probs is None):
         raise ValueError(f"{fn}: pass exactly one of the arguments 'logits' or 'probs'")
     name, x = ("logits", logits) if logits is not None else ("probs", probs)
+    (x,) = autocast_loss_inputs(fn, x)
     _checks.check_tensor(fn, name, x)
     if _checks.shapes_enabled():
         _checks.check_floating(fn, name, x)

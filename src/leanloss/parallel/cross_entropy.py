@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
+from .._dtypes import autocast_loss_inputs
 from .._reduce import reduce_loss, resolve_reduction
 from ._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, to_batch_shape
@@ -102,6 +103,7 @@ def vocab_parallel_cross_entropy(
     forward only, so every rank of ``group`` must call this function together.
     """
     fn = "vocab_parallel_cross_entropy"
+    local_logits, class_weight = autocast_loss_inputs("cross_entropy", local_logits, class_weight)
     reduction = resolve_reduction(reduction)
     sizes = None
     if has_dtensor(local_logits, target, class_weight):

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
+from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
@@ -71,6 +72,7 @@ def vocab_parallel_linear_cross_entropy(
     shape. Every rank of ``group`` must call this function together (and its backward).
     """
     fn = "vocab_parallel_linear_cross_entropy"
+    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     reduction = resolve_reduction(reduction)
     sizes = None
     if has_dtensor(hidden, local_weight, bias, target, class_weight):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .._compile import graph_break
-from .._dtypes import compute_dtype
+from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
 from ..linear.log_probs import check_log_prob_inputs, finish_log_probs
@@ -117,6 +117,7 @@ def vocab_parallel_linear_log_probs(
     Returns ``logp`` or ``(logp, entropy)`` shaped like ``target`` (float32 for 16-bit
     inputs). Every rank of ``group`` must call this function (and its backward) together.
     """
+    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     fn = "vocab_parallel_linear_log_probs"
     temperature = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
                                         ignore_index, check_range=False, weight_name="local_weight")
