@@ -1,7 +1,7 @@
 r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row block at a time.
 
 The per-row statistics and the gradient of :func:`leanloss.cross_entropy` (the formula and its
-gradient coefficients are those of :mod:`leanloss.linear._ce_rows`) computed from row blocks of
+gradient coefficients are those of :mod:`leanloss._fused.ce_rows`) computed from row blocks of
 at most :data:`BLOCK_BYTES` that stay in the last-level cache: a float32/float64 block's softmax
 is written straight into a scratch buffer, a bfloat16/float16 block is copied into a float32 one
 first, so a 16-bit input is never upcast as a whole, and the gradient is written in the input's
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._dtypes import compute_dtype
-from ..linear._ce_rows import ce_grad_coefficients, ce_row_loss
+from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 
 __all__ = ["block_path_applies", "block_cross_entropy"]
 
@@ -62,7 +62,7 @@ class _Rows:
     """Per-row constants of one call: targets, validity, class weights, smoothing."""
 
     def __init__(self, x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                 eps: float) -> None:
+                 smoothing: float) -> None:
         self.dtype = compute_dtype(x.dtype)
         self.num_classes = x.shape[1]
         self.valid = target != ignore_index
@@ -70,11 +70,11 @@ class _Rows:
         self.w = None if weight is None else weight.to(self.dtype)
         self.w_t = None if self.w is None else torch.where(self.valid, self.w[self.target.squeeze(1)],
                                                            torch.zeros((), dtype=self.dtype))
-        self.eps = float(eps)
+        self.smoothing = float(smoothing)
         # below this a float32/float64 target probability loses digits in log(p_t)
         self.tiny = torch.finfo(self.dtype).tiny * 1e8
         w_total = float(self.num_classes) if self.w is None else self.w.sum()
-        self.stats = dict(eps=self.eps, w_total=w_total, num_classes=self.num_classes, z_loss=0.0)
+        self.stats = dict(smoothing=self.smoothing, w_total=w_total, num_classes=self.num_classes, z_loss=0.0)
 
     def rows_per_block(self) -> int:
         size = torch.finfo(self.dtype).bits // 8
@@ -93,14 +93,14 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
     z = torch.empty(min(step, n), c, dtype=rows.dtype)
     losses = torch.empty(n, dtype=rows.dtype) if want_loss else None
     grad = torch.empty((n, c), dtype=x.dtype) if g is not None else None
-    eps = rows.eps
+    smoothing = rows.smoothing
     for start in range(0, n, step):
         end = min(start + step, n)
         zb, xb, t = z[: end - start], x[start:end], rows.target[start:end]
         w_t = None if rows.w_t is None else rows.w_t[start:end]
         lse = w_sum = None
         src = xb if x.dtype == rows.dtype else zb.copy_(xb)  # softmax from float32 values
-        if eps > 0.0:
+        if smoothing > 0.0:
             # S = sum_c w_c x_c; torch.mv, unlike @, is not lowered by CPU autocast
             w_sum = src.sum(1) if rows.w is None else torch.mv(src, rows.w)
         _softmax_out(src, 1, False, out=zb)
@@ -111,7 +111,7 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
             idx = redo.nonzero().squeeze(1)
             log_p = torch.log_softmax(xb.index_select(0, idx).to(rows.dtype), 1)
             nll[idx] = log_p.gather(1, t[idx]).squeeze(1).neg_()
-        if eps > 0.0:
+        if smoothing > 0.0:
             lse = xb.gather(1, t).squeeze(1).to(rows.dtype) + nll
         if want_loss:
             loss = ce_row_loss(nll, lse, w_t, w_sum, **rows.stats)
@@ -121,18 +121,18 @@ def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
         a, b, s = ce_grad_coefficients(g[start:end], lse, w_t, **rows.stats)
         # the target entry from the float32 values, rounded once: a p_t - b - s w_t
         g_t = a * p_t - b
-        if eps > 0.0:
+        if smoothing > 0.0:
             g_t = g_t - (s if rows.w is None else s * rows.w[t.squeeze(1)])
         out = grad[start:end]
-        if eps > 0.0 and rows.w is not None:
+        if smoothing > 0.0 and rows.w is not None:
             zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1) * rows.w)
-        elif eps > 0.0:
+        elif smoothing > 0.0:
             zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1))
         elif out.dtype == zb.dtype:
             torch.mul(zb, a.unsqueeze(1), out=out)
         else:
             zb.mul_(a.unsqueeze(1))
-        if out.dtype != zb.dtype or eps > 0.0:
+        if out.dtype != zb.dtype or smoothing > 0.0:
             out.copy_(zb)
         out.scatter_(1, t, g_t.unsqueeze(1).to(out.dtype))
     return losses, grad
