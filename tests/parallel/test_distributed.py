@@ -240,6 +240,15 @@ def _functional(rank: int, world: int, inp: dict) -> dict:
         out[f"distill_{name}"] = {"loss": loss.detach(), "hidden": _full(h.grad), "weight": _full(w.grad),
                                   "bias": _full(b.grad), "placements": [_placements(t.grad) for t in (h, w, b)]}
 
+    # per-token log-probs and entropy routed the same way (RL), any upstream gradients
+    w, b = leaf(inp["weight"], [Shard(0)]), leaf(inp["bias"], [Shard(0)])
+    h = inp["hidden"].clone().requires_grad_()
+    logp, ent = leanloss.linear_log_probs(h, w, inp["target"], b, temperature=0.7, return_entropy=True)
+    ((logp * inp["upstream"]).sum() + (ent * inp["upstream"].flip(0)).sum()).backward()
+    out["log_probs"] = {"logp": logp.detach(), "entropy": ent.detach(), "hidden": _full(h.grad),
+                        "weight": _full(w.grad), "bias": _full(b.grad),
+                        "placements": [_placements(t.grad) for t in (h, w, b)]}
+
     # failures: every rank raises, none hangs
     w = distribute_tensor(inp["weight"], mesh, [Shard(0)])
     h, t = inp["hidden"], inp["target"]
@@ -331,8 +340,21 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
     w_only = inp["weight"].clone().requires_grad_()
     replicated = F.cross_entropy(inp["hidden"] @ w_only.T, inp["target"])
     replicated_grad = torch.autograd.grad(replicated, w_only)[0]
+    lp_leaves = {k: inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    log_q = torch.log_softmax((lp_leaves["hidden"] @ lp_leaves["weight"].T + lp_leaves["bias"]) / 0.7, -1)
+    keep = inp["target"] != -100
+    lp_want = torch.where(keep, log_q.gather(1, inp["target"].clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+    ent_want = torch.where(keep, -(log_q.exp() * log_q).sum(-1), 0.0)
+    lp_grads = torch.autograd.grad((lp_want * inp["upstream"]).sum() + (ent_want * inp["upstream"].flip(0)).sum(),
+                                   list(lp_leaves.values()))
     for rank, res in enumerate(results):
         fr = res["functional"]
+        got = fr["log_probs"]
+        if not (_close(got["logp"], lp_want.detach()) and _close(got["entropy"], ent_want.detach())
+                and all(_close(got[k], g) for k, g in zip(("hidden", "weight", "bias"), lp_grads))):
+            failures.append(f"rank {rank}: linear_log_probs with a Shard(0) weight differs from dense")
+        if got["placements"] != ["plain", "(Shard(dim=0),)", "(Shard(dim=0),)"]:
+            failures.append(f"rank {rank}: log-probs grad placements {got['placements']}")
         for key, (loss, grad) in want.items():
             got = fr[key]
             if not (_close(got["loss"], loss) and _close(got["grad"], grad)):
@@ -492,6 +514,16 @@ def test_world_of_one_dtensors_equal_the_plain_losses(mesh_of_one):
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(wd.grad.full_tensor(), wp.grad)
         assert tuple(wd.grad.placements) == (placement,)
+    for placement in (Shard(0), Replicate()):  # per-token log-probs and entropy, routed alike
+        wd = _dt(w.clone(), mesh_of_one, placement).requires_grad_()
+        wp = w.clone().requires_grad_()
+        got = leanloss.linear_log_probs(h, wd, t, temperature=0.8, return_entropy=True)
+        want = leanloss.linear_log_probs(h, wp, t, temperature=0.8, return_entropy=True)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y)
+        (got[0].sum() + got[1].square().sum()).backward()
+        (want[0].sum() + want[1].square().sum()).backward()
+        torch.testing.assert_close(wd.grad.full_tensor(), wp.grad)
     wd = _dt(w.clone(), mesh_of_one, Replicate()).requires_grad_()
     got = leanloss.linear_distill_loss(h, wd, h.flip(0), w, t, kind="jsd", hard_weight=0.3)
     got.backward()

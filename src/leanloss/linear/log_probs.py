@@ -22,6 +22,7 @@ from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
 from .._fused.rows import kept_rows, scatter_rows
+from ..parallel._dtensor import route_linear_log_probs, routes_dtensor
 
 __all__ = ["linear_log_probs", "LogProbScorer"]
 
@@ -84,6 +85,7 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tenso
 
 
 @graph_break
+@routes_dtensor(route_linear_log_probs)  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_log_probs(
     hidden: Tensor,
     weight: Tensor,

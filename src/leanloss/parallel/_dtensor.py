@@ -244,6 +244,18 @@ def route_linear_cross_entropy(fn: Callable, hidden, weight, target, bias=None, 
     return vocab_parallel_linear_cross_entropy(hidden, weight, target, bias=bias, **options)
 
 
+def route_linear_log_probs(fn: Callable, hidden, weight, target, bias=None, **options):
+    """``linear_log_probs`` with DTensor arguments: a vocab-sharded ``weight`` (and ``bias``)
+    runs :func:`~leanloss.parallel.vocab_parallel_linear_log_probs` over the mesh's group;
+    replicated DTensors run ``fn`` on their local tensors."""
+    name = "linear_log_probs"
+    if _vocab_sharded(name, "weight", weight):
+        from .log_probs import vocab_parallel_linear_log_probs
+        return vocab_parallel_linear_log_probs(hidden, weight, target, bias=bias, **options)
+    args = _all_local(name, dict(hidden=hidden, weight=weight, target=target, bias=bias), ("weight", "bias"))
+    return fn(args.pop("hidden"), args.pop("weight"), args.pop("target"), args.pop("bias"), **options)
+
+
 def route_linear_distill_loss(fn: Callable, student_hidden, student_weight, teacher_hidden,
                               teacher_weight, target=None, *, student_bias=None, teacher_bias=None,
                               **options):

@@ -22,6 +22,7 @@ from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_a
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
 from ..linear.log_probs import check_log_prob_inputs, finish_log_probs
 from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel
+from ._dtensor import has_dtensor, unwrap
 from ._setup import shard_rows
 
 __all__ = ["vocab_parallel_linear_log_probs", "VocabParallelLogProbScorer"]
@@ -119,10 +120,16 @@ def vocab_parallel_linear_log_probs(
     """
     hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     fn = "vocab_parallel_linear_log_probs"
+    sizes = None
+    if has_dtensor(hidden, local_weight, bias, target):
+        sharded, whole, group, sizes = unwrap(fn, {"local_weight": local_weight, "bias": bias},
+                                              {"hidden": hidden, "target": target}, group, vocab_start, dim=0)
+        local_weight, bias = sharded["local_weight"], sharded["bias"]
+        hidden, target = whole["hidden"], whole["target"]
     temperature = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
                                         ignore_index, check_range=False, weight_name="local_weight")
     shard, keep, kept_target, batch_shape = shard_rows(fn, hidden, local_weight.shape[0], target,
-                                                       group, vocab_start, ignore_index)
+                                                       group, vocab_start, ignore_index, sizes=sizes)
     h = hidden.reshape(-1, hidden.shape[-1])
     n = h.shape[0]
     if keep is not None:
