@@ -109,7 +109,9 @@ class RowKernel:
         # Each combination of options that selects a code path (a class weight or none, label
         # smoothing or none, ...) and dtype is one graph; allow more of them than dynamo's
         # default for these functions only.
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        with config.patch({limit: _RECOMPILE_LIMIT}):
             return self._compiled(_plain_alias(block), *row_args, **options)
 
     def _run_eager(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options):
