@@ -6,11 +6,11 @@ shape with ``0`` at the dropped rows; these two helpers are that step, once.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["kept_rows", "scatter_rows"]
+__all__ = ["kept_rows", "select_kept", "scatter_rows"]
 
 
 def kept_rows(flat_target: Tensor, ignore_index: int) -> Optional[Tensor]:
@@ -20,6 +20,15 @@ def kept_rows(flat_target: Tensor, ignore_index: int) -> Optional[Tensor]:
     if bool(keep.all()):
         return None
     return keep.nonzero().squeeze(1)
+
+
+def select_kept(flat_target: Tensor, ignore_index: int, *rows: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """``(idx, target, *rows)``: :func:`kept_rows` of ``flat_target`` and ``flat_target`` and
+    each row-aligned tensor of ``rows`` restricted to those rows (unchanged when all count)."""
+    idx = kept_rows(flat_target, ignore_index)
+    if idx is None:
+        return (None, flat_target, *rows)
+    return (idx, *(x.index_select(0, idx) for x in (flat_target, *rows)))
 
 
 def scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:

@@ -18,7 +18,7 @@ from .._reduce import resolve_reduction
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_cross_entropy, routes_dtensor
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer", "ce_block"]
@@ -203,8 +203,7 @@ def linear_cross_entropy(
     h_all = hidden.reshape(-1, d)
     t_all = target.reshape(-1).long()
     n = t_all.shape[0]
-    idx = kept_rows(t_all, ignore_index)
-    h, t = (h_all, t_all) if idx is None else (h_all.index_select(0, idx), t_all.index_select(0, idx))
+    idx, t, h = select_kept(t_all, ignore_index, h_all)
     lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
     scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
                                 weight.shape[0], dtype, lse_out)

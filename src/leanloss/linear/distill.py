@@ -44,7 +44,7 @@ from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
@@ -266,13 +266,9 @@ def linear_distill_loss(
         _checks.check_same_device(fn, student_hidden=student_hidden, target=target)
     hs = _as_matrix(student_hidden)
     ht = _as_matrix(teacher_hidden).detach()
-    kept = None
-    tgt = None
+    kept = tgt = None
     if target is not None:
-        tgt = target.reshape(-1)
-        kept = kept_rows(tgt, ignore_index)
-        if kept is not None:
-            hs, ht, tgt = hs.index_select(0, kept), ht.index_select(0, kept), tgt.index_select(0, kept)
+        kept, tgt, hs, ht = select_kept(target.reshape(-1), ignore_index, hs, ht)
         tgt = tgt.long()
     if temperature != 1.0:  # the engine's blocks become z_s / T: no (N, V) scaling pass
         hs = hs * (1.0 / temperature)

@@ -21,7 +21,7 @@ from .. import _checks, _heuristics
 from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_log_probs, routes_dtensor
 
 __all__ = ["linear_log_probs", "LogProbScorer"]
@@ -130,8 +130,7 @@ def linear_log_probs(
     h_all = hidden.reshape(-1, hidden.shape[-1])
     t_all = target.reshape(-1)
     n = t_all.shape[0]
-    idx = kept_rows(t_all, ignore_index)
-    h, t = (h_all, t_all) if idx is None else (h_all.index_select(0, idx), t_all.index_select(0, idx))
+    idx, t, h = select_kept(t_all, ignore_index, h_all)
     scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype))
     out = fused_linear_loss(h, weight, bias, scorer, reduction="none", chunk_size=chunk_size)
     return finish_log_probs(_FN, out, idx, n, lead_shape, return_entropy, hidden=hidden,

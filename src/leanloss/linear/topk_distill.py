@@ -26,7 +26,7 @@ from .. import _checks, _heuristics
 from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss
 from .._fused.kernels import RowKernel
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from .._reduce import resolve_reduction
 from ..losses.distill import check_topk_options, topk_teacher
 
@@ -177,10 +177,7 @@ def linear_topk_distill_loss(
     rows = h.shape[0]
     tgt = kept = None
     if target is not None:
-        tgt = target.reshape(-1)
-        kept = kept_rows(tgt, ignore_index)
-        if kept is not None:
-            h, ids, lps, tgt = (x.index_select(0, kept) for x in (h, ids, lps, tgt))
+        kept, tgt, h, ids, lps = select_kept(target.reshape(-1), ignore_index, h, ids, lps)
     dtype = compute_dtype(student_hidden.dtype)
     ids, p, log_p = topk_teacher(ids, lps, temperature, dtype)
     scorer = TopKDistillScorer(ids, p, log_p, tgt, temperature=temperature, hard_weight=hard_weight)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._dtypes import compute_dtype
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, resolve_group, vocab_shard
 from ._scorer import VocabParallelScorer
 
@@ -59,10 +59,8 @@ def shard_rows(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, v
     shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
-    flat = target.reshape(-1)
-    keep = kept_rows(flat, ignore_index)
-    kept_target = (flat if keep is None else flat[keep]).long()
-    return shard, keep, kept_target, batch_shape
+    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
+    return shard, keep, kept_target.long(), batch_shape
 
 
 def prepare_rows(

@@ -33,7 +33,7 @@ from .._compile import graph_break
 from .. import _checks
 from .._reduce import resolve_reduction
 from .._fused.engine import ScoreResult, fused_linear_loss
-from .._fused.rows import kept_rows, scatter_rows
+from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel
 from ._dtensor import has_dtensor, unwrap
 from ._setup import find_shard
@@ -233,10 +233,7 @@ def vocab_parallel_linear_distill_loss(
     ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
     keep, tgt = None, None
     if target is not None:
-        tgt = target.reshape(-1)
-        keep = kept_rows(tgt, ignore_index)
-        if keep is not None:
-            hs, ht, tgt = hs.index_select(0, keep), ht.index_select(0, keep), tgt.index_select(0, keep)
+        keep, tgt, hs, ht = select_kept(target.reshape(-1), ignore_index, hs, ht)
         tgt = tgt.long()
     hs = copy_to_vocab_parallel(hs, shard)
     if temperature != 1.0:  # the engine's blocks become z_s / T
