@@ -152,7 +152,7 @@ def plan_chunk(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, weight_g
     """The engine's default rows per block for ``num_rows`` rows of ``dim`` features against
     ``vocab`` classes in ``dtype`` (see the module docstring for the 16-bit weight-gradient
     plan)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if compute_dtype(dtype) == dtype:
         return default_chunk_size(num_rows, vocab, element_size=size)
     if weight_grad:
