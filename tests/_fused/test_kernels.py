@@ -60,8 +60,10 @@ def test_cross_entropy_kernel_compiled_equals_eager(mode, dtype, options):
         _close(z_comp.float(), z_eager.float(), dtype)
 
 
-@pytest.mark.parametrize("kind, hard_weight", [("forward", 0.3), ("reverse", 0.0), ("jsd", 0.3), ("jsd", 1.0)])
-def test_distill_kernel_compiled_equals_eager(mode, kind, hard_weight):
+@pytest.mark.parametrize("kind, hard_weight, temperature", [
+    ("forward", 0.3, 2.0), ("reverse", 0.0, 2.0), ("jsd", 0.3, 2.0), ("jsd", 1.0, 2.0), ("jsd", 0.3, 1.0)])
+def test_distill_kernel_compiled_equals_eager(monkeypatch, mode, kind, hard_weight, temperature):
+    """Compiled on CPU row tiles of 4 rows (the last one 3), eager on whole blocks."""
     g = torch.Generator().manual_seed(1)
     n, v = 19, 1501
     a = (torch.randn(n, v, generator=g) * 3).bfloat16()
@@ -69,7 +71,9 @@ def test_distill_kernel_compiled_equals_eager(mode, kind, hard_weight):
     y = torch.randint(0, v, (n,), generator=g)
     a_y = None if hard_weight == 0.0 else a.gather(1, y.unsqueeze(1)).squeeze(1).float()
     scale = torch.rand(n, generator=g)
-    opts = dict(kind=kind, beta=0.3, temperature=2.0, hard_weight=hard_weight, dtype=torch.float32)
+    row_bytes = 2 * v * (1 if b is None else 2)
+    monkeypatch.setattr(kernels, "_TILE_BYTES", 4 * row_bytes)
+    opts = dict(kind=kind, beta=0.3, temperature=temperature, hard_weight=hard_weight, dtype=torch.float32)
     (eager, a_eager), (comp, a_comp) = _both(mode, _DISTILL_KERNEL, a, b, a_y, scale, **opts)
     _close(comp[0], eager[0], torch.float32)
     _close(a_comp.float(), a_eager.float(), torch.bfloat16)
@@ -93,6 +97,35 @@ def test_eager_runs_in_row_sub_blocks(monkeypatch, mode):
     assert seen == [2, 2, 1]
     torch.testing.assert_close(out, torch.arange(50.0).reshape(5, 10).sum(1) * w)
     torch.testing.assert_close(block, torch.arange(50.0).reshape(5, 10) * 2)
+
+
+@pytest.mark.parametrize("tiled", [True, False])
+def test_compiled_runs_in_row_tiles_on_cpu(monkeypatch, mode, tiled):
+    """On CPU the compiled function gets row tiles of about _TILE_BYTES of the block and of the
+    row arguments as wide as it (here 2 rows of 10 float32 + 10 float32), each a plain tensor
+    (not a view), and the outputs are joined in order; ``tiled=False`` calls it once."""
+    seen = []
+
+    def rowsum(block, wide, w):
+        seen.append((block.shape[0], block._base is None))
+        out = (block * wide * w.unsqueeze(1)).sum(1)
+        block.mul_(2)
+        return (out,)
+
+    monkeypatch.setattr(kernels, "_TILE_BYTES", 2 * 2 * 10 * 4)
+    mode("compiled")
+    kernel = RowKernel(rowsum, "test", tiled=tiled)
+    kernel._compiled = rowsum  # stands in for torch.compile(rowsum): the tiling is under test
+    base = torch.arange(60.0).reshape(6, 10)
+    block = base[1:]  # a view, as the engine's blocks are
+    wide = torch.full((5, 10), 0.5)
+    w = torch.arange(5.0)
+    (out,) = kernel(block, wide, w)
+    assert seen == ([(2, True), (2, True), (1, True)] if tiled else [(5, True)])
+    expected = torch.arange(10.0, 60.0).reshape(5, 10)
+    torch.testing.assert_close(out, (expected * 0.5).sum(1) * w)
+    torch.testing.assert_close(base[1:], expected * 2)
+    torch.testing.assert_close(base[0], torch.arange(10.0))
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch, mode):

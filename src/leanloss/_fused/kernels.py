@@ -7,7 +7,13 @@ per-row tensors. :class:`RowKernel` runs it in one of two ways that give the sam
 * ``compiled``: ``torch.compile(fn, dynamic=True)`` (inductor: C++/OpenMP on CPU, Triton on
   CUDA). One kernel reads the 16-bit block a few times per row, accumulates in float32 and
   writes the gradient over the block in place: no float32 copy of the block exists. Sizes are
-  symbolic, so a new number of rows or classes does not recompile.
+  symbolic, so a new number of rows or classes does not recompile. On CPU the kernel is
+  called on row tiles of about ``_TILE_BYTES`` (of the block and the block-wide row
+  arguments): inductor's C++ code makes one pass over all the rows it is given per
+  reduction, so a tile that stays in the cores' L2 caches is read from cache on every pass
+  after the first (2-core CPU, one (2048, 32000) bf16 block: the cross-entropy kernel
+  0.13 -> 0.09 and the distillation kernel 0.71 -> 0.38 of the block's forward matmul, for
+  about 0.1 ms of call overhead per tile).
 * ``eager``: the same function on row sub-blocks of about ``_SUB_BYTES`` of float32 per
   temporary, so its temporaries stay small and in cache. Used where compiling is unavailable
   (``TORCHDYNAMO_DISABLE=1``, no C++ compiler, a compile error), for float64, for devices other
@@ -34,6 +40,9 @@ _mode = os.environ.get("LEANLOSS_KERNELS", "auto")
 _SUB_BYTES = 2 * 2**20
 # Blocks with fewer elements run eagerly in 'auto' (a compiled call costs ~0.1 ms of overhead).
 _MIN_COMPILED_NUMEL = 2**18
+# Bytes of block (and of row arguments as wide as it) per compiled call on CPU: about the L2
+# cache of the cores that share the call.
+_TILE_BYTES = 2 * 2**20
 _COMPILABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _compile_broken: Optional[str] = None
 _RECOMPILE_LIMIT = 64
@@ -77,11 +86,14 @@ class RowKernel:
     in place) depends only on row ``r`` of ``block`` and of each tensor in ``row_args``
     (``None`` entries allowed). ``options`` are Python scalars, bools or tensors that are not
     per row (a class-weight vector, say); bools select code paths (one compiled graph each).
+    ``tiled``: on CPU, run the compiled function on row tiles of about ``_TILE_BYTES`` (for
+    functions that read the block several times; one streaming pass gains nothing from it).
     """
 
-    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str) -> None:
+    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, tiled: bool = True) -> None:
         self.fn = fn
         self.name = name
+        self.tiled = tiled
         self._compiled: Optional[Callable] = None
 
     def use_compiled(self, block: Tensor) -> bool:
@@ -111,20 +123,32 @@ class RowKernel:
         # default for these functions only.
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        step = block.shape[0]
+        if self.tiled and block.device.type == "cpu":
+            # bytes per row of the block and of the row arguments as wide as it
+            row_bytes = sum(t.shape[1] * t.element_size() for t in (block, *row_args)
+                            if t is not None and t.dim() == 2 and t.shape[1] == block.shape[1])
+            step = max(2, _TILE_BYTES // max(1, row_bytes))
         with config.patch({limit: _RECOMPILE_LIMIT}):
-            return self._compiled(_plain_alias(block), *row_args, **options)
+            return _by_rows(self._compiled, block, row_args, options, step, alias=True)
 
     def _run_eager(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options):
-        n = block.shape[0]
-        step = _sub_rows(block.shape[1])
-        if n <= step:
-            return self.fn(block, *row_args, **options)
-        parts = []
-        for start in range(0, n, step):
-            sub = slice(start, min(start + step, n))
-            parts.append(self.fn(block[sub], *(None if a is None else a[sub] for a in row_args),
-                                 **options))
-        return tuple(torch.cat(column) for column in zip(*parts))
+        return _by_rows(self.fn, block, row_args, options, _sub_rows(block.shape[1]), alias=False)
+
+
+def _by_rows(fn: Callable, block: Tensor, row_args: Sequence[Optional[Tensor]], options, step: int,
+             *, alias: bool) -> Tuple[Tensor, ...]:
+    """``fn`` on row sub-blocks of at most ``step`` rows, its per-row outputs concatenated;
+    ``alias``: pass each sub-block as a plain tensor (:func:`_plain_alias`)."""
+    n = block.shape[0]
+    if n <= step:
+        return fn(_plain_alias(block) if alias else block, *row_args, **options)
+    parts = []
+    for start in range(0, n, step):
+        sub = slice(start, min(start + step, n))
+        part = _plain_alias(block[sub]) if alias else block[sub]
+        parts.append(fn(part, *(None if a is None else a[sub] for a in row_args), **options))
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _plain_alias(t: Tensor) -> Tensor:

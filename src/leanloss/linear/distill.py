@@ -13,10 +13,14 @@ Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathr
 * forward: :math:`D = \langle p, b - a\rangle + A - B`, :math:`\partial D/\partial a = q - p`;
 * reverse: :math:`D = \langle q, a - b\rangle - A + B`,
   :math:`\partial D/\partial a = q \odot (e - \langle q, e\rangle)` with :math:`e = a - b`;
-* jsd: :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)` (so :math:`\log m = \lambda + \log(1-\beta)`),
-  :math:`D = \beta(\langle p, b - \lambda\rangle - B) + (1-\beta)(\langle q, a - \lambda\rangle - A)
-  - \log(1-\beta)`, :math:`\partial D/\partial a = (1-\beta)\, q \odot (r - \langle q, r\rangle)`
-  with :math:`r = a - \lambda`;
+* jsd: :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)` (so :math:`\log m = \lambda + \log(1-\beta)`)
+  and :math:`s = \lambda - \log q = \log(1 + \tfrac{\beta}{1-\beta} p / q)`:
+  :math:`D = \beta\langle p, \log p - \lambda\rangle - (1-\beta)\langle q, s\rangle - \log(1-\beta)`,
+  :math:`\partial D/\partial a = (1-\beta)\, q \odot (\langle q, s\rangle - s)`. Written with
+  :math:`s`, a row's common offset (its log-sum-exp, and its rounding) cancels before any
+  product, so float32 gradients are as accurate as the log-softmax form's (the form
+  :math:`q \odot (r - \langle q, r\rangle)`, :math:`r = a - \lambda`, loses the digits of
+  :math:`|a|`);
 * hard term: :math:`\mathrm{CE} = \mathrm{lse}(z_s) - z_{s,y}`, gradient
   :math:`\mathrm{softmax}(z_s) - \mathrm{onehot}(y)`;
 
@@ -75,10 +79,13 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
     x = a.to(dtype)
     loss = None
     grad = None
+    lse_a = q = None
+    if b is not None or temp == 1.0:  # the student's softmax q (also the hard term's at T = 1)
+        lse_a = _lse(x)
+        q = (x - lse_a).exp()
     if b is not None:
         y = b.to(dtype)
-        lse_a, lse_b = _lse(x), _lse(y)
-        q = (x - lse_a).exp()
+        lse_b = _lse(y)
         p = (y - lse_b).exp()
         if kind == "forward":
             div = (p * (y - x)).sum(1) + (lse_a - lse_b).squeeze(1)
@@ -89,22 +96,24 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
             div = (r - lse_a + lse_b).squeeze(1)
             d_div = q * (e - r)
         else:
-            log_rest = math.log1p(-beta)
             lam = (q + p * (beta / (1.0 - beta))).clamp_min(torch.finfo(dtype).tiny).log()
-            kl_pm = (p * (y - lam)).sum(1) - lse_b.squeeze(1) - log_rest
-            r = (q * (x - lam)).sum(1, keepdim=True)
-            kl_qm = (r - lse_a).squeeze(1) - log_rest
-            div = beta * kl_pm + (1.0 - beta) * kl_qm
-            d_div = q * (x - lam - r) * (1.0 - beta)
+            s = lam - (x - lse_a)
+            qs = (q * s).sum(1, keepdim=True)
+            div = (beta * (p * (y - lse_b - lam)).sum(1) - (1.0 - beta) * qs.squeeze(1)
+                   - math.log1p(-beta))
+            d_div = q * (qs - s) * (1.0 - beta)
         soft = (1.0 - hw) * temp * temp
         loss = div * soft
         grad = d_div * soft
     if a_y is not None:
-        z = x * temp
-        lse_z = _lse(z)
+        if temp == 1.0:  # softmax(z) is q
+            lse_z, probs = lse_a, q * hw
+        else:
+            z = x * temp
+            lse_z = _lse(z)
+            probs = (z - lse_z).exp() * (hw * temp)
         hard = hw * (lse_z.squeeze(1) - a_y * temp)
         loss = hard if loss is None else loss + hard
-        probs = (z - lse_z).exp() * (hw * temp)
         grad = probs if grad is None else grad + probs
     if g is not None:
         a.copy_(grad * g.unsqueeze(1))

@@ -14,9 +14,9 @@ numbers, and the gradient with respect to this rank's slice is then local:
   :math:`\langle p, b - a\rangle = \cdot / s_b`; reverse: :math:`\sum e^{a - m_a}(a - b)`), and
   with the hard term :math:`\sum e^{T(a - m_a)}` and the target's :math:`z_{s,y}` (from its
   owner);
-* jsd only: one more all-reduce SUM of :math:`\langle p, b - \lambda\rangle` and
-  :math:`\langle q, a - \lambda\rangle`, :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)`
-  (it needs the global :math:`A, B` first).
+* jsd only: one more all-reduce SUM of :math:`\langle p, \log p - \lambda\rangle` and
+  :math:`\langle q, s\rangle`, :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)`,
+  :math:`s = \lambda - \log q` (it needs the global :math:`A, B` first).
 
 So at most 3 (forward/reverse) or 5 (jsd) numbers per row travel per rank, never a logit.
 """
@@ -137,12 +137,11 @@ class VocabParallelDistillScorer:
             return dot - lse_a + lse_b, (q * ((a - b) - dot[:, None]) if want else None)
         beta = self.beta
         lam = torch.add(q, p, alpha=beta / (1.0 - beta)).clamp_min_(torch.finfo(a.dtype).tiny).log_()
-        r = a - lam
-        dots = torch.stack([(p * (b - lam)).sum(1), (q * r).sum(1)], 1)
+        s = lam - (a - lse_a[:, None])  # lambda - log q
+        dots = torch.stack([(p * ((b - lse_b[:, None]) - lam)).sum(1), (q * s).sum(1)], 1)
         self._all_reduce(dots, dist.ReduceOp.SUM)
-        log_rest = math.log1p(-beta)
-        div = beta * (dots[:, 0] - lse_b - log_rest) + (1.0 - beta) * (dots[:, 1] - lse_a - log_rest)
-        return div, ((1.0 - beta) * q * (r - dots[:, 1:2]) if want else None)
+        div = beta * dots[:, 0] - (1.0 - beta) * dots[:, 1] - math.log1p(-beta)
+        return div, ((1.0 - beta) * q * (dots[:, 1:2] - s) if want else None)
 
 
 def _check_heads(fn: str, student_hidden, student_weight, student_bias, teacher_hidden,
