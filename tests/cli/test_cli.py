@@ -350,6 +350,48 @@ def test_add_ratios_compares_same_process_ratios_within_a_group():
     assert [c[5] for c in cells] == ["2.00", "1.00", "0.50", "3.00", "error", "skipped"]
 
 
+def _bench_file(path, rows, machine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"created": "2026-01-01T00:00:00+00:00", "machine": machine, "results": rows}))
+    return path
+
+
+def test_bench_merge_joins_runs_later_file_wins_and_recomputes_ratios(tmp_path):
+    def row(impl, dtype, x_roof, extra, **kw):
+        return {"suite": "s", "impl": impl, "N": 1, "D": 1, "V": 8, "dtype": dtype, "x_roof": x_roof,
+                "time_s": 9.0, "extra_mb": extra, **kw}
+
+    machine = {"cpu_count": 2, "torch": "2.13.0"}
+    a = _bench_file(tmp_path / "a" / "bench.json",
+                    [row("leanloss", "float32", 1.5, 10.0, x_torch_eager=9.9), row("torch_eager", "float32", 3.0, 40.0)],
+                    machine)
+    b = _bench_file(tmp_path / "b" / "bench.json",
+                    [row("leanloss", "float32", 1.2, 20.0), row("leanloss", "bfloat16", 1.1, 5.0)], machine)
+    out = tmp_path / "merged"
+    assert cli.main(["bench", "--merge", str(a), "--merge", str(b), "--out", str(out)]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["machine"] == machine
+    assert [src["path"] for src in doc["args"]["merged_from"]] == [str(a), str(b)]
+    by_case = {(r["impl"], r["dtype"]): r for r in doc["results"]}
+    assert len(doc["results"]) == 3
+    lean = by_case[("leanloss", "float32")]
+    assert lean["x_roof"] == 1.2 and lean["x_torch_eager"] == pytest.approx(0.4) and lean["mem_x_torch_eager"] == 0.5
+    assert "x_torch_eager" not in by_case[("leanloss", "bfloat16")]  # no eager row in bf16
+    table = (out / "bench.md").read_text()
+    assert "| s | leanloss | 1 | 1 | 8 | 1.20 | 20 |" in table
+
+
+def test_bench_merge_refuses_other_machines_and_unreadable_files(tmp_path, capsys):
+    a = _bench_file(tmp_path / "a.json", [], {"cpu_count": 2})
+    b = _bench_file(tmp_path / "b.json", [], {"cpu_count": 16})
+    assert cli.main(["bench", "--merge", str(a), "--merge", str(b), "--out", str(tmp_path / "o")]) == 2
+    assert "different machines" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli.main(["bench", "--merge", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read results from" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # bench: the shipped suites, run from an install (not the repository)
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cases run at once (default 1: more share the cores and blur the times)")
     p_bench.add_argument("--timeout", type=float, default=None,
                          help="seconds per case (default 300 with --quick, else 1800)")
+    p_bench.add_argument("--merge", type=Path, action="append", metavar="BENCH_JSON",
+                         help="run nothing: join the results of earlier runs (their bench.json files; "
+                         "for a case in several, the later file wins) into --out, with the peer "
+                         "ratios recomputed between rows of the same shape and dtype")
     p_bench.add_argument("--package", default=DEFAULT_PACKAGE, metavar="PKG",
                          help=f"the package of suites to run (default {DEFAULT_PACKAGE}; see its harness "
                          "module for the contract)")
@@ -104,6 +108,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
     from .bench import runner
 
+    if args.merge:
+        return runner.merge(args.merge, args.out)
     only = _flatten([[o for o in group.split(",") if o] for group in args.only]) if args.only else None
     sel = runner.Selection(quick=args.quick, vocab=_flatten(args.vocab), tokens=args.tokens,
                            hidden=args.hidden, dtype=_flatten([[d] for d in args.dtype or []]), only=only)

@@ -215,14 +215,16 @@ def _machine() -> Dict[str, Any]:
     }
 
 
-def write_json(path: Path, results: List[Row], suites: Suites, args: Dict[str, Any]) -> Dict[str, Any]:
+def write_json(path: Path, results: List[Row], suites: Suites, args: Dict[str, Any],
+               machine: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``bench.json``; ``machine`` defaults to this one's."""
     import leanloss
 
     doc = {
         "schema_version": SCHEMA_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "leanloss": leanloss.__version__,
-        "machine": _machine(),
+        "machine": machine if machine is not None else _machine(),
         "method": harness.__doc__,
         "args": args,
         "suites_run": sorted({r["suite"] for r in results if measured(r)}),
@@ -365,6 +367,46 @@ def write_plot(path: Path, results: List[Row]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+CASE_KEYS = ("suite", "impl") + GROUP_KEYS[1:]
+
+
+def merge(paths: Sequence[Path], out: Path) -> int:
+    """``leanloss bench --merge A/bench.json B/bench.json ... --out DIR``: the results of earlier
+    runs in one table. Each row keeps the figures of the process that measured it (its ratio to
+    the roofline was taken there); for a case present in several files the later file wins.
+    Peer ratios (``x_<peer>``) are recomputed between the merged rows of one shape and dtype."""
+    rows: Dict[tuple, Row] = {}
+    sources = []
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text())
+            results = doc["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"leanloss bench --merge: cannot read results from {path}: {exc}", file=sys.stderr)
+            return 2
+        sources.append({"path": str(path), "created": doc.get("created"), "machine": doc.get("machine")})
+        for row in results:
+            row = {k: v for k, v in row.items() if not k.startswith("x_") or k == "x_roof"}
+            row.pop("mem_x_torch_eager", None)
+            rows[tuple(row.get(k) for k in CASE_KEYS)] = row
+    results = add_ratios(list(rows.values()))
+    machines = [src["machine"] for src in sources if src["machine"]]
+    if machines and any(m != machines[0] for m in machines):
+        print("leanloss bench --merge: the files come from different machines; their figures do not "
+              "compare", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", results, Suites("merged", {}), {"merged_from": sources},
+               machine=machines[0] if machines else None)
+    write_markdown(out / "bench.md", results, machines[0] if machines else _machine())
+    try:
+        write_plot(out / "bench.png", results)
+    except ImportError:
+        print("leanloss bench --merge: no matplotlib, bench.png not written", file=sys.stderr)
+    print(f"merged {len(results)} rows from {len(paths)} file(s) into {out}")
+    return 0
 
 
 def run(sel: Selection, out: Path, *, timeout: Optional[float] = None, jobs: Optional[int] = None,
