@@ -114,7 +114,7 @@ def test_compiled_runs_in_row_tiles_on_cpu(monkeypatch, mode, tiled):
 
     monkeypatch.setattr(kernels, "_TILE_BYTES", 2 * 2 * 10 * 4)
     mode("compiled")
-    kernel = RowKernel(rowsum, "test", tiled=tiled)
+    kernel = RowKernel(rowsum, "test", tiled=tiled)  # the default is untiled
     kernel._compiled = rowsum  # stands in for torch.compile(rowsum): the tiling is under test
     base = torch.arange(60.0).reshape(6, 10)
     block = base[1:]  # a view, as the engine's blocks are

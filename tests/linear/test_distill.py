@@ -248,6 +248,7 @@ def test_elementwise_sub_blocks(monkeypatch, kind, beta):
     import leanloss.linear.distill as fused_module
 
     monkeypatch.setattr(fused_module, "_TEACHER_BYTES", 8 * 13 * 3)
+    monkeypatch.setattr(fused_module, "_TEACHER_MIN_ROWS", 1)
     student, teacher = heads(seed=10)
     target = torch.randint(0, 13, (11,), generator=gen(10))
     target[::4] = IGNORE

@@ -313,7 +313,7 @@ def add_upcast(acc: Tensor, part: Tensor):
     return ()
 
 
-_ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation", tiled=False)
+_ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation")
 
 
 def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs, policy_vocab):

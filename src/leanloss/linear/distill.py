@@ -46,7 +46,7 @@ from .._compile import graph_break
 from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
+from .._fused.engine import _MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel
 from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
@@ -54,8 +54,11 @@ from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
 # Bytes of teacher logits computed per kernel call: the teacher block is the scorer's only
-# (rows, V) buffer, so it is sized apart from the engine's student block.
+# (rows, V) buffer, so it is sized apart from the engine's student block; but it has at least
+# the engine's minimum block rows, since each teacher matmul re-reads (and BLAS re-packs) the
+# whole teacher weight (float32 V=32000: 262-row pieces cost 12% over the four matmuls).
 _TEACHER_BYTES = 32 * 2**20
+_TEACHER_MIN_ROWS = _MIN_CHUNK
 
 
 def _lse(x: Tensor) -> Tensor:
@@ -120,7 +123,7 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
     return (loss,)
 
 
-_DISTILL_KERNEL = RowKernel(distill_block, "distillation")
+_DISTILL_KERNEL = RowKernel(distill_block, "distillation", tiled=True)
 
 
 class DistillScorer:
@@ -130,7 +133,8 @@ class DistillScorer:
     ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` (or ``None``) are aligned with the
     rows the engine walks; the teacher tensors must not require grad. Blocks are scored in the
     matmul dtype by the row kernel :func:`distill_block`; the teacher logits of the same rows
-    are computed (without autograd) in pieces of about ``_TEACHER_BYTES``.
+    are computed (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least
+    ``_TEACHER_MIN_ROWS`` rows).
     """
 
     low_precision_blocks = True
@@ -169,8 +173,8 @@ class DistillScorer:
         y = None if self.hard_weight == 0.0 else self.target[rows]
         g = None if grad_scale is None else grad_scale.reshape(-1)
         n = a.shape[0]
-        step = n if not soft else max(1, _TEACHER_BYTES // (self.teacher_hidden.element_size()
-                                                             * max(a.shape[1], 1)))
+        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
+            self.teacher_hidden.element_size() * max(a.shape[1], 1)))
         losses = []
         for start in range(0, n, step):
             sub = slice(start, min(start + step, n))
@@ -257,7 +261,8 @@ def linear_distill_loss(
         chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
-    ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of about 32 MiB are alive. Matmuls run in the inputs' dtypes,
+    ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of about 32 MiB (at
+    least 512 rows) are alive. Matmuls run in the inputs' dtypes,
     the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
     that compute dtype.
     """
