@@ -53,11 +53,12 @@ from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
-# Bytes of teacher logits computed per kernel call: the teacher block is the scorer's only
-# (rows, V) buffer, so it is sized apart from the engine's student block; but it has at least
-# the engine's minimum block rows, since each teacher matmul re-reads (and BLAS re-packs) the
-# whole teacher weight (float32 V=32000: 262-row pieces cost 12% over the four matmuls).
-_TEACHER_BYTES = 32 * 2**20
+# Bytes of teacher logits computed per matmul: the teacher block is the scorer's only (rows, V)
+# buffer, so it is sized apart from the engine's student block; but it has at least the engine's
+# minimum block rows, since each teacher matmul re-reads (and BLAS re-packs) the whole teacher
+# weight (float32 V=32000, interleaved A/B: 262-row pieces 1.12x the four matmuls, 512-row
+# 1.10x, 1024-row 1.04x; bf16 within noise of each other from 524 rows up).
+_TEACHER_BYTES = 128 * 2**20
 _TEACHER_MIN_ROWS = _MIN_CHUNK
 
 
@@ -261,8 +262,8 @@ def linear_distill_loss(
         chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
-    ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of about 32 MiB (at
-    least 512 rows) are alive. Matmuls run in the inputs' dtypes,
+    ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of at most 128 MiB (or
+    512 rows) are alive. Matmuls run in the inputs' dtypes,
     the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
     that compute dtype.
     """
