@@ -128,6 +128,21 @@ def test_compiled_runs_in_row_tiles_on_cpu(monkeypatch, mode, tiled):
     torch.testing.assert_close(base[0], torch.arange(10.0))
 
 
+def test_row_sub_blocks_are_evened_out():
+    """9 rows in steps of at most 4 go as 3 + 3 + 3, not 4 + 4 + 1 (a 1-row tile would cost a
+    compiled function a graph of its own)."""
+    seen = []
+
+    def rows(block):
+        seen.append(block.shape[0])
+        return (block.sum(1),)
+
+    block = torch.arange(18.0).reshape(9, 2)
+    (out,) = kernels._by_rows(rows, block, (), {}, 4, alias=True)
+    assert seen == [3, 3, 3]
+    torch.testing.assert_close(out, block.sum(1))
+
+
 def test_compile_failure_falls_back_to_eager_once(monkeypatch, mode):
     mode("auto")
     monkeypatch.setattr(kernels, "_MIN_COMPILED_NUMEL", 1)

@@ -138,11 +138,13 @@ class RowKernel:
 
 def _by_rows(fn: Callable, block: Tensor, row_args: Sequence[Optional[Tensor]], options, step: int,
              *, alias: bool) -> Tuple[Tensor, ...]:
-    """``fn`` on row sub-blocks of at most ``step`` rows, its per-row outputs concatenated;
+    """``fn`` on row sub-blocks of at most ``step`` rows (evened out, so the last is not a sliver
+    that a compiled function would specialize for), its per-row outputs concatenated;
     ``alias``: pass each sub-block as a plain tensor (:func:`_plain_alias`)."""
     n = block.shape[0]
     if n <= step:
         return fn(_plain_alias(block) if alias else block, *row_args, **options)
+    step = -(-n // -(-n // step))
     parts = []
     for start in range(0, n, step):
         sub = slice(start, min(start + step, n))
