@@ -199,3 +199,20 @@ def test_16bit_compiled_kernel_against_float64(dtype, reduction, kw):
                 assert float((g_.double() - e).norm() / e.norm()) < 2e-2
     finally:
         kernels.set_kernel_mode(before)
+
+
+def test_set_and_add_at_cols_write_through_the_flat_index_of_a_row_view():
+    """Rows of a wider buffer (stride > width, as the engine's blocks are): set writes one value
+    per row, add accumulates (n, k) values with repeated columns adding up; other entries and
+    the buffer outside the view stay as they were."""
+    base = torch.zeros(4, 7, dtype=torch.bfloat16)
+    block = base[1:4, :5]
+    engine.set_at_cols(block, torch.tensor([0, 4, 2]), torch.tensor([1.0, 2.0, 3.0]))
+    engine.add_at_cols(block, torch.tensor([[1, 1], [4, 0], [2, 3]]),
+                       torch.tensor([[0.5, 0.25], [1.0, -1.0], [2.0, 4.0]]))
+    expected = torch.zeros(4, 7)
+    expected[1, 0], expected[1, 1] = 1.0, 0.75
+    expected[2, 4], expected[2, 0] = 3.0, -1.0
+    expected[3, 2], expected[3, 3] = 5.0, 4.0
+    torch.testing.assert_close(base.float(), expected)
+    engine.set_at_cols(block[:0], torch.tensor([], dtype=torch.long), torch.tensor([]))  # no rows: no-op

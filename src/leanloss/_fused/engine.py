@@ -59,7 +59,7 @@ from .._reduce import reduce_loss
 from .kernels import RowKernel
 
 __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
-           "plan_chunk", "set_at_cols"]
+           "plan_chunk", "set_at_cols", "add_at_cols"]
 
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
 # cost that grows with the number of blocks and not with their size, so a block has at least
@@ -163,16 +163,32 @@ def plan_chunk(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, weight_g
     return default_chunk_size(num_rows, vocab, element_size=size)
 
 
-def set_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
-    """``block[r, cols[r]] = values[r]`` for a row-contiguous block, in place.
-
-    Through the flat index: ``scatter_`` along dim 1 makes a float32 copy of a 16-bit block on
-    CPU."""
+def _flat_at_cols(block: Tensor, cols: Tensor) -> Tuple[Tensor, Tensor]:
+    """A row-contiguous ``(n, V)`` block as a 1-D view, and the flat positions of
+    ``block[r, cols[r]]`` (``cols`` ``(n,)``) or ``block[r, cols[r, i]]`` (``cols`` ``(n, k)``),
+    flattened. Writing through them avoids ``scatter_``/``scatter_add_`` along dim 1, which
+    make a float32 copy of a 16-bit block on CPU."""
     n, width = block.shape
-    if n == 0:
+    starts = torch.arange(n, device=block.device) * block.stride(0)
+    flat = starts.view(n, *([1] * (cols.dim() - 1))) + cols
+    return block.as_strided((block.stride(0) * (n - 1) + width,), (1,)), flat.reshape(-1)
+
+
+def set_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
+    """``block[r, cols[r]] = values[r]`` for a row-contiguous block, in place."""
+    if block.shape[0] == 0:
         return
-    flat = torch.arange(n, device=block.device) * block.stride(0) + cols
-    block.as_strided((block.stride(0) * (n - 1) + width,), (1,)).index_copy_(0, flat, values.to(block.dtype))
+    view, flat = _flat_at_cols(block, cols)
+    view.index_copy_(0, flat, values.to(block.dtype))
+
+
+def add_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
+    """``block[r, cols[r, i]] += values[r, i]`` for a row-contiguous block, in place (repeated
+    columns add up)."""
+    if block.shape[0] == 0:
+        return
+    view, flat = _flat_at_cols(block, cols)
+    view.index_add_(0, flat, values.reshape(-1).to(block.dtype))
 
 
 def _chunks(num_rows: int, chunk: int):

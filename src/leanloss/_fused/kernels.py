@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode"]
+__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "row_logsumexp"]
 
 _MODES = ("auto", "compiled", "eager")
 _mode = os.environ.get("LEANLOSS_KERNELS", "auto")
@@ -73,6 +73,13 @@ def _dispatch_mode_active() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     return _get_current_dispatch_mode() is not None
+
+
+def row_logsumexp(x: Tensor) -> Tensor:
+    """``logsumexp`` of each row of ``x`` as an ``(n,)`` vector, shifted by the row maximum: the
+    statistic the block kernels share, written as plain ops so inductor fuses it into them."""
+    m = x.amax(1, keepdim=True)
+    return (m + (x - m).exp().sum(1, keepdim=True).log()).squeeze(1)
 
 
 def _sub_rows(vocab: int) -> int:

@@ -17,7 +17,7 @@ from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._reduce import resolve_reduction
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.kernels import RowKernel
+from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_cross_entropy, routes_dtensor
 
@@ -47,8 +47,7 @@ def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor],
     target (``-b`` times the chain rule) and the dense part's value there.
     """
     y = _transform(z.to(x_t.dtype), scale, softcap)
-    m = y.amax(1, keepdim=True)
-    lse = (m + (y - m).exp().sum(1, keepdim=True).log()).squeeze(1)
+    lse = row_logsumexp(y)
     y_t = _transform(x_t, scale, softcap)
     smooth_sum = None
     if smoothing > 0.0:

@@ -47,7 +47,7 @@ from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
 from .._fused.engine import _MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.kernels import RowKernel
+from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
 
@@ -60,12 +60,6 @@ __all__ = ["DistillScorer", "linear_distill_loss"]
 # 1.10x, 1024-row 1.04x; bf16 within noise of each other from 524 rows up).
 _TEACHER_BYTES = 128 * 2**20
 _TEACHER_MIN_ROWS = _MIN_CHUNK
-
-
-def _lse(x: Tensor) -> Tensor:
-    """Row log-sum-exp as an ``(n, 1)`` column."""
-    m = x.amax(1, keepdim=True)
-    return m + (x - m).exp().sum(1, keepdim=True).log()
 
 
 def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *,
@@ -85,11 +79,11 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
     grad = None
     lse_a = q = None
     if b is not None or temp == 1.0:  # the student's softmax q (also the hard term's at T = 1)
-        lse_a = _lse(x)
+        lse_a = row_logsumexp(x).unsqueeze(1)
         q = (x - lse_a).exp()
     if b is not None:
         y = b.to(dtype)
-        lse_b = _lse(y)
+        lse_b = row_logsumexp(y).unsqueeze(1)
         p = (y - lse_b).exp()
         if kind == "forward":
             div = (p * (y - x)).sum(1) + (lse_a - lse_b).squeeze(1)
@@ -114,7 +108,7 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
             lse_z, probs = lse_a, q * hw
         else:
             z = x * temp
-            lse_z = _lse(z)
+            lse_z = row_logsumexp(z).unsqueeze(1)
             probs = (z - lse_z).exp() * (hw * temp)
         hard = hw * (lse_z.squeeze(1) - a_y * temp)
         loss = hard if loss is None else loss + hard

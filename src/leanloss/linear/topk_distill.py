@@ -24,18 +24,13 @@ from torch import Tensor
 from .._compile import graph_break
 from .. import _checks, _heuristics
 from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss
-from .._fused.kernels import RowKernel
+from .._fused.engine import PointGradient, ScoreResult, add_at_cols, fused_linear_loss
+from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.rows import scatter_rows, select_kept
 from .._reduce import resolve_reduction
 from ..losses.distill import check_topk_options, topk_teacher
 
 __all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "topk_block"]
-
-
-def _lse(y: Tensor) -> Tensor:
-    m = y.amax(1, keepdim=True)
-    return (m + (y - m).exp().sum(1, keepdim=True).log()).squeeze(1)
 
 
 def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tensor,
@@ -53,13 +48,13 @@ def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tenso
     y = z.to(p.dtype)
     if scale != 1.0:
         y = y * scale
-    lse = _lse(y)
+    lse = row_logsumexp(y)
     log_q = x_ids * scale - lse.unsqueeze(1)
     cross = torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(1)
     loss = (p_logp - cross) * ((1.0 - a) * temperature * temperature)
     lse1 = None
     if a > 0.0:
-        lse1 = lse if scale == 1.0 else _lse(z.to(p.dtype))
+        lse1 = lse if scale == 1.0 else row_logsumexp(z.to(p.dtype))
         loss = loss + (lse1 - x_t) * a
     if g is None:
         return (loss,)
@@ -71,17 +66,6 @@ def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tenso
 
 
 _TOPK_KERNEL = RowKernel(topk_block, "top-k distillation")
-
-
-def _add_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
-    """``block[r, cols[r, i]] += values[r, i]`` for a row-contiguous block, in place (repeated
-    columns add up). Through the flat index, as :func:`~leanloss._fused.engine.set_at_cols`."""
-    n, width = block.shape
-    if n == 0:
-        return
-    flat = (torch.arange(n, device=block.device) * block.stride(0)).unsqueeze(1) + cols
-    block.as_strided((block.stride(0) * (n - 1) + width,), (1,)).index_add_(
-        0, flat.reshape(-1), values.reshape(-1).to(block.dtype))
 
 
 class TopKDistillScorer:
@@ -114,12 +98,12 @@ class TopKDistillScorer:
             return ScoreResult(loss)
         a, temp = self.options["hard_weight"], self.options["temperature"]
         if a < 1.0:
-            _add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
+            add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
         if not hard:
             return ScoreResult(loss)
         coef = g * (-a)
         dense_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype)
-        _add_at_cols(z, t.unsqueeze(1), coef.unsqueeze(1))
+        add_at_cols(z, t.unsqueeze(1), coef.unsqueeze(1))
         return ScoreResult(loss, None, PointGradient(t, coef, dense_t))
 
 
