@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .. import _checks
 
-__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "copy_to_vocab_parallel"]
+__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "global_row_max",
+           "copy_to_vocab_parallel"]
 
 
 def resolve_group(fn: str, group):
@@ -59,6 +60,17 @@ class VocabShard:
     size: int
     vocab: int
     max_size: int
+
+
+def global_row_max(y: Tensor, shard: "VocabShard") -> Tensor:
+    """Each row's maximum over every rank's slice of ``y`` ``(n, V_local)`` (a rank with an
+    empty slice contributes ``-inf``), as the shift of a softmax: a row that is ``-inf``
+    everywhere gets ``0``, so shifting keeps it ``nan`` (as torch's softmax) instead of
+    ``-inf - -inf``. One all-reduce MAX, run on every rank."""
+    n = y.shape[0]
+    m = y.amax(1) if shard.size > 0 else y.new_full((n,), float("-inf"))
+    all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,

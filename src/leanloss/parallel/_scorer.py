@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
 from .._fused.engine import ScoreResult
-from ._comm import VocabShard, all_reduce_
+from ._comm import VocabShard, all_reduce_, global_row_max
 
 __all__ = ["VocabParallelScorer"]
 
@@ -91,12 +91,7 @@ class VocabParallelScorer:
         shard, n = self.shard, z.shape[0]
         if n == 0:  # same on every rank: no collective is skipped by only some of them
             return z.new_empty(0)
-        if shard.size > 0:
-            m = z.amax(dim=1)
-        else:
-            m = z.new_full((n,), float("-inf"))
-        all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay nan
+        m = global_row_max(z, shard)
         sums = z.new_zeros(n, 3 if self.smoothing > 0 else 2)
         if shard.size > 0:
             owned = self.owned[rows]

@@ -21,7 +21,7 @@ from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
 from ..linear.log_probs import check_log_prob_inputs, finish_log_probs
-from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel
+from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel, global_row_max
 from ._dtensor import has_dtensor, unwrap
 from ._setup import shard_rows
 
@@ -70,9 +70,7 @@ class VocabParallelLogProbScorer:
         if n == 0:  # the same on every rank: no rank skips a collective the others run
             return
         y = z * self.scale if self.scale != 1.0 else z
-        m = y.amax(1) if shard.size > 0 else y.new_full((n,), float("-inf"))
-        all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = global_row_max(y, shard)
         sums = y.new_zeros(n, 3)
         if shard.size > 0:
             sums[:, 0], sums[:, 1] = shifted_sums(y, m)
