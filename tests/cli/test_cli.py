@@ -435,3 +435,26 @@ def test_bench_shipped_linear_ce_from_a_temporary_directory(tmp_path):
         assert chunked["loss"] == pytest.approx(rows["torch_eager"]["loss"], rel=1e-5)
     else:
         assert "no chunked F.linear_cross_entropy" in chunked["skipped"]
+
+
+def test_device_check_measures_each_impl_or_reports_why_not(monkeypatch):
+    """The GPU check's per-implementation loop (runnable without a GPU once the CUDA timing and
+    memory readers are stubbed): a skip reason, a measured row, and an error row that does not
+    stop the run."""
+    from leanloss.cli.bench import device_check
+
+    monkeypatch.setattr(device_check, "_paired", lambda step, roof: (step(), roof()) and (1.5, 0.25))
+    monkeypatch.setattr(device_check, "_extra_mb", lambda step: 7.0)
+    calls = []
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    impls = {"absent": "unavailable: ImportError", "ok": lambda: calls.append("ok"), "broken": broken}
+    results = []
+    device_check._measure_impls(results, {"suite": "s", "n": 1}, impls,
+                                lambda fn: (lambda: fn()), lambda: calls.append("roof"))
+    assert results[0] == {"suite": "s", "n": 1, "impl": "absent", "skipped": "unavailable: ImportError"}
+    assert results[1] == {"suite": "s", "n": 1, "impl": "ok", "x_roof": 1.5, "roofline_s": 0.25, "extra_mb": 7.0}
+    assert results[2]["impl"] == "broken" and results[2]["error"] == "RuntimeError: out of memory"
+    assert calls == ["ok", "roof"]

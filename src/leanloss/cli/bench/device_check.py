@@ -64,6 +64,25 @@ def _extra_mb(step):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _measure_impls(results, row: Dict[str, Any], impls: Dict[str, Union[str, Callable]],
+                   step_of: Callable[[Callable], Callable[[], None]], roof: Callable[[], None]) -> None:
+    """One result per implementation: skipped (``impls[name]`` is the reason), or its ratio to
+    ``roof`` and extra memory, or the error it raised (out of memory for eager at 8B, say)."""
+    for name, fn in impls.items():
+        out = {**row, "impl": name}
+        if isinstance(fn, str):
+            results.append({**out, "skipped": fn})
+            continue
+        step = step_of(fn)
+        try:
+            out["x_roof"], out["roofline_s"] = _paired(step, roof)
+            out["extra_mb"] = _extra_mb(step)
+        except Exception as exc:  # noqa: BLE001 -- reported in the JSON, the run goes on
+            out["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        results.append(out)
+        torch.cuda.empty_cache()
+
+
 def ce_impls():
     """name -> (h, w, t) -> loss, or the reason it is unavailable."""
     import leanloss
@@ -101,24 +120,14 @@ def bench_ce(results):
             z @ w.detach()
             z.T @ h.detach()
 
-        for name, fn in impls.items():
-            row = dict(suite="ce_bf16", n=n, d=d, v=v, impl=name)
-            if isinstance(fn, str):
-                results.append({**row, "skipped": fn})
-                continue
-
-            def step(fn=fn, h=h, w=w, t=t):
+        def step_of(fn, h=h, w=w, t=t):
+            def step():
                 h.grad = w.grad = None
                 fn(h, w, t).backward()
+            return step
 
-            try:
-                row["x_roof"], row["roofline_s"] = _paired(step, roof)
-                row["extra_mb"] = _extra_mb(step)
-            except Exception as exc:  # noqa: BLE001 -- out of memory for eager at 8B, say
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            results.append(row)
-            h.grad = w.grad = None
-            torch.cuda.empty_cache()
+        _measure_impls(results, dict(suite="ce_bf16", n=n, d=d, v=v), impls, step_of, roof)
+        h.grad = w.grad = None
 
 
 def bench_jsd(results):
@@ -146,19 +155,13 @@ def bench_jsd(results):
         z @ ws.detach()
         z.T @ hs.detach()
 
-    for name, fn in impls.items():
-        row = dict(suite="jsd_bf16", n=n, d=d, v=v, impl=name)
-        if isinstance(fn, str):
-            results.append({**row, "skipped": fn})
-            continue
-
-        def step(fn=fn):
+    def step_of(fn):
+        def step():
             hs.grad = ws.grad = None
             fn().backward()
+        return step
 
-        row["x_roof"], row["roofline_s"] = _paired(step, roof)
-        row["extra_mb"] = _extra_mb(step)
-        results.append(row)
+    _measure_impls(results, dict(suite="jsd_bf16", n=n, d=d, v=v), impls, step_of, roof)
 
 
 def accuracy(results):
