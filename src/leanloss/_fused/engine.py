@@ -22,7 +22,7 @@ forward matmul runs.
 Precision and memory. Matmuls run in the inputs' dtype; statistics, losses and gradient
 accumulation in the compute dtype (float32 for bfloat16/float16, else the input dtype).
 
-* float32/float64: blocks of about ``_BLOCK_BYTES`` (>= ``_MIN_CHUNK`` rows); ``grad_weight``
+* float32/float64: blocks of about ``_BLOCK_BYTES`` (>= ``MIN_CHUNK`` rows); ``grad_weight``
   accumulates in its own dtype with ``addmm_``.
 * bfloat16/float16: the block stays 16-bit. A scorer with ``low_precision_blocks`` reads it
   directly (a compiled row kernel, :mod:`leanloss._fused.kernels`) and writes the 16-bit
@@ -34,7 +34,7 @@ accumulation in the compute dtype (float32 for bfloat16/float16, else the input 
     accumulator) or the whole block fits ``_BLOCK_BYTES``: one block over all rows, and
     ``grad_weight = dz.T @ hidden`` is ONE matmul written in the weight's dtype (rounded once,
     as eager autograd rounds it). Extra memory ``2 M V`` bytes.
-  - otherwise: blocks of ``max(_MIN_CHUNK, D)`` rows into a float32 ``(V, D)`` accumulator;
+  - otherwise: blocks of ``max(MIN_CHUNK, D)`` rows into a float32 ``(V, D)`` accumulator;
     each block's product is taken in vocabulary slices of about ``_SLICE_BYTES`` and added in
     float32. A block's product is rounded to 16 bits before it is added, and a partial sum of
     the target terms (``-1`` at each row's class) would lose digits there: scorers report those
@@ -63,10 +63,10 @@ __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "defau
 
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
 # cost that grows with the number of blocks and not with their size, so a block has at least
-# _MIN_CHUNK rows (measured on a 2-core CPU at D=1024: 256-row blocks cost ~4% over the
+# MIN_CHUNK rows (measured on a 2-core CPU at D=1024: 256-row blocks cost ~4% over the
 # unchunked matmuls, 512-row ~2-3%, 1024-row ~1%). Above that, about _BLOCK_BYTES per block.
 _BLOCK_BYTES = 96 * 2**20
-_MIN_CHUNK = 512
+MIN_CHUNK = 512
 # float32 bytes per upcast sub-block (16-bit blocks scored by a float32-only scorer).
 _WORK_BYTES = 16 * 2**20
 # 16-bit bytes of one vocabulary slice of a block's weight-gradient product (stays in cache
@@ -137,7 +137,7 @@ class Scorer(Protocol):
 
 
 def default_chunk_size(num_rows: int, vocab: int, *, block_bytes: int = _BLOCK_BYTES,
-                       min_rows: int = _MIN_CHUNK, element_size: int = 4) -> int:
+                       min_rows: int = MIN_CHUNK, element_size: int = 4) -> int:
     """Rows per block: about ``block_bytes`` of ``element_size``-byte logits, at least
     ``min_rows`` rows, evened out so that the last block is not a sliver (same block count,
     smaller blocks)."""
@@ -159,7 +159,7 @@ def plan_chunk(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, weight_g
         if num_rows <= 2 * dim or num_rows * vocab * size <= _BLOCK_BYTES:
             return max(1, num_rows)
         return default_chunk_size(num_rows, vocab, element_size=size,
-                                  block_bytes=max(_MIN_CHUNK, dim) * vocab * size)
+                                  block_bytes=max(MIN_CHUNK, dim) * vocab * size)
     return default_chunk_size(num_rows, vocab, element_size=size)
 
 

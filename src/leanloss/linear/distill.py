@@ -46,7 +46,7 @@ from .._compile import graph_break
 from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
-from .._fused.engine import _MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
+from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
 from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.rows import scatter_rows, select_kept
 from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
@@ -59,7 +59,7 @@ __all__ = ["DistillScorer", "linear_distill_loss"]
 # weight (float32 V=32000, interleaved A/B: 262-row pieces 1.12x the four matmuls, 512-row
 # 1.10x, 1024-row 1.04x; bf16 within noise of each other from 524 rows up).
 _TEACHER_BYTES = 128 * 2**20
-_TEACHER_MIN_ROWS = _MIN_CHUNK
+_TEACHER_MIN_ROWS = MIN_CHUNK
 
 
 def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *,
