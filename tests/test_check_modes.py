@@ -12,7 +12,9 @@ import torch
 
 import leanloss
 from leanloss import _checks, _heuristics
-from leanloss._checks import LeanlossValueError, TargetOutOfRangeError
+from leanloss._checks import losses as loss_checks
+from leanloss._checks import mode, primitives
+from leanloss.errors import LeanlossValueError, TargetOutOfRangeError
 
 X = torch.randn(4, 3)
 T = torch.tensor([0, 1, 2, 1])
@@ -101,13 +103,13 @@ def test_environment_variable_values(monkeypatch, env_value, expected):
         monkeypatch.delenv("LEANLOSS_CHECKS", raising=False)
     else:
         monkeypatch.setenv("LEANLOSS_CHECKS", env_value)
-    assert _checks._mode_from_env() == expected
+    assert mode._mode_from_env() == expected
 
 
 def test_environment_variable_unknown_value(monkeypatch):
     monkeypatch.setenv("LEANLOSS_CHECKS", "everything")
     with pytest.raises(ValueError, match=r"LEANLOSS_CHECKS.*'full'.*'everything'"):
-        _checks._mode_from_env()
+        mode._mode_from_env()
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,14 +120,15 @@ def test_environment_variable_unknown_value(monkeypatch):
 def test_value_checks_skipped_under_torch_compile(monkeypatch):
     calls = []
     real_range = _heuristics._range
-    real_first = _checks.first_position
+    real_first = primitives.first_position
 
     def counting_range(x):
         calls.append("range")
         return real_range(x)
 
     monkeypatch.setattr(_heuristics, "_range", counting_range)
-    monkeypatch.setattr(_checks, "first_position", lambda m: calls.append("first") or real_first(m))
+    for module in (primitives, loss_checks):  # the value checks' failure path
+        monkeypatch.setattr(module, "first_position", lambda m: calls.append("first") or real_first(m))
 
     def loss(x, t):
         return leanloss.cross_entropy(x, t, label_smoothing=0.1)

@@ -529,3 +529,19 @@ def test_1d_input_accepts_a_target_of_shape_1_like_torch(fname, reduction):
         theirs = getattr(F, fname)(x, torch.tensor(3), reduction=reduction)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, bases", [
+    ("InputWarning", (UserWarning,)),
+    ("LeanlossValueError", (ValueError, RuntimeError)),
+    ("LeanlossTypeError", (TypeError, RuntimeError)),
+    ("TargetOutOfRangeError", (IndexError, ValueError)),
+    ("UnsupportedDtypeError", (LeanlossTypeError, NotImplementedError, RuntimeError)),
+])
+def test_error_classes_live_in_the_public_errors_module(name, bases):
+    from leanloss import _checks, errors
+
+    cls = getattr(errors, name)
+    assert cls is getattr(leanloss, name) is getattr(_checks, name) and name in errors.__all__
+    assert all(issubclass(cls, base) for base in bases), cls.__mro__
+    assert "What to do" in (cls.__doc__ or ""), f"{name}'s docstring says when it is raised and what to do"

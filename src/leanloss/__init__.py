@@ -4,15 +4,13 @@ Exact to ``torch.nn.functional`` in value, gradient and errors; lean fused linea
 that never hold the (tokens, vocab) logits; safe by default (clear errors, warnings for the
 classic loss-input confusions).
 """
-from ._checks import (
+from ._checks import checks, get_checks, set_checks
+from .errors import (
     InputWarning,
     LeanlossTypeError,
     LeanlossValueError,
     TargetOutOfRangeError,
     UnsupportedDtypeError,
-    checks,
-    get_checks,
-    set_checks,
 )
 from .functional import (
     binary_cross_entropy,

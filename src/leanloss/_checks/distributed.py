@@ -1,0 +1,47 @@
+"""Checks of a vocab-parallel group's targets: each rank summarizes its target in a few
+numbers, the ranks gather the summaries, and every rank runs the same check on them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import LeanlossValueError, TargetOutOfRangeError
+
+#: Length of :func:`target_summary`.
+TARGET_SUMMARY_SIZE = 5
+
+
+def target_summary(target: Tensor, ignore_index: int) -> Tensor:
+    """Five int64 numbers that let the ranks of a vocab-parallel group check their targets
+    together: ``[lowest, highest]`` non-ignored class id (``[0, 0]`` when none counts), the
+    number of elements and two sums, ``sum_i t_i`` and ``sum_i (i mod 8191 + 1) t_i`` (wrapping
+    in int64), that tell apart targets that differ in a value or an order. Reads values."""
+    t = target.reshape(-1).long()
+    kept = t[t != ignore_index]
+    lo, hi = (kept.min(), kept.max()) if kept.numel() else (t.new_zeros(()), t.new_zeros(()))
+    position = torch.arange(t.numel(), device=t.device) % 8191 + 1
+    return torch.stack([lo, hi, t.new_tensor(t.numel()), t.sum(), (t * position).sum()])
+
+
+def check_targets_across_ranks(fn: str, summaries: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every rank's :func:`target_summary` (one row per rank, gathered): raises on EVERY rank
+    when any rank's target is out of ``[0, C)``, or when the ranks' targets differ (a
+    vocab-parallel loss needs the same targets on every rank of its group)."""
+    rows = [[int(v) for v in row] for row in summaries.tolist()]
+    for rank, (lo, hi, *_rest) in enumerate(rows):
+        if lo < 0 or hi >= num_classes:
+            value = lo if lo < 0 else hi
+            raise TargetOutOfRangeError(
+                f"{fn}: Target {value} is out of bounds: argument 'target' on rank {rank} of the "
+                f"group must hold class indices in [0, {num_classes - 1}] (or "
+                f"ignore_index={ignore_index}), got {value}"
+            )
+    for rank, row in enumerate(rows[1:], start=1):
+        if row[2:] != rows[0][2:]:
+            raise LeanlossValueError(
+                f"{fn}: argument 'target' must be identical on every rank of the vocab-parallel "
+                f"group, but rank {rank}'s differs from rank 0's ({row[2]} vs {rows[0][2]} "
+                f"elements, or other values); pass each tensor-parallel rank the batch of its "
+                f"data-parallel rank"
+            )
