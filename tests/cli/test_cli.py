@@ -132,7 +132,7 @@ def test_fused_step(monkeypatch, capsys, available):
 
 
 def test_peak_tensor_memory_counts_live_storage_once():
-    with tour.PeakTensorMemory() as probe:
+    with harness.PeakTensorMemory() as probe:
         a = torch.empty(1000, dtype=torch.float64)  # 8000 bytes
         view = a[:10]
         b = a + 1  # peak: 16000

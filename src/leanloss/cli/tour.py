@@ -14,7 +14,6 @@ import math
 import sys
 import textwrap
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, TextIO
 
@@ -25,6 +24,7 @@ from torch import Tensor
 import leanloss
 
 from . import identities
+from .bench import harness
 
 WIDTH = 100
 LABEL_W = 30
@@ -411,41 +411,11 @@ def step_confusions(r: Report) -> None:
            f"{BAD} leanloss and torch disagree.")
 
 
-class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensor storage created inside the block and alive at the same time: the
-    memory a computation needs beyond its inputs, measured exactly, on any device, in-process
-    (views share their base's storage and are counted once)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._live: dict = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key) -> None:
-        self.current -= self._live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
-            if not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
-            key = (storage.device, storage.data_ptr())
-            if key in self._live or storage.nbytes() == 0:
-                continue
-            self._live[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(storage, self._free, key)
-        return out
-
-
 def _fwd_bwd_peak(loss_fn: Callable[[Tensor, Tensor], Tensor], hidden: Tensor, weight: Tensor):
     """Loss, grads and peak tensor memory (bytes) of one forward + backward."""
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
-    probe = PeakTensorMemory()
+    probe = harness.PeakTensorMemory()
     with probe:
         loss = loss_fn(h, w)
         loss.backward()

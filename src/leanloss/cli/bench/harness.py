@@ -19,6 +19,10 @@ Method (:func:`measure`), inside the child, after the imports, the inputs, any c
   timed alternately in the same process. ``time_s`` is the step's median, ``x_roof`` the median
   of the per-round ratios step / reference. Absolute times drift between processes on a shared
   machine; a ratio taken in one process does not, so ratios are what compare implementations.
+
+In-process, on any device, :class:`PeakTensorMemory` measures the peak bytes of tensor storage
+that a block creates and holds at once (exact, but blind to allocator caches and workspaces:
+the tour uses it; the suites report RSS).
 """
 from __future__ import annotations
 
@@ -31,10 +35,15 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+from torch import Tensor
 
 __all__ = [
     "Unavailable",
+    "PeakTensorMemory",
     "rss_bytes",
     "reset_peak_rss",
     "peak_rss_bytes",
@@ -52,6 +61,36 @@ Step = Callable[[], Any]
 class Unavailable(RuntimeError):
     """A peer implementation that cannot run here (not installed, not supported by this torch):
     the case is reported as skipped with this message, not as a failure."""
+
+
+class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the block and alive at the same time: the
+    memory a computation needs beyond its inputs, measured exactly, on any device, in-process
+    (views share their base's storage and are counted once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict = {}
+        self.current = 0
+        self.peak = 0
+
+    def _free(self, key) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = (storage.device, storage.data_ptr())
+            if key in self._live or storage.nbytes() == 0:
+                continue
+            self._live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key)
+        return out
 
 
 def rss_bytes() -> int:
