@@ -30,7 +30,7 @@ TOL: Dict[torch.dtype, Tuple[float, float]] = {
     torch.bfloat16: (1.6e-2, 1e-2),
 }
 
-#: the shapes of issue 3 for class-dimension losses: (C), (N,C), (N,C,d1), (N,C,d1,d2), (N,C,d1,d2,d3)
+#: the input shapes torch documents for class-dimension losses: (C), (N,C), (N,C,d1), (N,C,d1,d2), (N,C,d1,d2,d3)
 CLASS_SHAPES = ((5,), (4, 5), (3, 4, 3), (2, 3, 3, 2), (2, 3, 2, 2, 2))
 SHAPE_IDS = ("C", "NC", "NCd1", "NCd1d2", "NCd1d2d3")
 

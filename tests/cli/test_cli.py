@@ -46,8 +46,8 @@ def full_tour():
     return _leanloss("tour")
 
 
-def _seed_values():
-    """(row label, torch's value) for the seed notebooks' numbers, computed by torch now."""
+def _lesson_values():
+    """(row label, torch's value) for the lessons' reference values, computed by torch now."""
     y = torch.tensor([2, 3])
     t = torch.tensor([1.0, 0.0])
     return [
@@ -70,13 +70,13 @@ def test_tour_exits_zero_and_fits_100_columns(full_tour):
     assert "every value agrees with torch" in lines[-1]
 
 
-@pytest.mark.parametrize("label, value", _seed_values(), ids=[s[0] for s in _seed_values()])
-def test_tour_prints_seed_values_equal_to_torch(full_tour, label, value):
+@pytest.mark.parametrize("label, value", _lesson_values(), ids=[s[0] for s in _lesson_values()])
+def test_tour_prints_lesson_values_equal_to_torch(full_tour, label, value):
     row = _row(full_tour.stdout, label)
     expected = float(value)
     assert float(row[tour.TORCH_COL]) == expected  # printed with full float precision
     assert float(row[tour.LEANLOSS_COL]) == pytest.approx(expected, rel=1e-6, abs=0)
-    assert float(row[tour.SEED_COL]) == pytest.approx(expected, rel=1e-6, abs=0)
+    assert float(row[tour.LESSON_COL]) == pytest.approx(expected, rel=1e-6, abs=0)
     assert row.endswith(tour.OK)
 
 
@@ -397,7 +397,7 @@ def test_bench_merge_refuses_other_machines_and_unreadable_files(tmp_path, capsy
 # --------------------------------------------------------------------------------------------
 
 
-def test_shipped_suites_list_the_issue_shapes():
+def test_shipped_suites_list_the_benchmark_shapes():
     from leanloss.cli.bench import SUITES, distill, linear_ce, log_probs
 
     assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step")

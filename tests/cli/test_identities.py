@@ -224,7 +224,7 @@ def test_bce_with_logits_equals_sigmoid_bce_and_where_it_fails():
     assert ident.holds()
     _close(ident.lhs, F.binary_cross_entropy_with_logits(x, t))
     _close(ident.rhs, F.binary_cross_entropy(torch.sigmoid(x), t))
-    # the seed's lesson: in float32 the sigmoid saturates at |x| = 50 and the identity breaks
+    # the lesson: in float32 the sigmoid saturates at |x| = 50 and the identity breaks
     sat = I.bce_with_logits_equals_sigmoid_bce(torch.tensor([-50.0, 50.0]), torch.tensor([1.0, 0.0]))
     assert not sat.holds()
     _close(sat.lhs, F.binary_cross_entropy_with_logits(torch.tensor([-50.0, 50.0]), torch.tensor([1.0, 0.0])), 1e-6, 0)

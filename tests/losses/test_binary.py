@@ -1,6 +1,6 @@
 """leanloss.binary_cross_entropy(_with_logits) against torch: value, dtype, gradients of input
 and target, every argument (weight, pos_weight incl. broadcasting, reductions, legacy) x dtype x
-shape; the clamp at x in {0, 1}, logits at +-100, the seed case, double backward, error parity."""
+shape; the clamp at x in {0, 1}, saturated logits (+-50, +-100), double backward, error parity."""
 from __future__ import annotations
 
 import pytest
@@ -82,8 +82,8 @@ def test_bce_with_logits_saturated(red, dtype):
             dict(red, pos_weight=pw))
 
 
-def test_seed_case_logits_minus_50_50():
-    """The issue's seed: logits [-50, 50] vs targets [1, 0] give 50.0 (and torch agrees)."""
+def test_saturated_logits_minus_50_50():
+    """Logits [-50, 50] vs targets [1, 0], confidently wrong, give 50.0 (and torch agrees)."""
     x = torch.tensor([-50.0, 50.0], requires_grad=True)
     t = torch.tensor([1.0, 0.0])
     out = compare(leanloss.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, (x, t))

@@ -1,7 +1,7 @@
 """leanloss.cross_entropy against torch.nn.functional.cross_entropy: value, dtype, gradients.
 
 Every argument configuration x reduction x dtype x shape (C), (N,C), (N,C,d1), (N,C,d1,d2),
-(N,C,d1,d2,d3); then the issue's edge cases, double backward and error parity.
+(N,C,d1,d2,d3); then the edge cases, double backward and error parity.
 """
 from __future__ import annotations
 

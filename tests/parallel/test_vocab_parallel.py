@@ -23,7 +23,7 @@ from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linea
 # cases
 # ------------------------------------------------------------------------------------------
 
-# Uneven slices everywhere; V=10 over 4 ranks as the issue asks.
+# Uneven slices everywhere; V=10 over 4 ranks.
 DEFAULT_SIZES = {1: [7], 2: [4, 3], 4: [3, 3, 2, 2]}
 
 OPTIONS = {

@@ -1,6 +1,6 @@
 """``leanloss tour``: the classic lessons about these losses, run live, leanloss next to torch.
 
-Every row computes a value with leanloss and the same value with torch (and, in the "seed"
+Every row computes a value with leanloss and the same value with torch (and, in the "lesson"
 column, the textbook value where the lesson has one, for reference); a check mark means leanloss
 agrees with torch. The tour exits non-zero when any row disagrees. Output fits 100 columns.
 
@@ -32,7 +32,7 @@ VALUE_W = 21
 # Character slices of a value row (used by tests to read the columns back).
 LEANLOSS_COL = slice(2 + LABEL_W + 1, 2 + LABEL_W + 1 + VALUE_W)
 TORCH_COL = slice(LEANLOSS_COL.stop + 1, LEANLOSS_COL.stop + 1 + VALUE_W)
-SEED_COL = slice(TORCH_COL.stop + 1, TORCH_COL.stop + 1 + VALUE_W)
+LESSON_COL = slice(TORCH_COL.stop + 1, TORCH_COL.stop + 1 + VALUE_W)
 OK, BAD, SILENT = "✓", "✗", "!"
 
 
@@ -93,7 +93,7 @@ class Report:
         self.line()
         self.line(head + "─" * (WIDTH - len(head)))
 
-    def columns(self, first: str = "", a: str = "leanloss", b: str = "torch", c: str = "seed") -> None:
+    def columns(self, first: str = "", a: str = "leanloss", b: str = "torch", c: str = "lesson") -> None:
         self.line(f"  {first:<{LABEL_W}} {a:>{VALUE_W}} {b:>{VALUE_W}} {c:>{VALUE_W}}")
 
     def note(self, text: str, indent: str = "  ") -> None:
@@ -101,7 +101,7 @@ class Report:
             for piece in textwrap.wrap(para, WIDTH - len(indent) - 2) or [""]:
                 self.line(indent + piece)
 
-    def row(self, label: str, ours, theirs, seed=None, *, ok: Optional[bool] = None,
+    def row(self, label: str, ours, theirs, lesson=None, *, ok: Optional[bool] = None,
             rtol: float = 1e-5, atol: float = 1e-7) -> bool:
         """One value row; ``ok`` defaults to leanloss agreeing with torch (``allclose``)."""
         if ok is None:
@@ -110,7 +110,7 @@ class Report:
         if not ok:
             self.failures.append(label)
         self.line(f"  {label:<{LABEL_W}.{LABEL_W}} {_fmt(ours):>{VALUE_W}} {_fmt(theirs):>{VALUE_W}} "
-                  f"{_fmt(seed):>{VALUE_W}} {mark}")
+                  f"{_fmt(lesson):>{VALUE_W}} {mark}")
         return ok
 
     def info(self, label: str, ours, theirs, extra: str = "") -> None:
@@ -146,7 +146,7 @@ CLASS_TARGETS = [2, 3]
 BCE_TARGETS = [1.0, 0.0]
 BCE_WRONG, BCE_RIGHT = [0.3, 0.7], [0.9, 0.1]
 LOGITS_WRONG, LOGITS_RIGHT = [-50.0, 50.0], [50.0, -50.0]
-SEED = {  # the lessons' reference values, shown beside; rows check against torch
+LESSON_VALUES = {  # the lessons' reference values, shown beside; rows check against torch
     "ce_unsure": 1.5649813413619995,
     "ce_confident": 0.00013624693383462727,
     "bce_wrong": 1.2039728164672852,
@@ -173,9 +173,9 @@ def step_cross_entropy(r: Report) -> None:
     ctx, caught = _leanloss_warnings()
     try:
         r.row("unsure logits, y=[2, 3]", leanloss.cross_entropy(unsure, y), F.cross_entropy(unsure, y),
-              SEED["ce_unsure"])
+              LESSON_VALUES["ce_unsure"])
         r.row("confident (10 on y), y=[2, 3]", leanloss.cross_entropy(confident, y),
-              F.cross_entropy(confident, y), SEED["ce_confident"])
+              F.cross_entropy(confident, y), LESSON_VALUES["ce_confident"])
         onehot = F.one_hot(y, 4).float()
         same = identities.onehot_ce_equals_index_ce(confident, y)
         r.row("one-hot probability targets", same.lhs, F.cross_entropy(confident, onehot))
@@ -189,7 +189,7 @@ def step_cross_entropy(r: Report) -> None:
         ctx.__exit__(None, None, None)
     r.warnings_from(caught)
     r.note("Uniform scores give a loss near log 4 = 1.386; confident right answers a loss near 0. "
-           "The seed's 'unsure logits' rows happen to sum to 1, which is why leanloss asks "
+           "The lesson's 'unsure logits' rows happen to sum to 1, which is why leanloss asks "
            "whether they are probabilities.")
 
 
@@ -201,7 +201,7 @@ def step_nll(r: Report) -> None:
     ctx, caught = _leanloss_warnings()
     try:
         lsm = torch.log_softmax(x, dim=1)
-        r.row("nll(log_softmax(x), y)", leanloss.nll_loss(lsm, y), F.nll_loss(lsm, y), SEED["ce_unsure"])
+        r.row("nll(log_softmax(x), y)", leanloss.nll_loss(lsm, y), F.nll_loss(lsm, y), LESSON_VALUES["ce_unsure"])
         ident = identities.log_softmax_nll_equals_ce(x, y)
         r.row("  = cross_entropy(x, y)", ident.rhs, F.cross_entropy(x, y), ok=ident.holds()
               and _agree(ident.rhs, F.cross_entropy(x, y), 1e-5, 1e-9))
@@ -263,16 +263,16 @@ def step_bce(r: Report) -> None:
     ctx, caught = _leanloss_warnings()
     try:
         r.row("bce([0.3, 0.7], [1, 0])", leanloss.binary_cross_entropy(wrong, t),
-              F.binary_cross_entropy(wrong, t), SEED["bce_wrong"])
+              F.binary_cross_entropy(wrong, t), LESSON_VALUES["bce_wrong"])
         r.row("bce([0.9, 0.1], [1, 0])", leanloss.binary_cross_entropy(right, t),
-              F.binary_cross_entropy(right, t), SEED["bce_right"])
+              F.binary_cross_entropy(right, t), LESSON_VALUES["bce_right"])
         two = identities.bce_equals_two_class_nll(wrong, t)
         ref = F.binary_cross_entropy(wrong, t)
         r.row("  = two-class nll_loss", two.rhs, ref, ok=two.holds() and _agree(two.rhs, ref, 1e-5, 1e-9))
         r.row("bce_logits([-50, 50], [1, 0])", leanloss.binary_cross_entropy_with_logits(lw, t),
-              F.binary_cross_entropy_with_logits(lw, t), SEED["bcel_wrong"])
+              F.binary_cross_entropy_with_logits(lw, t), LESSON_VALUES["bcel_wrong"])
         r.row("bce_logits([50, -50], [1, 0])", leanloss.binary_cross_entropy_with_logits(lr, t),
-              F.binary_cross_entropy_with_logits(lr, t), SEED["bcel_right"], rtol=1e-5, atol=0.0)
+              F.binary_cross_entropy_with_logits(lr, t), LESSON_VALUES["bcel_right"], rtol=1e-5, atol=0.0)
         r.row("  sigmoid + bce, [-50, 50]", leanloss.binary_cross_entropy(torch.sigmoid(lw), t),
               F.binary_cross_entropy(torch.sigmoid(lw), t))
         r.row("  sigmoid + bce, [50, -50]", leanloss.binary_cross_entropy(torch.sigmoid(lr), t),

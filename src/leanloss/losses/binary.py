@@ -23,7 +23,7 @@ def _logs(x: Tensor):
     torch's CPU BCE kernel calls the C library's ``log``/``log1p``, which round (nearly)
     correctly, while the vectorized ``torch.log`` can be one ulp off (``log(0.9f)``). Float32
     logs computed in float64 and rounded once agree with the kernel on about 99% of random
-    inputs instead of about 92%, and on the seed values (``bce([0.9, 0.1], [1, 0])`` equals
+    inputs instead of about 92%, and on the tour's lesson values (``bce([0.9, 0.1], [1, 0])`` equals
     torch's bit for bit); the rest stay within one ulp.
     """
     if x.dtype == torch.float32:
