@@ -11,12 +11,16 @@
   twice that tolerance of torch's own low-precision result, plus torch's own rounding error.
 * random input builders (:func:`logits`, :func:`log_probs`, :func:`index_target`, ...) drawn
   from one seeded generator per call, so every test is reproducible.
+* :func:`linear_cross_entropy_reference` -- the fused LM-head cross entropy (logit scale,
+  softcap, class weights, label smoothing, z-loss, ``num_items``) as torch's dense cross entropy
+  in float64, for every fused and vocab-parallel CE test.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -221,10 +225,50 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                                   logit_scale: float = 1.0, softcap: Optional[float] = None,
+                                   **options) -> Tensor:
+    """The fused LM-head cross entropy in float64 on the materialized logits
+    ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (the tanh only with
+    a softcap): :func:`cross_entropy_reference` of ``z``; ``options`` are its keywords."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return cross_entropy_reference(z, target, **options)
+
+
+def cross_entropy_reference(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                            label_smoothing: float = 0.0, class_weight: Optional[Tensor] = None,
+                            z_loss: float = 0.0, num_items: Optional[int] = None) -> Tensor:
+    """Cross entropy plus the z-loss on logits ``(..., V)`` with class indices ``target (...)``, in
+    float64: per row ``ce + z_loss * w_t * logsumexp(z)^2`` (torch's cross entropy with
+    ``reduction='none'``; ``w_t`` the target's class weight, 0 where ignored); ``'mean'`` divides
+    the sum by ``num_items`` when given, else by the sum of ``w_t``."""
+    vocab = logits.shape[-1]
+    z, t = logits.double().reshape(-1, vocab), target.reshape(-1)
+    weight = None if class_weight is None else class_weight.double()
+    ce = F.cross_entropy(z, t, weight=weight, ignore_index=ignore_index, reduction="none",
+                         label_smoothing=label_smoothing)
+    valid = t != ignore_index
+    safe_t = torch.where(valid, t, 0)
+    w_t = (torch.ones_like(ce) if weight is None else weight[safe_t]) * valid
+    # where, not a product with w_t = 0: with every row ignored, 'mean' is 0/0 and an ignored
+    # row's gradient must stay 0 (as torch's), not 0 * inf
+    rows = ce + torch.where(valid, z_loss * w_t * torch.logsumexp(z, 1).square(), 0.0)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (w_t.sum() if num_items is None else num_items)
+
+
 __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
     "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
-    "raises_like", "all_finite", "module_oracle",
+    "raises_like", "all_finite", "module_oracle", "linear_cross_entropy_reference", "cross_entropy_reference",
 ]
 
 
@@ -242,12 +286,3 @@ def in_kernel_modes(run: Callable[[], Sequence[Tensor]]) -> Tuple[list, list]:
     finally:
         set_kernel_mode(previous)
     return results[0], results[1]
-
-
-def free_port() -> int:
-    """A free TCP port on localhost (for a spawned ``torch.distributed`` world)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

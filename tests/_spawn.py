@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a spawned gloo world, or torchrun's master port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

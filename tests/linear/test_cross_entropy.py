@@ -12,33 +12,10 @@ from leanloss import LinearCrossEntropyLoss, linear_cross_entropy
 from leanloss._checks import LeanlossValueError, TargetOutOfRangeError
 from leanloss._fused import engine as _engine
 
+from _oracle import linear_cross_entropy_reference as reference
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))]
-
-
-def reference(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-              label_smoothing=0.0, class_weight=None, z_loss=0.0, softcap=None,
-              logit_scale=1.0, num_items=None):
-    """Dense reference: torch's cross_entropy on the materialized (transformed) logits, in float64."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    v = weight.shape[0]
-    z2, t = z.reshape(-1, v), target.reshape(-1)
-    cw = None if class_weight is None else class_weight.double()
-    ce = F.cross_entropy(z2, t, weight=cw, ignore_index=ignore_index, reduction="none",
-                         label_smoothing=label_smoothing)
-    keep = t != ignore_index
-    w_t = (torch.ones_like(ce) if cw is None else cw[t.clamp(0, v - 1)]) * keep
-    per = ce + z_loss * w_t * torch.logsumexp(z2, 1) ** 2
-    if reduction == "none":
-        return per.reshape(target.shape)
-    if reduction == "sum":
-        return per.sum()
-    return per.sum() / (w_t.sum() if num_items is None else num_items)
 
 
 def make(n=29, d=12, v=41, *, dtype=torch.float64, bias=False, ignore_frac=0.25, seed=0,
@@ -130,12 +107,18 @@ def test_float32(kw):
     assert_matches(kw, dtype=torch.float32, bias=True, atol=2e-5, rtol=2e-4)
 
 
-def test_reference_is_torch_cross_entropy():
-    """The test oracle itself: without z-loss it is exactly torch's mean cross entropy."""
-    h, w, b, t = make(bias=True)
+@pytest.mark.parametrize("reduction, ignore_index, eps, ignore_frac", [
+    ("mean", -100, 0.1, 0.25), ("sum", -100, 0.3, 0.25), ("none", 2, 0.1, 0.25), ("mean", 2, 1.0, 0.25),
+    ("mean", -100, 0.0, 1.0),
+])
+def test_reference_is_torch_cross_entropy(reduction, ignore_index, eps, ignore_frac):
+    """The test oracle itself: without z-loss it is exactly torch's cross entropy (all ignored:
+    nan for 'mean', like torch)."""
+    h, w, b, t = make(bias=True, ignore_index=ignore_index, ignore_frac=ignore_frac)
+    opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
     cw = _cw()
-    dense = F.cross_entropy(h @ w.T + b, t, weight=cw, label_smoothing=0.1)
-    torch.testing.assert_close(reference(h, w, t, b, class_weight=cw, label_smoothing=0.1), dense)
+    dense = F.cross_entropy(h @ w.T + b, t, weight=cw, **opts)
+    torch.testing.assert_close(reference(h, w, t, b, class_weight=cw, **opts), dense, equal_nan=True)
 
 
 def test_z_loss_unweighted_is_mean_lse_squared():

@@ -2,13 +2,11 @@
 log p(target) and entropy, and the gradients of any combination of the two."""
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import leanloss
 from leanloss import LinearLogProbs, linear_log_probs
@@ -17,7 +15,8 @@ from leanloss._fused import engine as _engine
 from leanloss._fused import logp_rows
 from leanloss.parallel import vocab_parallel_linear_log_probs
 
-from _oracle import free_port, in_kernel_modes
+from _oracle import in_kernel_modes
+from _spawn import init_gloo, spawn
 
 
 def reference(hidden, weight, target, bias=None, *, temperature=1.0, ignore_index=-100):
@@ -391,9 +390,8 @@ def _parallel_rank(case: dict, rank: int) -> dict:
                 b=None if b is None else b.grad, comm=comm)
 
 
-def _parallel_child(rank: int, port: int, inputs: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
+def _parallel_child(rank: int, world: int, port: int, inputs: str, out_dir: str) -> None:
+    init_gloo(rank, world, port)
     try:
         torch.set_num_threads(1)
         cases = torch.load(inputs, weights_only=False)
@@ -413,8 +411,7 @@ def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
     torch.save(cases, tmp_path / "inputs.pt")
-    mp.start_processes(_parallel_child, args=(free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
-                       nprocs=2, join=True, start_method="spawn")
+    spawn(_parallel_child, 2, str(tmp_path / "inputs.pt"), str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     failures = []
     for name, case in cases.items():

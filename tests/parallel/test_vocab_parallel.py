@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import leanloss
+from _oracle import cross_entropy_reference, linear_cross_entropy_reference
 from _spawn import init_gloo, spawn
 from leanloss._checks import TARGET_SUMMARY_SIZE, LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
@@ -202,37 +203,14 @@ def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> 
 
 
 def _reference(case: dict) -> dict:
-    """Unsharded loss and gradients in float64: torch's CE per row plus the z-loss, reduced."""
+    """Unsharded loss and gradients in float64 (the shared CE + z-loss oracle)."""
     opts, target = case["opts"], case["target"]
     form = case["spec"]["form"]
     leaves = {k: case[k].to(torch.float64, copy=True).requires_grad_() for k in ("logits", "hidden", "weight", "bias") if k in case}
     if form == "logits":
-        z = leaves["logits"]
+        loss = cross_entropy_reference(leaves["logits"], target, **opts)
     else:
-        z = leaves["hidden"] @ leaves["weight"].T
-        z = z + leaves["bias"] if "bias" in leaves else z
-    z2, t = z.reshape(-1, case["vocab"]), target.reshape(-1)
-    ignore_index = opts.get("ignore_index", -100)
-    weight, eps = opts.get("class_weight"), opts.get("label_smoothing", 0.0)
-    valid = t != ignore_index
-    safe_t = torch.where(valid, t, 0)
-    w_t = (weight[safe_t] if weight is not None else torch.ones(t.shape, dtype=torch.float64)) * valid
-    ce = F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index, reduction="none", label_smoothing=eps)
-    lse = torch.logsumexp(z2, dim=1)
-    rows = ce + torch.where(valid, opts.get("z_loss", 0.0) * w_t * lse.square(), 0.0)
-    reduction = opts.get("reduction", "mean")
-    if reduction == "none":
-        loss = rows.reshape(target.shape)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / (opts["num_items"] if "num_items" in opts else w_t.sum())
-    if not opts.get("z_loss") and "num_items" not in opts:  # the composition is torch's own CE
-        torch.testing.assert_close(
-            loss, F.cross_entropy(z2, t, weight=weight, ignore_index=ignore_index,
-                                  reduction=reduction, label_smoothing=eps).reshape(loss.shape),
-            equal_nan=True,
-        )
+        loss = linear_cross_entropy_reference(leaves["hidden"], leaves["weight"], target, leaves.get("bias"), **opts)
     grads = torch.autograd.grad(loss, list(leaves.values()), case.get("upstream"), allow_unused=True)
     return {"loss": loss.detach(), "grads": dict(zip(leaves, grads))}
 
