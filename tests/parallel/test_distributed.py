@@ -29,7 +29,7 @@ import leanloss  # noqa: E402
 from leanloss._checks import LeanlossValueError, TargetOutOfRangeError  # noqa: E402
 from leanloss.integrations.transformers import apply_leanloss  # noqa: E402
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
-from _spawn import init_gloo, spawn  # noqa: E402
+from _spawn import free_port, init_gloo, spawn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -426,7 +426,7 @@ def test_example_trains_under_torchrun(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_spawn_port()), os.path.join(ROOT, "examples", "train_distributed.py"),
+           "--master_port", str(free_port()), os.path.join(ROOT, "examples", "train_distributed.py"),
            "--mode", "all", "--steps", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -437,11 +437,6 @@ def test_example_trains_under_torchrun(tmp_path):
     # the same initial weights and data in every mode: the same global loss at the first step
     first = {loss for _, _, step, loss in steps if step == "1"}
     assert len(first) == 1 and float(first.pop()) > 1.0, done.stdout
-
-
-def _spawn_port() -> int:
-    from _spawn import free_port
-    return free_port()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,46 +537,3 @@ def test_head_sharded_on_its_own_by_fsdp_is_refused(mesh_of_one):
     fully_shard(model, mesh=mesh_of_one)
     with pytest.raises(UnsupportedModelError, match="fully_shard"):
         apply_leanloss(model)
-
-
-# ----------------------------------------------------------------------------------------------
-# vocab-parallel distillation in one process (no torch.distributed: a world of one rank)
-
-
-@pytest.mark.parametrize("kind, temperature, hard_weight, reduction", [
-    ("forward", 1.0, 0.0, "mean"), ("reverse", 2.0, 0.4, "sum"), ("jsd", 0.5, 0.3, "none"),
-    ("jsd", 1.0, 1.0, "mean"), ("forward", 2.0, 0.5, "none"),
-])
-def test_vocab_parallel_distill_world_of_one_equals_linear_distill_loss(kind, temperature, hard_weight, reduction):
-    gen = torch.Generator().manual_seed(5)
-    hs, ws, bs = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((11, 5), (13, 5), (13,)))
-    ht, wt = torch.randn(11, 4, generator=gen, dtype=torch.float64), torch.randn(13, 4, generator=gen, dtype=torch.float64)
-    target = torch.randint(13, (11,), generator=gen)
-    target[[2, 7]] = -100
-    upstream = torch.linspace(0.5, 1.5, 11, dtype=torch.float64) if reduction == "none" else None
-    results = []
-    for fn in (leanloss.linear_distill_loss, leanloss.parallel.vocab_parallel_linear_distill_loss):
-        leaves = [t.clone().requires_grad_() for t in (hs, ws, bs)]
-        loss = fn(leaves[0], leaves[1], ht, wt, target, student_bias=leaves[2], kind=kind, beta=0.3,
-                  temperature=temperature, hard_weight=hard_weight, reduction=reduction, chunk_size=4)
-        loss.backward(upstream)
-        results.append([loss.detach()] + [t.grad for t in leaves])
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("change, error, words", [
-    ({"target": None, "hard_weight": 0.5}, LeanlossValueError, ["'target'", "hard_weight"]),
-    ({"teacher_local_weight": torch.randn(6, 3)}, LeanlossValueError, ["'teacher_local_weight'", "(6, 3)"]),
-    ({"kind": "kl"}, ValueError, ["'kind'"]),
-    ({"target": torch.tensor([0, 7, 1])}, TargetOutOfRangeError, ["'target'", "7"]),
-    ({"group": object()}, LeanlossValueError, ["'group'", "init_process_group"]),
-    ({"temperature": 0.0}, LeanlossValueError, ["'temperature'"]),
-])
-def test_vocab_parallel_distill_errors_name_the_argument(change, error, words):
-    args = {"student_hidden": torch.randn(3, 4), "student_local_weight": torch.randn(7, 4),
-            "teacher_hidden": torch.randn(3, 3), "teacher_local_weight": torch.randn(7, 3),
-            "target": torch.tensor([0, 6, 1]), **change}
-    with pytest.raises(error) as info:
-        leanloss.parallel.vocab_parallel_linear_distill_loss(**args)
-    assert all(word in str(info.value) for word in words), str(info.value)
