@@ -11,13 +11,8 @@
 
 Callers use the names below as ``_checks.<name>``.
 """
-from ..errors import (
-    InputWarning,
-    LeanlossTypeError,
-    LeanlossValueError,
-    TargetOutOfRangeError,
-    UnsupportedDtypeError,
-)
+from .. import errors
+from ..errors import *  # noqa: F403 - the public error classes, re-exported (errors.__all__)
 from .distributed import TARGET_SUMMARY_SIZE, check_targets_across_ranks, target_summary
 from .losses import (
     DISTILL_KINDS,
@@ -52,12 +47,7 @@ from .primitives import (
     warn,
 )
 
-__all__ = [
-    "InputWarning",
-    "LeanlossValueError",
-    "LeanlossTypeError",
-    "TargetOutOfRangeError",
-    "UnsupportedDtypeError",
+__all__ = errors.__all__ + [
     "CHECK_MODES",
     "set_checks",
     "get_checks",
