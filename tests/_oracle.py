@@ -75,6 +75,16 @@ def positive(shape: Sequence[int], dtype=torch.float64, seed: int = 3, grad: boo
     return w.to(dtype).requires_grad_(grad)
 
 
+def num_classes(input_shape: Sequence[int]) -> int:
+    """C of an input of shape (C) / (N, C) / (N, C, d...)."""
+    return input_shape[0] if len(input_shape) == 1 else input_shape[1]
+
+
+def class_weight(input_shape: Sequence[int], dtype=torch.float64) -> Tensor:
+    """Random positive per-class weights (:func:`positive`) for an input of shape (C) / (N, C, ...)."""
+    return positive((num_classes(input_shape),), dtype)
+
+
 def index_target(input_shape: Sequence[int], seed: int = 2, ignore_index: Optional[int] = None,
                  ignore_every: int = 3) -> Tensor:
     """Class indices for an input of shape (C) / (N, C) / (N, C, d...): shape () / (N) / (N, d...).
@@ -82,9 +92,8 @@ def index_target(input_shape: Sequence[int], seed: int = 2, ignore_index: Option
     With ``ignore_index`` set, every ``ignore_every``-th element (flat order) is replaced by it.
     """
     shape = tuple(input_shape)
-    num_classes = shape[0] if len(shape) == 1 else shape[1]
     tshape = () if len(shape) == 1 else (shape[0],) + shape[2:]
-    t = torch.randint(0, num_classes, tshape, generator=gen(seed))
+    t = torch.randint(0, num_classes(shape), tshape, generator=gen(seed))
     if ignore_index is not None and t.numel():
         flat = t.view(-1)
         flat[::ignore_every] = ignore_index
@@ -267,7 +276,7 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, *, ignore_index: int
 
 __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
-    "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
+    "probs", "unit", "positive", "num_classes", "class_weight", "index_target", "upstream", "assert_close", "compare",
     "raises_like", "all_finite", "module_oracle", "linear_cross_entropy_reference", "cross_entropy_reference",
 ]
 

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import leanloss
-from _oracle import (CLASS_SHAPES, DTYPES, SHAPE_IDS, compare, index_target, logits, positive,
-                     probs, raises_like)
+from _oracle import (CLASS_SHAPES, DTYPES, SHAPE_IDS, class_weight, compare, index_target, logits, probs, raises_like)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::leanloss.InputWarning"),
@@ -43,11 +42,6 @@ PROB_CONFIGS = {
 }
 
 
-def _weight(shape, dtype):
-    c = shape[0] if len(shape) == 1 else shape[1]
-    return positive((c,), dtype)
-
-
 @pytest.mark.parametrize("shape", CLASS_SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -58,7 +52,7 @@ def test_index_targets(config, reduction, dtype, shape):
     t = index_target(shape, ignore_index=ignore)
     kw = dict(kwargs, reduction=reduction)
     if use_weight:
-        kw["weight"] = _weight(shape, dtype)
+        kw["weight"] = class_weight(shape, dtype)
     compare(leanloss.cross_entropy, F.cross_entropy, (x, t), kw)
 
 
@@ -72,7 +66,7 @@ def test_probability_targets(config, reduction, dtype, shape):
     p = probs(shape, dtype)  # requires grad: torch differentiates w.r.t. soft targets too
     kw = dict(kwargs, reduction=reduction)
     if use_weight:
-        kw["weight"] = _weight(shape, dtype)
+        kw["weight"] = class_weight(shape, dtype)
     compare(leanloss.cross_entropy, F.cross_entropy, (x, p), kw)
 
 
@@ -82,7 +76,7 @@ def test_probability_targets(config, reduction, dtype, shape):
 def test_legacy_size_average_reduce(legacy, dtype, shape):
     x = logits(shape, dtype)
     t = index_target(shape, ignore_index=-100)
-    compare(leanloss.cross_entropy, F.cross_entropy, (x, t), dict(legacy, weight=_weight(shape, dtype)))
+    compare(leanloss.cross_entropy, F.cross_entropy, (x, t), dict(legacy, weight=class_weight(shape, dtype)))
     compare(leanloss.cross_entropy, F.cross_entropy, (x, probs(shape, dtype)), dict(legacy))
 
 
@@ -95,7 +89,7 @@ def test_legacy_size_average_reduce(legacy, dtype, shape):
 def test_all_targets_ignored(shape, reduction, use_weight):
     x = logits(shape)
     t = torch.full_like(index_target(shape), -100)
-    kw = {"reduction": reduction, "weight": _weight(shape, torch.float64) if use_weight else None}
+    kw = {"reduction": reduction, "weight": class_weight(shape, torch.float64) if use_weight else None}
     out = compare(leanloss.cross_entropy, F.cross_entropy, (x, t), kw)
     if reduction == "mean":
         assert torch.isnan(out)  # torch divides 0 by 0
@@ -111,7 +105,7 @@ def test_empty_batch(shape, reduction, target_kind):
     t = index_target(shape) if target_kind == "index" else probs(shape)
     compare(leanloss.cross_entropy, F.cross_entropy, (x, t), {"reduction": reduction})
     compare(leanloss.cross_entropy, F.cross_entropy, (x, t),
-            {"reduction": reduction, "weight": _weight(shape, torch.float64), "label_smoothing": 0.1})
+            {"reduction": reduction, "weight": class_weight(shape, torch.float64), "label_smoothing": 0.1})
 
 
 @pytest.mark.parametrize("shape", ((1,), (4, 1), (3, 1, 2)), ids=str)
@@ -150,7 +144,7 @@ def test_noncontiguous_inputs(name, reduction):
     x = dict(_noncontiguous_cases())[name].detach().requires_grad_()
     t = index_target(x.shape, ignore_index=-100)
     t_nc = torch.stack([t, t], -1)[..., 0]  # non-contiguous target
-    kw = {"reduction": reduction, "weight": _weight(x.shape, torch.float64)[::1], "label_smoothing": 0.1}
+    kw = {"reduction": reduction, "weight": class_weight(x.shape, torch.float64)[::1], "label_smoothing": 0.1}
     compare(leanloss.cross_entropy, F.cross_entropy, (x, t_nc), kw)
     p = probs(x.shape).detach().transpose(0, -1).contiguous().transpose(0, -1).requires_grad_()
     compare(leanloss.cross_entropy, F.cross_entropy, (x, p), kw)
@@ -187,7 +181,7 @@ def test_does_not_modify_inputs():
 ), ids=("none", "mean_weight_ignore", "sum_smoothing"))
 def test_gradcheck_gradgradcheck_index(kwargs):
     shape = (3, 4, 2)
-    kw = {k: (_weight(shape, torch.float64) if v == "w" else v) for k, v in kwargs.items()}
+    kw = {k: (class_weight(shape, torch.float64) if v == "w" else v) for k, v in kwargs.items()}
     x = logits(shape)
     t = index_target(shape, ignore_index=kw.get("ignore_index"))
     for fn in (F.cross_entropy, leanloss.cross_entropy):  # torch supports double backward here
@@ -199,7 +193,7 @@ def test_gradcheck_gradgradcheck_index(kwargs):
 def test_gradcheck_gradgradcheck_probs(reduction):
     shape = (3, 4)
     x, p = logits(shape), probs(shape)
-    kw = {"reduction": reduction, "weight": _weight(shape, torch.float64), "label_smoothing": 0.2}
+    kw = {"reduction": reduction, "weight": class_weight(shape, torch.float64), "label_smoothing": 0.2}
     for fn in (F.cross_entropy, leanloss.cross_entropy):
         assert torch.autograd.gradcheck(lambda a, b: fn(a, b, **kw), (x, p))
         assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, **kw), (x, p))
@@ -251,7 +245,7 @@ def test_probability_targets_mixed_dtypes(dtypes, reduction):
     """torch computes log_softmax(x) * p * w: the result promotes over all three dtypes."""
     shape = (3, 4, 2)
     x, p = logits(shape, dtypes[0]), probs(shape, dtypes[1])
-    w = None if dtypes[2] is None else _weight(shape, dtypes[2])
+    w = None if dtypes[2] is None else class_weight(shape, dtypes[2])
     lowest = max((d for d in dtypes if d is not None), key=lambda d: torch.finfo(d).eps)
     compare(leanloss.cross_entropy, F.cross_entropy, (x, p), {"reduction": reduction, "weight": w,
                                                             "label_smoothing": 0.1}, dtype=lowest)
