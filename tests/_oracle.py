@@ -11,9 +11,10 @@
   twice that tolerance of torch's own low-precision result, plus torch's own rounding error.
 * random input builders (:func:`logits`, :func:`log_probs`, :func:`index_target`, ...) drawn
   from one seeded generator per call, so every test is reproducible.
-* :func:`linear_cross_entropy_reference` -- the fused LM-head cross entropy (logit scale,
-  softcap, class weights, label smoothing, z-loss, ``num_items``) as torch's dense cross entropy
-  in float64, for every fused and vocab-parallel CE test.
+* :func:`linear_cross_entropy_reference`, :func:`linear_log_probs_reference` -- the fused
+  LM-head losses on the materialized float64 logits (:func:`lm_head_logits`): torch's dense cross
+  entropy plus the z-loss, and per-token log-probabilities and entropy, for the single-device
+  and the vocab-parallel tests alike.
 """
 from __future__ import annotations
 
@@ -234,19 +235,42 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
-                                   logit_scale: float = 1.0, softcap: Optional[float] = None,
-                                   **options) -> Tensor:
-    """The fused LM-head cross entropy in float64 on the materialized logits
+def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, logit_scale: float = 1.0,
+                   softcap: Optional[float] = None) -> Tensor:
+    """The materialized logits of a fused LM-head loss in float64:
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (the tanh only with
-    a softcap): :func:`cross_entropy_reference` of ``z``; ``options`` are its keywords."""
+    a softcap)."""
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
     z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                                   logit_scale: float = 1.0, softcap: Optional[float] = None,
+                                   **options) -> Tensor:
+    """The fused LM-head cross entropy: :func:`cross_entropy_reference` of :func:`lm_head_logits`;
+    ``options`` are the former's keywords."""
+    z = lm_head_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap)
     return cross_entropy_reference(z, target, **options)
+
+
+def linear_log_probs_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                               temperature: float = 1.0, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
+    """Per-token ``log_softmax(z / T)`` at the target and the entropy ``-sum p log p`` of
+    :func:`lm_head_logits`, in float64; both 0 at ignored targets."""
+    log_q = torch.log_softmax(lm_head_logits(hidden, weight, bias) / temperature, dim=-1)
+    keep = target != ignore_index
+    logp = log_q.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+
+
+def log_probs_objective(logp: Tensor, entropy: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * logp) + sum(b * entropy)``: any upstream gradients of both outputs."""
+    return (logp.double() * a).sum() + (entropy.double() * b).sum()
 
 
 def cross_entropy_reference(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
@@ -277,7 +301,8 @@ def cross_entropy_reference(logits: Tensor, target: Tensor, *, ignore_index: int
 __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
     "probs", "unit", "positive", "num_classes", "class_weight", "index_target", "upstream", "assert_close", "compare",
-    "raises_like", "all_finite", "module_oracle", "linear_cross_entropy_reference", "cross_entropy_reference",
+    "raises_like", "all_finite", "module_oracle", "lm_head_logits", "linear_cross_entropy_reference",
+    "cross_entropy_reference", "linear_log_probs_reference", "log_probs_objective",
 ]
 
 

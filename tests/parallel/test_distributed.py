@@ -29,6 +29,7 @@ import leanloss  # noqa: E402
 from leanloss._checks import LeanlossValueError, TargetOutOfRangeError  # noqa: E402
 from leanloss.integrations.transformers import apply_leanloss  # noqa: E402
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
+from _oracle import linear_log_probs_reference, log_probs_objective  # noqa: E402
 from _spawn import free_port, init_gloo, spawn  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -341,11 +342,9 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
     replicated = F.cross_entropy(inp["hidden"] @ w_only.T, inp["target"])
     replicated_grad = torch.autograd.grad(replicated, w_only)[0]
     lp_leaves = {k: inp[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
-    log_q = torch.log_softmax((lp_leaves["hidden"] @ lp_leaves["weight"].T + lp_leaves["bias"]) / 0.7, -1)
-    keep = inp["target"] != -100
-    lp_want = torch.where(keep, log_q.gather(1, inp["target"].clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
-    ent_want = torch.where(keep, -(log_q.exp() * log_q).sum(-1), 0.0)
-    lp_grads = torch.autograd.grad((lp_want * inp["upstream"]).sum() + (ent_want * inp["upstream"].flip(0)).sum(),
+    lp_want, ent_want = linear_log_probs_reference(lp_leaves["hidden"], lp_leaves["weight"], inp["target"],
+                                                   lp_leaves["bias"], temperature=0.7)
+    lp_grads = torch.autograd.grad(log_probs_objective(lp_want, ent_want, inp["upstream"], inp["upstream"].flip(0)),
                                    list(lp_leaves.values()))
     for rank, res in enumerate(results):
         fr = res["functional"]
