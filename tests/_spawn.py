@@ -1,10 +1,15 @@
-"""Spawning gloo worlds for the distributed tests: a free local port and the process launch."""
+"""Spawning gloo worlds for the distributed tests: a free local port, the process launch, and
+:func:`run_ranks`, the round trip most tests make (inputs to every rank, each rank's results
+back to the parent)."""
 from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import socket
+from typing import Any, Callable, List
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -43,3 +48,25 @@ def spawn(child, world: int, *args) -> None:
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     mp.start_processes(child, args=(world, free_port(), *args), nprocs=world, join=True,
                        start_method="forkserver")
+
+
+def _run_rank(rank: int, world: int, port: int, work: Callable, inputs_path: str, out_dir: str,
+              timeout_s: float) -> None:
+    init_gloo(rank, world, port, timeout_s)
+    try:
+        torch.set_num_threads(1)
+        results = work(rank, world, torch.load(inputs_path, weights_only=False))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(work: Callable[[int, int, Any], Any], world: int, inputs: Any, out_dir,
+              timeout_s: float = 30.0) -> List[Any]:
+    """Run ``work(rank, world, inputs)`` on every rank of a gloo world of ``world`` processes (one
+    intra-op thread each) and return the ranks' results, in rank order. ``work`` is a module-level
+    function; ``inputs`` and the results travel through files in ``out_dir``."""
+    inputs_path = os.path.join(out_dir, "inputs.pt")
+    torch.save(inputs, inputs_path)
+    spawn(_run_rank, world, work, inputs_path, str(out_dir), timeout_s)
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]

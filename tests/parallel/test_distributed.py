@@ -30,7 +30,7 @@ from leanloss._checks import LeanlossValueError, TargetOutOfRangeError  # noqa: 
 from leanloss.integrations.transformers import apply_leanloss  # noqa: E402
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
 from _oracle import linear_log_probs_reference, log_probs_objective  # noqa: E402
-from _spawn import free_port, init_gloo, spawn  # noqa: E402
+from _spawn import free_port, run_ranks  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -267,17 +267,11 @@ def _functional(rank: int, world: int, inp: dict) -> dict:
     return out
 
 
-def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> None:
-    init_gloo(rank, world, port, timeout_s=60)
-    try:
-        torch.set_num_threads(1)
-        inputs = torch.load(inputs_path, weights_only=False)
-        results = {"functional": _functional(rank, world, inputs["functional"])}
-        for name, scenario in inputs["scenarios"].items():
-            results[name] = _train(rank, world, name, scenario, inputs["state"])
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank: int, world: int, inputs: dict) -> dict:
+    results = {"functional": _functional(rank, world, inputs["functional"])}
+    for name, scenario in inputs["scenarios"].items():
+        results[name] = _train(rank, world, name, scenario, inputs["state"])
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,10 +404,7 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
 @pytest.mark.parametrize("world", [2, 4])
 def test_engines_equal_one_process(world, tmp_path):
     inputs = _inputs(world)
-    path = str(tmp_path / "inputs.pt")
-    torch.save(inputs, path)
-    spawn(_child, world, path, str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    results = run_ranks(_work, world, inputs, tmp_path, timeout_s=60)
     failures = _compare_functional(world, inputs["functional"], results)
     for name, scenario in inputs["scenarios"].items():
         failures += _compare_training(name, scenario, _reference_training(inputs["state"], scenario), results)

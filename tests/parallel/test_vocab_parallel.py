@@ -6,8 +6,6 @@ gradients to files, and the parent compares (one assertion listing every failing
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 
 import leanloss
 from _oracle import cross_entropy_reference, linear_cross_entropy_reference
-from _spawn import init_gloo, spawn
+from _spawn import run_ranks
 from leanloss._checks import TARGET_SUMMARY_SIZE, LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
@@ -187,14 +185,8 @@ def _run_all(cases: dict, rank: int) -> dict:
     return results
 
 
-def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> None:
-    init_gloo(rank, world, port, timeout_s=20)
-    try:
-        torch.set_num_threads(1)
-        results = _run_all(torch.load(inputs_path, weights_only=False), rank)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank: int, world: int, cases: dict) -> dict:
+    return _run_all(cases, rank)
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,10 +270,7 @@ def _cases_with_inputs(world: int) -> dict:
 
 def _spawn_world(world: int, tmp_path) -> tuple:
     cases = _cases_with_inputs(world)
-    inputs = str(tmp_path / "inputs.pt")
-    torch.save(cases, inputs)
-    spawn(_child, world, inputs, str(tmp_path))
-    return cases, [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return cases, run_ranks(_work, world, cases, tmp_path, timeout_s=20)
 
 
 # ------------------------------------------------------------------------------------------

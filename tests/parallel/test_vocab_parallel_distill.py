@@ -4,14 +4,11 @@ of two ranks with uneven slices, in a world of one rank, and its argument errors
 transformers."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 import leanloss
-from _spawn import init_gloo, spawn
+from _spawn import run_ranks
 from leanloss.errors import LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_linear_distill_loss
 
@@ -69,15 +66,8 @@ def _run_rank(inp: dict, opts: dict, rank: int) -> dict:
     return {"loss": loss.detach(), "hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
 
 
-def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> None:
-    init_gloo(rank, world, port)
-    try:
-        torch.set_num_threads(1)
-        inp = torch.load(inputs_path, weights_only=False)
-        results = {name: _run_rank(inp, opts, rank) for name, opts in CASES.items()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _work(rank: int, world: int, inp: dict) -> dict:
+    return {name: _run_rank(inp, opts, rank) for name, opts in CASES.items()}
 
 
 def _unsharded(inp: dict, opts: dict) -> dict:
@@ -94,9 +84,7 @@ def _unsharded(inp: dict, opts: dict) -> dict:
 
 def test_two_ranks_equal_linear_distill_loss_on_the_whole_heads(tmp_path):
     inp = _inputs(torch.Generator().manual_seed(21))
-    torch.save(inp, tmp_path / "inputs.pt")
-    spawn(_child, len(SIZES), str(tmp_path / "inputs.pt"), str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(len(SIZES))]
+    results = run_ranks(_work, len(SIZES), inp, tmp_path)
     failures = []
     for name, opts in CASES.items():
         want = _unsharded(inp, opts)

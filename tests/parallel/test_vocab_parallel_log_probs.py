@@ -3,8 +3,6 @@ of two ranks (spawned once for every case; uneven and empty slices, bf16), where
 statistics may travel, and in one process."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +13,7 @@ from leanloss.parallel import vocab_parallel_linear_log_probs
 
 from _oracle import linear_log_probs_reference as reference
 from _oracle import log_probs_objective as objective
-from _spawn import init_gloo, spawn
+from _spawn import run_ranks
 
 PARALLEL_CASES = {
     "plain": dict(),
@@ -73,29 +71,21 @@ def _parallel_rank(case: dict, rank: int) -> dict:
                 b=None if b is None else b.grad, comm=comm)
 
 
-def _parallel_child(rank: int, world: int, port: int, inputs: str, out_dir: str) -> None:
-    init_gloo(rank, world, port)
-    try:
-        torch.set_num_threads(1)
-        cases = torch.load(inputs, weights_only=False)
-        results = {}
-        for name, case in cases.items():
-            try:
-                results[name] = _parallel_rank(case, rank)
-            except Exception as exc:  # reported by the parent
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                break
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _parallel_work(rank: int, world: int, cases: dict) -> dict:
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = _parallel_rank(case, rank)
+        except Exception as exc:  # reported by the parent
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            break
+    return results
 
 
 def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
-    torch.save(cases, tmp_path / "inputs.pt")
-    spawn(_parallel_child, 2, str(tmp_path / "inputs.pt"), str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    results = run_ranks(_parallel_work, 2, cases, tmp_path)
     failures = []
     for name, case in cases.items():
         spec = case["spec"]
