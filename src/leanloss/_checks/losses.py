@@ -11,7 +11,7 @@ from torch import Tensor
 from ..errors import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
 from .mode import shapes_enabled, values_enabled
 from .primitives import (
-    _dtype_name,
+    dtype_name,
     check_floating,
     check_in_closed_interval,
     check_positive,
@@ -38,7 +38,7 @@ def check_class_weight(
         )
     if dtype is not None and weight.dtype != dtype:
         raise LeanlossTypeError(
-            f"{fn}: expected scalar type {_dtype_name(dtype)} but found {_dtype_name(weight.dtype)}: "
+            f"{fn}: expected scalar type {dtype_name(dtype)} but found {dtype_name(weight.dtype)}: "
             f"argument '{name}' must have the dtype of 'input' ({dtype}), got {weight.dtype}"
         )
     check_floating(fn, name, weight, "per-class weights")
@@ -57,7 +57,7 @@ def check_label_smoothing(fn: str, label_smoothing: float) -> float:
 def check_index_target_dtype(fn: str, target: Tensor, name: str = "target") -> None:
     if target.dtype not in (torch.int64, torch.uint8):
         raise LeanlossTypeError(
-            f"{fn}: expected target dtype to be Long or Byte, but got {_dtype_name(target.dtype)}: "
+            f"{fn}: expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}: "
             f"argument '{name}' must hold class indices as an int64 (Long) tensor, got "
             f"dtype {target.dtype}"
             + (

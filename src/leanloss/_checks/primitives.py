@@ -48,7 +48,7 @@ def fmt_shape(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """torch's C++ scalar-type name (Float, Double, Long, BFloat16, ...), as in its messages."""
     return torch.empty((), dtype=dtype, device="meta").type().split(".")[-1].replace("Tensor", "")
 
@@ -70,7 +70,7 @@ def check_floating(fn: str, name: str, t: Tensor, what: str = "floating-point va
     if not t.is_floating_point():
         raise UnsupportedDtypeError(
             f"{fn}: argument '{name}' must be a floating-point tensor of {what}, got dtype "
-            f"{t.dtype} (not implemented for {_dtype_name(t.dtype)!r})"
+            f"{t.dtype} (not implemented for {dtype_name(t.dtype)!r})"
         )
 
 
@@ -78,7 +78,7 @@ def check_same_dtype(fn: str, name: str, t: Tensor, ref_name: str, ref: Tensor) 
     """``t`` must have ``ref``'s dtype (torch raises RuntimeError "Found dtype X but expected Y")."""
     if t.dtype != ref.dtype:
         raise LeanlossTypeError(
-            f"{fn}: Found dtype {_dtype_name(t.dtype)} but expected {_dtype_name(ref.dtype)}: "
+            f"{fn}: Found dtype {dtype_name(t.dtype)} but expected {dtype_name(ref.dtype)}: "
             f"argument '{name}' must have the dtype of '{ref_name}' ({ref.dtype}), got {t.dtype}"
         )
 
