@@ -60,9 +60,10 @@ class LeanlossTypeError(TypeError, RuntimeError):
 class TargetOutOfRangeError(IndexError, ValueError):
     """A class-index target lies outside ``[0, C)``.
 
-    Raised (in ``'full'`` check mode) for a target, or a teacher's top-k id, that is negative
-    (and not ``ignore_index``) or at least the number of classes; in a vocab-parallel group every
-    rank raises when any rank's target is out of range. An ``IndexError``, as torch raises.
+    Raised (in ``'full'`` check mode) for a target that is negative (and not ``ignore_index``) or
+    at least the number of classes, or a teacher's top-k id at least the number of classes; in a
+    vocab-parallel group every rank raises when any rank's target is out of range. An
+    ``IndexError``, as torch raises.
 
     What to do: check the target against the vocabulary size, or mark padding with
     ``ignore_index`` (-100 by default).
