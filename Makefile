@@ -7,21 +7,33 @@
 #                      from a temporary directory (nothing from the repository on the path)
 #   make device-check  on a CUDA machine: the CUDA tests and the bf16 suite against its GPU
 #                      peers, written to device_check.json (no network needed)
-#   make test-compat TORCH=torch==2.5.1
-#                      the whole suite against another torch, in its own venv (.venv-compat)
+#   make test-compat TORCH=torch==2.6.0
+#                      the whole suite against another torch, in its own venv (.venv-compat);
+#                      fails unless the torch it ran on is the one requested
+#   make test-torch-range
+#                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch that this machine installs from a local file. The package itself
-# needs torch>=2.13 (the lowest version the whole suite passes on); this pin is for dev and CI.
+# needs the lowest torch the whole suite passes on (pyproject.toml); this pin is for dev and CI.
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 COMPAT_VENV ?= .venv-compat
-# pins that go with an older torch: transformers 5 needs torch >= 2.6 (empty it for a newer torch)
-COMPAT_PINS ?= transformers<5
+# Pins that go with the requested torch, space-separated requirement specifiers. Like TORCH they
+# are pip constraints of every install into the compat venv, so nothing upgrades that torch.
+# transformers 5 needs torch >= 2.6.
+COMPAT_PINS ?=
+# The ends of the supported torch range that CI tests (test-torch-range): the lowest torch the
+# whole suite passes on (pyproject.toml names it) with the transformers of its time, and the
+# newest the registry serves with the newest transformers.
+TORCH_LOWEST  ?= torch==2.6.0
+PINS_LOWEST   ?= transformers<5
+TORCH_NEWEST  ?= torch==2.14.1
+PINS_NEWEST   ?=
 WHEEL_VENV  ?= .venv-wheel
 
-.PHONY: demo test lint wheel install-check test-compat device-check bench tour clean
+.PHONY: demo test lint wheel install-check test-compat test-torch-range device-check bench tour clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,16 +73,35 @@ install-check: wheel
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" tour > tour.txt && tail -n 1 tour.txt && \
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" bench --quick --only linear_ce --out bench-results
 
-$(COMPAT_VENV)/.installed-$(TORCH):
-	rm -rf $(COMPAT_VENV)
-	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install --quiet "$(TORCH)" $(if $(COMPAT_PINS),"$(COMPAT_PINS)")
-	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[test,bench,transformers]" $(if $(COMPAT_PINS),"$(COMPAT_PINS)")
-	touch "$@"
+# what the compat venv was built for; a change rebuilds it
+COMPAT_CONSTRAINTS = printf '%s\n' "$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
 
-test-compat: $(COMPAT_VENV)/.installed-$(TORCH)
-	$(COMPAT_VENV)/bin/python -c "import torch; print('torch', torch.__version__)"
-	$(COMPAT_VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
+test-compat:
+	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt" || \
+	    [ pyproject.toml -nt "$(COMPAT_VENV)/constraints.txt" ]; then \
+	  set -ex; rm -rf "$(COMPAT_VENV)"; $(PYTHON) -m venv "$(COMPAT_VENV)"; \
+	  $(COMPAT_CONSTRAINTS) > "$(COMPAT_VENV)/constraints.in"; \
+	  "$(COMPAT_VENV)/bin/python" -m pip install --quiet -c "$(COMPAT_VENV)/constraints.in" \
+	    "$(TORCH)" -e ".[test,bench,transformers]"; \
+	  mv "$(COMPAT_VENV)/constraints.in" "$(COMPAT_VENV)/constraints.txt"; \
+	fi
+	"$(COMPAT_VENV)/bin/python" -c "$$TORCH_IS_REQUESTED" "$(TORCH)"
+	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-torch-range:
+	$(MAKE) test-compat TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
+	$(MAKE) test-compat TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+
+# prints the torch (and transformers) of the venv; exits non-zero unless torch meets argv[1]
+define TORCH_IS_REQUESTED
+import sys, torch, transformers
+from packaging.requirements import Requirement
+wanted = Requirement(sys.argv[1])
+print(f"torch {torch.__version__}, transformers {transformers.__version__} (requested {wanted})")
+if not wanted.specifier.contains(torch.__version__, prereleases=True):
+    sys.exit(f"test-compat: the venv has torch {torch.__version__}, not the requested {wanted}")
+endef
+export TORCH_IS_REQUESTED
 
 device-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m leanloss.cli.bench.device_check --out device_check.json
@@ -82,4 +113,4 @@ bench: $(VENV)/.demo-installed
 	$(BIN)/leanloss bench
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) $(WHEEL_VENV) dist build bench-results
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-compat-lowest .venv-compat-newest $(WHEEL_VENV) dist build bench-results
