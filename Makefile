@@ -52,7 +52,7 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests docs/_ext
 	$(BIN)/mypy
 
 docs: $(VENV)/.docs-installed

@@ -21,6 +21,10 @@ from typing import Iterator
 
 import pytest
 
+import leanloss
+import leanloss.functional
+import leanloss.parallel
+
 SITE = Path(__file__).resolve().parents[2] / "site"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # what a headless Chromium needs as root on a machine without a display or a network
@@ -43,10 +47,15 @@ def browser() -> str:
 
 
 @pytest.fixture(scope="module")
-def site_url() -> Iterator[str]:
+def site() -> Path:
     if not (SITE / "index.html").is_file():
         _unavailable(f"the documentation site is not built ({SITE / 'index.html'} is missing): run `make docs`")
-    handler = functools.partial(_QuietHandler, directory=str(SITE))
+    return SITE
+
+
+@pytest.fixture(scope="module")
+def site_url(site) -> Iterator[str]:
+    handler = functools.partial(_QuietHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # port 0: a free port
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -134,3 +143,21 @@ def test_api_reference_renders_signatures_and_filled_docstrings(browser, site_ur
                        ("transformers", "apply_leanloss"), ("leanloss", "LinearCrossEntropyLoss")):
         other = rendered_dom(browser, f"{site_url}/api/{page}/", tmp_path)
         assert re.search(rf'id="leanloss\.[\w.]*{name}"', other), f"api/{page} lacks {name}"
+
+
+def test_api_reference_documents_every_public_name(site):
+    """Every name in the ``__all__`` of ``leanloss``, ``leanloss.functional``, ``leanloss.parallel``
+    and ``leanloss.integrations.transformers`` has an entry (an anchor) in the API reference."""
+    transformers_api = pytest.importorskip("leanloss.integrations.transformers")
+    pages = {page: (site / "api" / page / "index.html").read_text() for page in
+             ("leanloss", "functional", "parallel", "transformers")}
+    missing = []
+    for name in leanloss.__all__:  # the functions are documented once, under leanloss.functional
+        anchors = {f'id="leanloss.{name}"', f'id="leanloss.functional.{name}"'}
+        if not any(a in pages["leanloss"] or a in pages["functional"] for a in anchors):
+            missing.append(f"leanloss.{name}")
+    for module, page in ((leanloss.functional, "functional"), (leanloss.parallel, "parallel"),
+                         (transformers_api, "transformers")):
+        missing += [f"{module.__name__}.{name}" for name in module.__all__
+                    if f'id="{module.__name__}.{name}"' not in pages[page]]
+    assert not missing, f"public names without an API reference entry: {missing}"
