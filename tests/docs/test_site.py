@@ -137,7 +137,10 @@ def test_api_reference_renders_signatures_and_filled_docstrings(browser, site_ur
     # its docstring, with the shared entries filled in at import (leanloss._docs)
     assert contains(dom, "Cross entropy of hidden @ weight.T + bias without materializing the logits.")
     assert contains(dom, "weight of the lse_r**2 penalty (PaLM's z-loss)")
-    assert "@doc" not in page_text(dom), "a docstring still holds an unfilled '@doc NAME' line"
+    text = page_text(dom)
+    assert "@doc" not in text, "a docstring still holds an unfilled '@doc NAME' line"
+    # reStructuredText markup turned into Markdown by docs/_ext/rst_markup.py
+    assert not re.search(r":(func|class|mod|math):`|\.\. math::", text), "reStructuredText markup left on the page"
     # and the other public modules' pages exist and hold their functions
     for page, name in (("parallel", "vocab_parallel_linear_cross_entropy"),
                        ("transformers", "apply_leanloss"), ("leanloss", "LinearCrossEntropyLoss")):
