@@ -2,6 +2,8 @@
 #   make demo          venv + package, then the tour and a quick benchmark
 #   make test          venv + package + test extras, then the whole test suite
 #   make lint          ruff and mypy (the dev extra)
+#   make docs          the documentation site (mkdocs, the docs extra) built into site/ with
+#                      warnings as errors; .venv/bin/mkdocs serve previews it
 #   make wheel         build dist/leanloss-*.whl
 #   make install-check the wheel with [bench] in a fresh venv; tour and a quick benchmark run
 #                      from a temporary directory (nothing from the repository on the path)
@@ -33,7 +35,7 @@ TORCH_NEWEST  ?= torch==2.14.1
 PINS_NEWEST   ?=
 WHEEL_VENV  ?= .venv-wheel
 
-.PHONY: demo test lint wheel install-check test-compat test-torch-range device-check bench tour clean
+.PHONY: demo test lint docs wheel install-check test-compat test-torch-range device-check bench tour clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +50,12 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[test,bench,transformers,dev]"
 	touch $@
 
+# the API reference imports every public module, transformers' integration included
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[docs,transformers]"
+	touch $@
+
 demo: $(VENV)/.demo-installed
 	$(BIN)/leanloss tour
 	$(BIN)/leanloss bench --quick
@@ -56,8 +64,11 @@ test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests docs/_ext
 	$(BIN)/mypy
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 wheel: $(VENV)/.test-installed
 	rm -rf dist
@@ -113,4 +124,4 @@ bench: $(VENV)/.demo-installed
 	$(BIN)/leanloss bench
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) .venv-compat-lowest .venv-compat-newest $(WHEEL_VENV) dist build bench-results
+	rm -rf $(VENV) $(COMPAT_VENV) .venv-compat-lowest .venv-compat-newest $(WHEEL_VENV) dist build bench-results site

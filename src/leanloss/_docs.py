@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import textwrap
-from typing import Callable, Dict, TypeVar
+from typing import Callable, Dict, Optional, TypeVar
 
 from ._fused import ce_rows
 
@@ -44,7 +44,14 @@ _MARK = re.compile(r"^(?P<indent>[ \t]*)@doc (?P<name>\w+)[ \t]*$", re.M)
 
 
 def fill(fn: F) -> F:
-    """Replace the ``@doc NAME`` lines of ``fn.__doc__`` with the shared entries."""
-    if fn.__doc__:
-        fn.__doc__ = _MARK.sub(lambda m: textwrap.indent(DOCS[m["name"]], m["indent"]), fn.__doc__)
+    """Replace the ``@doc NAME`` lines of ``fn.__doc__`` with the shared entries.
+
+    The functions ``fn`` wraps (its ``__wrapped__`` chain, from ``functools.wraps``) get the
+    same text: ``inspect.unwrap``, which documentation generators call, reads theirs.
+    """
+    target: Optional[Callable] = fn
+    while target is not None:
+        if target.__doc__:
+            target.__doc__ = _MARK.sub(lambda m: textwrap.indent(DOCS[m["name"]], m["indent"]), target.__doc__)
+        target = getattr(target, "__wrapped__", None)
     return fn

@@ -255,7 +255,7 @@ def test_module_form():
 
 
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, entropy=None, entropy_coef=0.0):
-    """The README's GRPO-style clipped objective (token-level mean over the completion)."""
+    """The GRPO-style clipped objective of docs/log-probs.md (token-level mean over the completion)."""
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * advantages[:, None], clipped * advantages[:, None])
@@ -265,7 +265,7 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, entropy=None, e
 
 
 def test_grpo_objective_equals_dense():
-    """The README's recipe: the fused log-probs give the dense objective and its gradients."""
+    """The recipe of docs/log-probs.md: the fused log-probs give the dense objective and its gradients."""
     g = torch.Generator().manual_seed(7)
     groups, length, d, v = 4, 6, 8, 50
     h, w, b, t = make(shape=(groups, length), d=d, v=v, ignore_frac=0.2, seed=7)

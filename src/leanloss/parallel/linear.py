@@ -61,8 +61,9 @@ def vocab_parallel_linear_cross_entropy(
             alike, a DTensor ``hidden`` is made ``Replicate`` on that mesh, and every gradient
             is a DTensor of its input's placement.
         target: ``(...)`` GLOBAL class ids, identical on every rank.
-        group, vocab_start, class_weight (the FULL ``(V,)`` vector), ignore_index, reduction,
-            label_smoothing, z_loss, num_items: as in :func:`vocab_parallel_cross_entropy`.
+        group, vocab_start, class_weight, ignore_index, reduction: as in
+            :func:`vocab_parallel_cross_entropy` (``class_weight`` is the FULL ``(V,)`` vector).
+        label_smoothing, z_loss, num_items: as in :func:`vocab_parallel_cross_entropy`.
         bias: this rank's ``(V_local,)`` slice of the head's bias, or ``None``.
         chunk_size: rows per block, the same on every rank (default: from the largest slice,
             so that every rank walks the same blocks and issues the same collectives).
