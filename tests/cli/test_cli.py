@@ -400,7 +400,7 @@ def test_bench_merge_refuses_other_machines_and_unreadable_files(tmp_path, capsy
 def test_shipped_suites_list_the_issue_shapes():
     from leanloss.cli.bench import SUITES, distill, linear_ce, log_probs
 
-    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step")
+    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "first_call")
     full = linear_ce.cases(quick=False)
     assert {(c["N"], c["D"], c["V"]) for c in full} == {(4096, 4096, 128256), (8192, 1024, 131072), (2048, 1024, 32000)}
     assert {c["dtype"] for c in full} == {"float32", "bfloat16"}
