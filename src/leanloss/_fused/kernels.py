@@ -378,22 +378,25 @@ def _by_rows(fn: Callable, block: Tensor, row_args: Sequence[Optional[Tensor]], 
              *, alias: bool) -> Tuple[Tensor, ...]:
     """``fn`` on row sub-blocks of at most ``step`` rows (evened out, so the last is not a sliver
     that a compiled function would specialize for), its per-row outputs concatenated;
-    ``alias``: pass each sub-block as a plain tensor (:func:`_plain_alias`)."""
+    ``alias``: pass each sub-block and row argument as a plain tensor (:func:`_plain_alias`)."""
+    def plain(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t if t is None or not alias else _plain_alias(t)
+
     n = block.shape[0]
     if n <= step:
-        return fn(_plain_alias(block) if alias else block, *row_args, **options)
+        return fn(plain(block), *(plain(a) for a in row_args), **options)
     step = -(-n // -(-n // step))
     parts = []
     for start in range(0, n, step):
         sub = slice(start, min(start + step, n))
-        part = _plain_alias(block[sub]) if alias else block[sub]
-        parts.append(fn(part, *(None if a is None else a[sub] for a in row_args), **options))
+        parts.append(fn(plain(block[sub]), *(None if a is None else plain(a[sub]) for a in row_args), **options))
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _plain_alias(t: Tensor) -> Tensor:
-    """``t``'s memory as a tensor that is not a view: dynamo guards a mutated view on its
-    base's size, which would recompile for the last (shorter) block of every pass."""
+    """``t``'s memory as a tensor that is not a view: dynamo guards a view on its base (a
+    mutated one on the base's size, which would recompile for the last, shorter block of every
+    pass), so a view and a whole tensor would be two graphs."""
     if t._base is None:
         return t
     with torch.no_grad():
