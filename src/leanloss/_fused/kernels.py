@@ -178,9 +178,8 @@ class RowKernel:
                 return False
             self._queued.add(key)
         rows = block.shape[0] if block.shape[0] < 4 else (4 if block.shape[0] < _WARM_ROWS else _WARM_ROWS)
-        copy = block[:rows].clone(memory_format=torch.preserve_format)
-        _submit(_Job(self, key, copy, tuple(None if a is None else a[:rows] for a in row_args), dict(options),
-                     state))
+        _submit(_Job(self, key, _copy_rows(block, rows), tuple(None if a is None else _copy_rows(a, rows)
+                                                               for a in row_args), dict(options), state))
         return False
 
     def _compiled_fn(self) -> Callable:
@@ -238,6 +237,14 @@ def _tensor_class(t: Tensor) -> tuple:
     size and stride as 0, 1 or more."""
     return (t.dtype, t.device, t.requires_grad, tuple(min(s, 2) for s in t.shape),
             tuple(min(abs(s), 2) for s in t.stride()))
+
+
+def _copy_rows(t: Tensor, rows: int) -> Tensor:
+    """The first ``rows`` rows of ``t`` as a tensor of their own with the same stride classes
+    (a broadcast dimension, stride 0, stays one), so the graph compiled on it is the call's."""
+    part = t[:rows]
+    distinct = part[tuple(slice(0, 1) if st == 0 else slice(None) for st in part.stride())]
+    return distinct.clone(memory_format=torch.preserve_format).expand(part.shape)
 
 
 def _signature(block: Tensor, row_args: Sequence[Optional[Tensor]], options: Dict[str, Any],
