@@ -32,7 +32,13 @@ Mode ``'auto'`` (the default) compiles where it pays and never makes a call wait
   compiles the function and runs it on them; calls with that signature run compiled once that
   is done (:func:`wait_for_compiles` waits for it). The background thread is a daemon: a
   process that exits while it compiles does not wait for it; a child forked while it compiles
-  stays eager for the signatures not compiled yet.
+  stays eager for the signatures not compiled yet. Caveat, measured on the same machine under
+  heavy contention (load 16 on its 2 cores), interleaved in one process: eager cross entropy
+  took 1.5x (float32) to 6x (bfloat16) the compiled time, and eager JSD 25-90x, because its
+  many small OpenMP regions each wait for descheduled threads; there the first JSD call, eager
+  while the compiler thread competes, is no faster than compiling it first, and
+  ``LEANLOSS_KERNELS=compiled`` gives the compiled steady state back to cross entropy.
+  ``leanloss bench --only first_call`` measures the first against a warm call of each loss.
 * eager everywhere else: where compiling is unavailable (``TORCHDYNAMO_DISABLE=1``, no C++
   compiler, a compile error), under a Python dispatch mode, for float64, for devices other
   than CPU/CUDA, and for blocks too small to repay a kernel launch.
