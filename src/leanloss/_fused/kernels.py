@@ -78,6 +78,8 @@ _RECOMPILE_LIMIT = 64
 # Rows of the copy a background compile runs on, and its tile: tiles at storage offset 0 and
 # beyond, none of one row (dynamo specializes sizes 0 and 1).
 _WARM_ROWS, _WARM_TILE = 6, 2
+# Signatures remembered per kernel (a schedule of option values makes a new one per value).
+_MAX_SIGNATURES = 1024
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -283,6 +285,8 @@ class _Job:
                 with _as_caller(self.state):
                     kernel._run_compiled(self.block, self.row_args, self.options, step=_WARM_TILE)
                 with _lock:
+                    if len(kernel._ready) >= _MAX_SIGNATURES:  # option values that never repeat
+                        kernel._ready.clear()
                     kernel._ready.add(self.key)
         except Exception as exc:  # noqa: BLE001 -- reported by the next call, on its thread
             if _background_off is None:
