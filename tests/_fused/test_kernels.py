@@ -2,6 +2,11 @@
 give the same values, and compile failures fall back to eager."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import threading
 import warnings
 
 import pytest
@@ -143,33 +148,199 @@ def test_row_sub_blocks_are_evened_out():
     torch.testing.assert_close(out, block.sum(1))
 
 
-def test_compile_failure_falls_back_to_eager_once(monkeypatch, mode):
+class FakeCompile:
+    """Stands in for ``torch.compile``: the function it returns runs ``fn`` and records the
+    thread of each call; its first call blocks until ``release()`` (a slow compile)."""
+
+    def __init__(self, monkeypatch):
+        self.compiles = 0
+        self.calls = []
+        self.gate = threading.Event()
+        monkeypatch.setattr(torch, "compile", self)
+
+    def __call__(self, fn, **kwargs):
+        self.compiles += 1
+
+        def compiled(*args, **kw):
+            self.gate.wait(30)
+            self.calls.append(threading.current_thread() is threading.main_thread())
+            return fn(*args, **kw)
+
+        return compiled
+
+    def release(self):
+        self.gate.set()
+
+
+@pytest.fixture
+def auto(monkeypatch, mode):
+    """'auto' with compiling allowed for any block size; background work drained before (a job of
+    an earlier test must not meet this test's stand-in compiler) and after."""
+    assert kernels.wait_for_compiles(timeout=600)
     mode("auto")
     monkeypatch.setattr(kernels, "_MIN_COMPILED_NUMEL", 1)
     monkeypatch.setattr(kernels, "_compile_broken", None)
+    monkeypatch.setattr(kernels, "_unreported", None)
+    yield
+    assert kernels.wait_for_compiles(timeout=60)
 
+
+def _scaled_rowsum(block, w, *, factor):
+    out = (block * w.unsqueeze(1)).sum(1) * factor
+    block.mul_(2)
+    return (out,)
+
+
+def _inputs():
+    return torch.arange(60.0).reshape(6, 10), torch.arange(6.0)
+
+
+def _expected(factor):
+    block, w = _inputs()
+    return (block * w.unsqueeze(1)).sum(1) * factor, block * 2
+
+
+def test_auto_serves_calls_eagerly_until_the_background_compile_is_ready(monkeypatch, auto):
+    fake = FakeCompile(monkeypatch)
+    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    for _ in range(2):  # the compile is still running: both calls eager, one job
+        block, w = _inputs()
+        (out,) = kernel(block, w, factor=3.0)
+        torch.testing.assert_close(out, _expected(3.0)[0])
+        torch.testing.assert_close(block, _expected(3.0)[1])
+        assert fake.calls == [] and len(kernel._queued) == 1 and not kernel._ready
+    fake.release()
+    assert kernels.wait_for_compiles(timeout=30)
+    assert fake.compiles == 1 and fake.calls and not any(fake.calls)  # warmed on the worker thread
+    assert len(kernel._ready) == 1 and not kernel._queued
+    warm_calls = len(fake.calls)
+    block, w = _inputs()
+    (out,) = kernel(block, w, factor=3.0)  # now compiled, on this thread
+    assert len(fake.calls) > warm_calls and all(fake.calls[warm_calls:])
+    torch.testing.assert_close(out, _expected(3.0)[0])
+    torch.testing.assert_close(block, _expected(3.0)[1])
+    before = len(fake.calls)
+    block, w = _inputs()
+    (out,) = kernel(block, w, factor=0.5)  # a new option value: eager again, compiled in the background
+    assert len(fake.calls) == before or not all(fake.calls[before:])
+    torch.testing.assert_close(out, _expected(0.5)[0])
+    assert kernels.wait_for_compiles(timeout=30) and len(kernel._ready) == 2
+
+
+def test_auto_compiles_on_cpu_only_where_it_pays(monkeypatch, auto):
+    """Untiled kernels (cross entropy, log-probs, ...) run eagerly on CPU: no compile at all."""
+    fake = FakeCompile(monkeypatch)
+    fake.release()
+    kernel = RowKernel(_scaled_rowsum, "test")
+    block, w = _inputs()
+    assert not kernel.compile_pays(block) and RowKernel(_scaled_rowsum, "t", tiled=True).compile_pays(block)
+    (out,) = kernel(block, w, factor=1.0)
+    assert kernels.wait_for_compiles(timeout=30)
+    assert fake.compiles == 0 and not kernel._queued and not kernel._ready
+    torch.testing.assert_close(out, _expected(1.0)[0])
+
+
+@pytest.mark.parametrize("forced", ["eager", "compiled"])
+def test_forced_modes_do_no_background_work(monkeypatch, auto, mode, forced):
+    """'eager': never compiled; 'compiled': compiled on the calling thread at the first call."""
+    fake = FakeCompile(monkeypatch)
+    fake.release()
+    mode(forced)
+    kernel = RowKernel(_scaled_rowsum, "test")  # untiled: 'compiled' compiles it anyway
+    block, w = _inputs()
+    (out,) = kernel(block, w, factor=2.0)
+    assert not kernel._queued and not kernel._ready and kernels.wait_for_compiles(timeout=0)
+    assert fake.calls == ([True] if forced == "compiled" else [])
+    assert fake.compiles == (forced == "compiled")
+    torch.testing.assert_close(out, _expected(2.0)[0])
+    torch.testing.assert_close(block, _expected(2.0)[1])
+
+
+def test_background_compile_of_the_distill_kernel_equals_eager(mode):
+    """The real compiler on its thread: the grad mode of the caller is reproduced there, so the
+    call after the handoff finds the graph ready (no compile on this thread), and its values
+    are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(2)
+    n, v = 40, 2003
+    a = (torch.randn(n, v, generator=g) * 3).bfloat16()
+    b = (torch.randn(n, v, generator=g) * 3).bfloat16()
+    a_y, scale = torch.randn(n, generator=g), torch.rand(n, generator=g)
+    opts = dict(kind="jsd", beta=0.4, temperature=1.5, hard_weight=0.25, dtype=torch.float32)
+    mode("eager")
+    want_a = a.clone()
+    (want,) = _DISTILL_KERNEL(want_a, b, a_y, scale, **opts)
+    mode("auto")
+    runs = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "_MIN_COMPILED_NUMEL", 1)
+        mp.setattr(kernels, "_compile_broken", None)
+        for i in range(2):  # eager while compiling, then compiled
+            if i == 1:
+                graphs = counters["stats"]["unique_graphs"]
+                assert _DISTILL_KERNEL._ready
+            z = a.clone()
+            runs.append((_DISTILL_KERNEL(z, b, a_y, scale, **opts), z))
+            assert kernels.wait_for_compiles(timeout=600)
+        assert counters["stats"]["unique_graphs"] == graphs
+    for (out,), z in runs:
+        _close(out, want, torch.float32)
+        _close(z.float(), want_a.float(), torch.bfloat16)
+
+
+def test_background_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, auto):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    kernel = RowKernel(lambda z: (z.sum(1),), "test")
+    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    outs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (out,) = kernel(torch.ones(3, 4))
-        (out2,) = kernel(torch.ones(3, 4))
-    assert torch.equal(out, torch.full((3,), 4.0)) and torch.equal(out2, out)
+        for _ in range(3):
+            block, w = _inputs()
+            outs.append(kernel(block, w, factor=1.0)[0])
+            assert kernels.wait_for_compiles(timeout=30)
+    assert all(torch.equal(out, _expected(1.0)[0]) for out in outs)
     assert [str(w.message).count("no C++ compiler") for w in caught] == [1]
-    assert not kernel.use_compiled(torch.ones(3, 4))
-    mode("compiled")  # an explicit 'compiled' mode does not hide the error
+    assert not kernel.use_compiled(_inputs()[0])
+    kernels.set_kernel_mode("compiled")  # an explicit 'compiled' mode does not hide the error
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         RowKernel(lambda z: (z.sum(1),), "test")(torch.ones(3, 4))
+
+
+def test_process_exits_and_forks_while_compiling(tmp_path):
+    """A compile still running does not hold up the exit; a child forked meanwhile runs eagerly
+    and compiles nothing."""
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent("""
+        import os, threading, torch
+        from leanloss._fused import kernels
+        gate = threading.Event()
+        torch.compile = lambda fn, **kw: (lambda *a, **k: gate.wait() or fn(*a, **k))
+        kernels._MIN_COMPILED_NUMEL = 1
+        kernel = kernels.RowKernel(lambda z: (z.sum(1),), "test", tiled=True)
+        assert kernel(torch.ones(4, 3))[0].tolist() == [3.0] * 4
+        pid = os.fork()
+        if pid == 0:
+            ok = kernel(torch.ones(4, 2, dtype=torch.bfloat16))[0].tolist() == [2.0] * 4
+            off = kernels._background_off == "forked while compiling"
+            os._exit(0 if ok and off and len(kernel._queued) == 1 and not kernels._jobs else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        print("done")
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LEANLOSS_KERNELS": "auto"})
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
 
 
 def test_auto_mode_rules(monkeypatch, mode):
     mode("auto")
     monkeypatch.setattr(kernels, "_compile_broken", None)
-    k = RowKernel(lambda z: (z,), "test")
+    k = RowKernel(lambda z: (z,), "test", tiled=True)
     big = torch.empty(1024, 1024)
+    assert not RowKernel(lambda z: (z,), "test").use_compiled(big)  # CPU: only where it pays
     assert k.use_compiled(big)
     assert not k.use_compiled(big.double())  # float64: eager
     assert not k.use_compiled(torch.empty(4, 4))  # too small to repay a launch

@@ -398,9 +398,9 @@ def test_bench_merge_refuses_other_machines_and_unreadable_files(tmp_path, capsy
 
 
 def test_shipped_suites_list_the_benchmark_shapes():
-    from leanloss.cli.bench import SUITES, distill, linear_ce, log_probs
+    from leanloss.cli.bench import SUITES, distill, first_call, linear_ce, log_probs
 
-    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step")
+    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "first_call")
     full = linear_ce.cases(quick=False)
     assert {(c["N"], c["D"], c["V"]) for c in full} == {(4096, 4096, 128256), (8192, 1024, 131072), (2048, 1024, 32000)}
     assert {c["dtype"] for c in full} == {"float32", "bfloat16"}
@@ -416,6 +416,22 @@ def test_shipped_suites_list_the_benchmark_shapes():
     assert {(c["N"], c["D"], c["V"], c["temperature"]) for c in lp} == {(2048, 1024, 131072, 0.9)}
     assert {c["dtype"] for c in lp} == {"float32", "bfloat16"}
     assert [(c["impl"], c["dtype"]) for c in log_probs.cases(quick=True)] == [("leanloss", "bfloat16")]
+    first = first_call.cases(quick=False)
+    assert {(c["impl"], c["dtype"]) for c in first} == {(i, d) for i in first_call.LOSSES for d in ("float32", "bfloat16")}
+    assert {(c["N"], c["D"], c["V"]) for c in first} == {(2048, 1024, 32000)}
+    assert [(c["impl"], c["dtype"]) for c in first_call.cases(quick=True)] == [("ce", "bfloat16"), ("jsd", "bfloat16")]
+
+
+def test_bench_first_call_times_fresh_processes_with_an_empty_then_a_warm_cache(tmp_path):
+    out = tmp_path / "first"
+    result = _leanloss("bench", "--only", "first_call,ce", "--vocab", "256", "--tokens", "32", "--hidden", "16",
+                       "--dtype", "float32", "--out", str(out), cwd=tmp_path, env={"LEANLOSS_KERNELS": "auto"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = json.loads((out / "bench.json").read_text())["results"]  # no roofline: not a speed row
+    for probe in ("cold", "warm_cache"):
+        assert row[f"{probe}_first_s"] > 0 and row[f"{probe}_warm_s"] > 0
+        assert row[f"{probe}_stall_s"] == pytest.approx(row[f"{probe}_first_s"] - row[f"{probe}_warm_s"])
+    assert row["time_s"] == row["cold_warm_s"] and row["kernel_mode"] == "auto"
 
 
 def test_bench_shipped_linear_ce_from_a_temporary_directory(tmp_path):

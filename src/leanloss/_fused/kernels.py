@@ -15,19 +15,48 @@ per-row tensors. :class:`RowKernel` runs it in one of two ways that give the sam
   fused JSD in bf16, N=2048 D=1024 V=32000, 1.19x -> 1.07x of its four matmuls. A one-input
   kernel (cross entropy) measured the same or slower tiled, so tiling is per kernel.
 * ``eager``: the same function on row sub-blocks of about ``_SUB_BYTES`` of float32 per
-  temporary, so its temporaries stay small and in cache. Used where compiling is unavailable
-  (``TORCHDYNAMO_DISABLE=1``, no C++ compiler, a compile error), for float64, for devices other
+  temporary, so its temporaries stay small and in cache.
+
+Mode ``'auto'`` (the default) compiles where it pays and never makes a call wait for it:
+
+* CUDA: every kernel compiled, from the first call (eager 16-bit blocks cost float32
+  temporaries, memory and time there).
+* CPU: only kernels for which :meth:`RowKernel.compile_pays` (the tiled ones: distillation),
+  and OFF the critical path. Measured at N=2048 D=1024 V=32000 on a 2-core EPYC: cross entropy
+  is as fast eager on sub-blocks as compiled (bf16 0.61-0.74 s a step either way, float32
+  2.24 s both), while compiling it cost the first call of every process 4.8 s (15.8 s with an
+  empty inductor cache) and each new option set 2.4-3.3 s more; the distillation kernel gains
+  (JSD 0.82-0.93 s compiled against 1.0-2.1 s eager). So the first call with a new signature
+  (dtypes, strides and size classes, option values, grad/autocast state: what dynamo guards
+  on) runs eagerly and hands a copy of a few of its rows to one background thread, which
+  compiles the function and runs it on them; calls with that signature run compiled once that
+  is done (:func:`wait_for_compiles` waits for it). The background thread is a daemon: a
+  process that exits while it compiles does not wait for it; a child forked while it compiles
+  stays eager for the signatures not compiled yet. Caveat, measured on the same machine under
+  heavy contention (load 16 on its 2 cores), interleaved in one process: eager cross entropy
+  took 1.5x (float32) to 6x (bfloat16) the compiled time, and eager JSD 25-90x, because its
+  many small OpenMP regions each wait for descheduled threads; there the first JSD call, eager
+  while the compiler thread competes, is no faster than compiling it first, and
+  ``LEANLOSS_KERNELS=compiled`` gives the compiled steady state back to cross entropy.
+  ``leanloss bench --only first_call`` measures the first against a warm call of each loss.
+* eager everywhere else: where compiling is unavailable (``TORCHDYNAMO_DISABLE=1``, no C++
+  compiler, a compile error), under a Python dispatch mode, for float64, for devices other
   than CPU/CUDA, and for blocks too small to repay a kernel launch.
 
-The mode is ``'auto'`` (the rules above), ``'compiled'`` or ``'eager'``; set it with
+``'compiled'`` compiles every kernel on its first call, on the calling thread (errors
+propagate); ``'eager'`` never compiles (and starts no thread). Set the mode with
 :func:`set_kernel_mode` or the ``LEANLOSS_KERNELS`` environment variable. A compile failure in
 ``'auto'`` falls back to eager for the rest of the process, with one warning.
 """
 from __future__ import annotations
 
+import atexit
+import collections
+import contextlib
 import os
+import threading
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -46,6 +75,11 @@ _TILE_BYTES = 2 * 2**20
 _COMPILABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _compile_broken: Optional[str] = None
 _RECOMPILE_LIMIT = 64
+# Rows of the copy a background compile runs on, and its tile: tiles at storage offset 0 and
+# beyond, none of one row (dynamo specializes sizes 0 and 1).
+_WARM_ROWS, _WARM_TILE = 6, 2
+# Signatures remembered per kernel (a schedule of option values makes a new one per value).
+_MAX_SIGNATURES = 1024
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -63,8 +97,9 @@ def get_kernel_mode() -> str:
 def _dynamo_disabled() -> bool:
     if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
         return True
-    dynamo = __import__("sys").modules.get("torch._dynamo")
-    return bool(dynamo is not None and dynamo.config.disable)
+    dynamo = __import__("sys").modules.get("torch._dynamo")  # maybe half imported by the compiler thread
+    config = getattr(dynamo, "config", None)
+    return bool(config is not None and config.disable)
 
 
 def _dispatch_mode_active() -> bool:
@@ -94,7 +129,8 @@ class RowKernel:
     (``None`` entries allowed). ``options`` are Python scalars, bools or tensors that are not
     per row (a class-weight vector, say); bools select code paths (one compiled graph each).
     ``tiled``: on CPU, run the compiled function on row tiles of about ``_TILE_BYTES`` (see
-    the module docstring: worth it where several block-wide inputs are read in several passes).
+    the module docstring: worth it where several block-wide inputs are read in several passes),
+    and compile it at all on CPU (:meth:`compile_pays`).
     """
 
     def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, tiled: bool = False) -> None:
@@ -102,67 +138,282 @@ class RowKernel:
         self.name = name
         self.tiled = tiled
         self._compiled: Optional[Callable] = None
+        # signatures (see _signature) compiled in the background / handed to it
+        self._ready: Set[Hashable] = set()
+        self._queued: Set[Hashable] = set()
+
+    def compile_pays(self, block: Tensor) -> bool:
+        """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``).
+
+        CUDA: always. CPU: only tiled kernels, the ones that read several block-wide inputs in
+        several passes (distillation: JSD at N=2048 D=1024 V=32000 0.82-0.93 s a step compiled,
+        1.0-2.1 s eager); a one-input kernel runs as fast on eager sub-blocks (cross entropy:
+        bf16 0.61-0.74 s, float32 2.24 s, both ways), so compiling it only costs time."""
+        return block.device.type == "cuda" or self.tiled
 
     def use_compiled(self, block: Tensor) -> bool:
+        """Whether ``block`` goes to the compiled form (in ``'auto'`` on CPU: once it is ready)."""
         if _mode == "eager":
             return False
         if _mode == "compiled":
             return True
         return (_compile_broken is None and block.dtype in _COMPILABLE_DTYPES
                 and block.device.type in ("cpu", "cuda") and block.numel() >= _MIN_COMPILED_NUMEL
-                and not _dynamo_disabled() and not _dispatch_mode_active())
+                and self.compile_pays(block) and not _dynamo_disabled() and not _dispatch_mode_active())
 
     def __call__(self, block: Tensor, *row_args: Optional[Tensor], **options) -> Tuple[Tensor, ...]:
-        if self.use_compiled(block):
+        _report_background_failure()
+        if self.use_compiled(block) and (_mode == "compiled" or block.device.type != "cpu"
+                                         or self._ready_or_queue(block, row_args, options)):
             try:
                 return self._run_compiled(block, row_args, options)
             except Exception as exc:  # noqa: BLE001 -- any compile failure: fall back, once
                 if _mode == "compiled":
                     raise
-                _disable_compiled(self.name, exc)
+                _disable_compiled(exc)
+                _warn_disabled(self.name)
         return self._run_eager(block, row_args, options)
 
-    def _run_compiled(self, block, row_args, options):
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-        # Each combination of options that selects a code path (a class weight or none, label
-        # smoothing or none, ...) and dtype is one graph; allow more of them than dynamo's
-        # default for these functions only.
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        step = block.shape[0]
-        if self.tiled and block.device.type == "cpu":
-            # bytes per row of the block and of the row arguments as wide as it
-            row_bytes = sum(t.shape[1] * t.element_size() for t in (block, *row_args)
-                            if t is not None and t.dim() == 2 and t.shape[1] == block.shape[1])
-            step = max(2, _TILE_BYTES // max(1, row_bytes))
-        with config.patch({limit: _RECOMPILE_LIMIT}):
-            return _by_rows(self._compiled, block, row_args, options, step, alias=True)
+    def _ready_or_queue(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options) -> bool:
+        """True where this call's signature is compiled; otherwise hand a copy of a few of its
+        rows to the background compiler (once per signature) and return False."""
+        state = _caller_state()
+        key = _signature(block, row_args, options, state)
+        with _lock:
+            if key in self._ready:
+                return True
+            if key in self._queued or _background_off is not None:
+                return False
+            self._queued.add(key)
+        rows = block.shape[0] if block.shape[0] < 4 else (4 if block.shape[0] < _WARM_ROWS else _WARM_ROWS)
+        _submit(_Job(self, key, _copy_rows(block, rows), tuple(None if a is None else _copy_rows(a, rows)
+                                                               for a in row_args), dict(options), state))
+        return False
+
+    def _compiled_fn(self) -> Callable:
+        compiled = self._compiled
+        if compiled is None:  # made outside the lock: the first one imports torch._dynamo
+            made = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            with _lock:
+                if self._compiled is None:
+                    self._compiled = made
+                compiled = self._compiled
+        return compiled
+
+    def _run_compiled(self, block, row_args, options, step: Optional[int] = None):
+        compiled = self._compiled_fn()
+        if step is None:
+            step = block.shape[0]
+            if self.tiled and block.device.type == "cpu":
+                # bytes per row of the block and of the row arguments as wide as it
+                row_bytes = sum(t.shape[1] * t.element_size() for t in (block, *row_args)
+                                if t is not None and t.dim() == 2 and t.shape[1] == block.shape[1])
+                step = max(2, _TILE_BYTES // max(1, row_bytes))
+        with _recompile_limit():
+            return _by_rows(compiled, block, row_args, options, step, alias=True)
 
     def _run_eager(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options):
         return _by_rows(self.fn, block, row_args, options, _sub_rows(block.shape[1]), alias=False)
+
+
+# --------------------------------------------------------------------------------------------
+# what dynamo guards on: the signature of a call, and the caller's state to reproduce
+# --------------------------------------------------------------------------------------------
+
+_State = Tuple[bool, bool, bool, torch.dtype]
+
+
+def _caller_state() -> _State:
+    """Thread-local state that dynamo guards on: grad mode, inference mode, CPU autocast."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu"))
+
+
+@contextlib.contextmanager
+def _as_caller(state: _State) -> Iterator[None]:
+    grad, inference, autocast, autocast_dtype = state
+    with contextlib.ExitStack() as stack:
+        if inference:
+            stack.enter_context(torch.inference_mode())
+        stack.enter_context(torch.set_grad_enabled(grad))
+        stack.enter_context(torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast))
+        yield
+
+
+def _tensor_class(t: Tensor) -> tuple:
+    """What a dynamic-shape graph specializes a tensor on: dtype, device, autograd, and each
+    size and stride as 0, 1 or more."""
+    return (t.dtype, t.device, t.requires_grad, tuple(min(s, 2) for s in t.shape),
+            tuple(min(abs(s), 2) for s in t.stride()))
+
+
+def _copy_rows(t: Tensor, rows: int) -> Tensor:
+    """The first ``rows`` rows of ``t`` as a tensor of their own with the same stride classes
+    (a broadcast dimension, stride 0, stays one), so the graph compiled on it is the call's."""
+    part = t[:rows]
+    distinct = part[tuple(slice(0, 1) if st == 0 else slice(None) for st in part.stride())]
+    return distinct.clone(memory_format=torch.preserve_format).expand(part.shape)
+
+
+def _signature(block: Tensor, row_args: Sequence[Optional[Tensor]], options: Dict[str, Any],
+               state: _State) -> Hashable:
+    """One compiled graph's worth of calls (conservatively: option values count exactly)."""
+    def option(v: Any) -> Hashable:
+        return _tensor_class(v) if isinstance(v, Tensor) else (type(v).__name__, v)
+
+    return (_tensor_class(block), tuple(None if a is None else _tensor_class(a) for a in row_args),
+            tuple(sorted((k, option(v)) for k, v in options.items())), state)
+
+
+# --------------------------------------------------------------------------------------------
+# the background compiler: one daemon thread, one job at a time
+# --------------------------------------------------------------------------------------------
+
+
+class _Job:
+    """Compile ``kernel`` for one signature by running it on a copy of a few rows of a call."""
+
+    def __init__(self, kernel: RowKernel, key: Hashable, block: Tensor, row_args: tuple,
+                 options: Dict[str, Any], state: _State) -> None:
+        self.kernel, self.key, self.block, self.row_args, self.options, self.state = (
+            kernel, key, block, row_args, options, state)
+
+    def run(self) -> None:
+        kernel = self.kernel
+        try:
+            if _mode == "auto" and _compile_broken is None and _background_off is None:
+                with _as_caller(self.state):
+                    kernel._run_compiled(self.block, self.row_args, self.options, step=_WARM_TILE)
+                with _lock:
+                    if len(kernel._ready) >= _MAX_SIGNATURES:  # option values that never repeat
+                        kernel._ready.clear()
+                    kernel._ready.add(self.key)
+        except Exception as exc:  # noqa: BLE001 -- reported by the next call, on its thread
+            if _background_off is None:
+                _disable_compiled(exc, report=kernel.name)
+        finally:
+            with _lock:
+                kernel._queued.discard(self.key)
+
+
+_lock = threading.Lock()
+_changed = threading.Condition(_lock)
+_jobs: Deque[_Job] = collections.deque()
+_worker: Optional[threading.Thread] = None
+_running = 0  # jobs taken by the worker and not finished
+# why no job is started any more: the process exits, or it was forked while a job ran
+_background_off: Optional[str] = None
+_unreported: Optional[str] = None  # a kernel whose background compile failed, to warn about
+
+
+def _submit(job: _Job) -> None:
+    global _worker
+    with _lock:
+        _jobs.append(job)
+        if _worker is None:
+            _worker = threading.Thread(target=_work, name="leanloss-compile", daemon=True)
+            _worker.start()
+        _changed.notify_all()
+
+
+def _work() -> None:
+    global _running
+    while True:
+        with _lock:
+            while not _jobs:
+                _changed.wait()
+            job = _jobs.popleft()
+            _running += 1
+        try:
+            job.run()
+        finally:
+            with _lock:
+                _running -= 1
+                _changed.notify_all()
+
+
+def wait_for_compiles(timeout: Optional[float] = None) -> bool:
+    """Wait until the background compiler has nothing left to do (benchmarks, tests). Returns
+    False if ``timeout`` seconds passed first."""
+    with _lock:
+        return _changed.wait_for(lambda: not _jobs and not _running, timeout)
+
+
+def _stop_background(reason: str) -> None:
+    global _background_off
+    _background_off = reason
+    with _lock:
+        _jobs.clear()
+
+
+def _after_fork_in_child() -> None:
+    """The worker thread does not exist in a forked child: start afresh, but if it was
+    compiling, dynamo's compile lock may be held for good, so compile nothing more here."""
+    global _lock, _changed, _worker, _running
+    busy = _worker is not None and (_running > 0 or bool(_jobs))
+    _lock = threading.Lock()
+    _changed = threading.Condition(_lock)
+    _jobs.clear()
+    _worker, _running = None, 0
+    if busy:
+        _stop_background("forked while compiling")
+
+
+atexit.register(_stop_background, "exiting")
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_limit_users = 0
+_limit_saved: Any = None
+
+
+@contextlib.contextmanager
+def _recompile_limit() -> Iterator[None]:
+    """Each combination of options that selects a code path (a class weight or none, label
+    smoothing or none, ...) and dtype is one graph: allow more of them than dynamo's default
+    while a row kernel runs compiled. Counted, so the calling and the background thread can
+    overlap and the last one out restores the user's value."""
+    global _limit_users, _limit_saved
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    with _lock:
+        if _limit_users == 0:
+            _limit_saved = getattr(config, name)
+            setattr(config, name, max(_limit_saved, _RECOMPILE_LIMIT))
+        _limit_users += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                setattr(config, name, _limit_saved)
 
 
 def _by_rows(fn: Callable, block: Tensor, row_args: Sequence[Optional[Tensor]], options, step: int,
              *, alias: bool) -> Tuple[Tensor, ...]:
     """``fn`` on row sub-blocks of at most ``step`` rows (evened out, so the last is not a sliver
     that a compiled function would specialize for), its per-row outputs concatenated;
-    ``alias``: pass each sub-block as a plain tensor (:func:`_plain_alias`)."""
+    ``alias``: pass each sub-block and row argument as a plain tensor (:func:`_plain_alias`)."""
+    def plain(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t if t is None or not alias else _plain_alias(t)
+
     n = block.shape[0]
     if n <= step:
-        return fn(_plain_alias(block) if alias else block, *row_args, **options)
+        return fn(plain(block), *(plain(a) for a in row_args), **options)
     step = -(-n // -(-n // step))
     parts = []
     for start in range(0, n, step):
         sub = slice(start, min(start + step, n))
-        part = _plain_alias(block[sub]) if alias else block[sub]
-        parts.append(fn(part, *(None if a is None else a[sub] for a in row_args), **options))
+        parts.append(fn(plain(block[sub]), *(None if a is None else plain(a[sub]) for a in row_args), **options))
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _plain_alias(t: Tensor) -> Tensor:
-    """``t``'s memory as a tensor that is not a view: dynamo guards a mutated view on its
-    base's size, which would recompile for the last (shorter) block of every pass."""
+    """``t``'s memory as a tensor that is not a view: dynamo guards a view on its base (a
+    mutated one on the base's size, which would recompile for the last, shorter block of every
+    pass), so a view and a whole tensor would be two graphs."""
     if t._base is None:
         return t
     with torch.no_grad():
@@ -170,10 +421,24 @@ def _plain_alias(t: Tensor) -> Tensor:
             t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _disable_compiled(name: str, exc: BaseException) -> None:
-    global _compile_broken
+def _disable_compiled(exc: BaseException, *, report: Optional[str] = None) -> None:
+    """Run eagerly from now on; ``report``: the kernel to warn about on the next call (the
+    failure happened on the background thread)."""
+    global _compile_broken, _unreported
     _compile_broken = f"{type(exc).__name__}: {exc}"
+    if report is not None:
+        _unreported = report
+
+
+def _report_background_failure() -> None:
+    global _unreported
+    if _unreported is not None:
+        name, _unreported = _unreported, None
+        _warn_disabled(name, stacklevel=4)
+
+
+def _warn_disabled(name: str, stacklevel: int = 3) -> None:
     warnings.warn(
-        f"leanloss: compiling the {name} block kernel failed ({_compile_broken[:300]}); "
+        f"leanloss: compiling the {name} block kernel failed ({(_compile_broken or '')[:300]}); "
         "running the same math eagerly from now on (slower in bfloat16/float16). Set "
-        "LEANLOSS_KERNELS=eager to skip the attempt.", RuntimeWarning, stacklevel=3)
+        "LEANLOSS_KERNELS=eager to skip the attempt.", RuntimeWarning, stacklevel=stacklevel)

@@ -238,7 +238,8 @@ def write_json(path: Path, results: List[Row], suites: Suites, args: Dict[str, A
 
 # Suite-specific figures shown in the "notes" column when a row has them (the peer ratios
 # x_<peer> are in the JSON; in the table the x roof columns compare the rows).
-NOTE_KEYS = (("value_checks_pct", ".3f"), ("overhead_pct", ".1f"))
+NOTE_KEYS = (("value_checks_pct", ".3f"), ("overhead_pct", ".1f"), ("cold_first_s", ".2f"),
+             ("warm_cache_first_s", ".2f"))
 
 
 def _notes(r: Row) -> str:
