@@ -25,9 +25,10 @@ COMPAT_VENV ?= .venv-compat
 # transformers 5 needs torch >= 2.6.
 COMPAT_PINS ?=
 # The ends of the supported torch range that CI tests (test-torch-range): the lowest torch the
-# whole suite passes on (pyproject.toml names it) with the transformers of its time, and the
-# newest the registry serves with the newest transformers.
-TORCH_LOWEST  ?= torch==2.6.0
+# whole suite passes on, read off pyproject.toml's "torch>=X.Y" (torch==X.Y is X.Y.0), with the
+# transformers of its time, and the newest torch the registry serves with the newest transformers.
+TORCH_FLOOR   := $(shell sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\]$$/\1/p' pyproject.toml)
+TORCH_LOWEST  ?= torch==$(TORCH_FLOOR)
 PINS_LOWEST   ?= transformers<5
 TORCH_NEWEST  ?= torch==2.14.1
 PINS_NEWEST   ?=
@@ -73,12 +74,13 @@ install-check: wheel
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" tour > tour.txt && tail -n 1 tour.txt && \
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" bench --quick --only linear_ce --out bench-results
 
-# what the compat venv was built for; a change rebuilds it
-COMPAT_CONSTRAINTS = printf '%s\n' "$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
+# what the compat venv was built for (the requested torch, the pins and pyproject.toml's digest);
+# a change rebuilds it
+COMPAT_CONSTRAINTS = printf '%s\n' "\# pyproject.toml $$(sha1sum pyproject.toml | cut -c1-16)" \
+	"$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
 
 test-compat:
-	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt" || \
-	    [ pyproject.toml -nt "$(COMPAT_VENV)/constraints.txt" ]; then \
+	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt"; then \
 	  set -ex; rm -rf "$(COMPAT_VENV)"; $(PYTHON) -m venv "$(COMPAT_VENV)"; \
 	  $(COMPAT_CONSTRAINTS) > "$(COMPAT_VENV)/constraints.in"; \
 	  "$(COMPAT_VENV)/bin/python" -m pip install --quiet -c "$(COMPAT_VENV)/constraints.in" \
@@ -89,6 +91,7 @@ test-compat:
 	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
 
 test-torch-range:
+	$(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
 	$(MAKE) test-compat TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
 	$(MAKE) test-compat TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
 
