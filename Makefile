@@ -11,7 +11,8 @@
 #                      the whole suite against another torch, in its own venv (.venv-compat);
 #                      fails unless the torch it ran on is the one requested
 #   make test-torch-range
-#                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST)
+#                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST);
+#                      make torch-range-venvs builds their venvs only
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -34,7 +35,7 @@ TORCH_NEWEST  ?= torch==2.14.1
 PINS_NEWEST   ?=
 WHEEL_VENV  ?= .venv-wheel
 
-.PHONY: demo test lint wheel install-check test-compat test-torch-range device-check bench tour clean
+.PHONY: demo test lint wheel install-check compat-venv test-compat torch-range-venvs test-torch-range device-check bench tour clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,7 +80,8 @@ install-check: wheel
 COMPAT_CONSTRAINTS = printf '%s\n' "\# pyproject.toml $$(sha1sum pyproject.toml | cut -c1-16)" \
 	"$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
 
-test-compat:
+# the compat venv alone, built unless it was built for the same constraints
+compat-venv:
 	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt"; then \
 	  set -ex; rm -rf "$(COMPAT_VENV)"; $(PYTHON) -m venv "$(COMPAT_VENV)"; \
 	  $(COMPAT_CONSTRAINTS) > "$(COMPAT_VENV)/constraints.in"; \
@@ -87,13 +89,24 @@ test-compat:
 	    "$(TORCH)" -e ".[test,bench,transformers]"; \
 	  mv "$(COMPAT_VENV)/constraints.in" "$(COMPAT_VENV)/constraints.txt"; \
 	fi
+
+test-compat: compat-venv
 	"$(COMPAT_VENV)/bin/python" -c "$$TORCH_IS_REQUESTED" "$(TORCH)"
 	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
 
-test-torch-range:
+# $(call AT_RANGE_ENDS,goal): make goal for the lowest, then the newest torch, each in its own venv
+define AT_RANGE_ENDS
 	$(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
-	$(MAKE) test-compat TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
-	$(MAKE) test-compat TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+	$(MAKE) $(1) TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
+	$(MAKE) $(1) TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+endef
+
+# the two venvs only (CI builds them while the other checks run)
+torch-range-venvs:
+	$(call AT_RANGE_ENDS,compat-venv)
+
+test-torch-range:
+	$(call AT_RANGE_ENDS,test-compat)
 
 # prints the torch (and transformers) of the venv; exits non-zero unless torch meets argv[1]
 define TORCH_IS_REQUESTED
