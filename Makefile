@@ -13,7 +13,8 @@
 #                      the whole suite against another torch, in its own venv (.venv-compat);
 #                      fails unless the torch it ran on is the one requested
 #   make test-torch-range
-#                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST)
+#                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST);
+#                      make torch-range-venvs builds their venvs only
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -27,15 +28,16 @@ COMPAT_VENV ?= .venv-compat
 # transformers 5 needs torch >= 2.6.
 COMPAT_PINS ?=
 # The ends of the supported torch range that CI tests (test-torch-range): the lowest torch the
-# whole suite passes on (pyproject.toml names it) with the transformers of its time, and the
-# newest the registry serves with the newest transformers.
-TORCH_LOWEST  ?= torch==2.6.0
+# whole suite passes on, read off pyproject.toml's "torch>=X.Y" (torch==X.Y is X.Y.0), with the
+# transformers of its time, and the newest torch the registry serves with the newest transformers.
+TORCH_FLOOR   := $(shell sed -n 's/^dependencies = \["torch>=\([0-9.]*\)"\]$$/\1/p' pyproject.toml)
+TORCH_LOWEST  ?= torch==$(TORCH_FLOOR)
 PINS_LOWEST   ?= transformers<5
 TORCH_NEWEST  ?= torch==2.14.1
 PINS_NEWEST   ?=
 WHEEL_VENV  ?= .venv-wheel
 
-.PHONY: demo test lint docs wheel install-check test-compat test-torch-range device-check bench tour clean
+.PHONY: demo test lint docs wheel install-check compat-venv test-compat torch-range-venvs test-torch-range device-check bench tour clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,24 +86,38 @@ install-check: wheel
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" tour > tour.txt && tail -n 1 tour.txt && \
 	  "$(CURDIR)/$(WHEEL_VENV)/bin/leanloss" bench --quick --only linear_ce --out bench-results
 
-# what the compat venv was built for; a change rebuilds it
-COMPAT_CONSTRAINTS = printf '%s\n' "$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
+# what the compat venv was built for (the requested torch, the pins and pyproject.toml's digest);
+# a change rebuilds it
+COMPAT_CONSTRAINTS = printf '%s\n' "\# pyproject.toml $$(sha1sum pyproject.toml | cut -c1-16)" \
+	"$(TORCH)" $(foreach pin,$(COMPAT_PINS),"$(pin)")
 
-test-compat:
-	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt" || \
-	    [ pyproject.toml -nt "$(COMPAT_VENV)/constraints.txt" ]; then \
+# the compat venv alone, built unless it was built for the same constraints
+compat-venv:
+	@if ! $(COMPAT_CONSTRAINTS) | cmp -s - "$(COMPAT_VENV)/constraints.txt"; then \
 	  set -ex; rm -rf "$(COMPAT_VENV)"; $(PYTHON) -m venv "$(COMPAT_VENV)"; \
 	  $(COMPAT_CONSTRAINTS) > "$(COMPAT_VENV)/constraints.in"; \
 	  "$(COMPAT_VENV)/bin/python" -m pip install --quiet -c "$(COMPAT_VENV)/constraints.in" \
 	    "$(TORCH)" -e ".[test,bench,transformers]"; \
 	  mv "$(COMPAT_VENV)/constraints.in" "$(COMPAT_VENV)/constraints.txt"; \
 	fi
+
+test-compat: compat-venv
 	"$(COMPAT_VENV)/bin/python" -c "$$TORCH_IS_REQUESTED" "$(TORCH)"
 	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
 
+# $(call AT_RANGE_ENDS,goal): make goal for the lowest, then the newest torch, each in its own venv
+define AT_RANGE_ENDS
+	$(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
+	$(MAKE) $(1) TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
+	$(MAKE) $(1) TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+endef
+
+# the two venvs only (CI builds them while the other checks run)
+torch-range-venvs:
+	$(call AT_RANGE_ENDS,compat-venv)
+
 test-torch-range:
-	$(MAKE) test-compat TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
-	$(MAKE) test-compat TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+	$(call AT_RANGE_ENDS,test-compat)
 
 # prints the torch (and transformers) of the venv; exits non-zero unless torch meets argv[1]
 define TORCH_IS_REQUESTED

@@ -31,7 +31,7 @@ from leanloss.integrations.transformers import apply_leanloss  # noqa: E402
 from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy  # noqa: E402
 from _oracle import linear_log_probs_reference, log_probs_objective  # noqa: E402
 from _spawn import free_port, run_ranks  # noqa: E402
-from _torch_versions import needs_fsdp2_on_cpu  # noqa: E402
+from _torch_versions import needs_fsdp2_on_cpu, needs_uneven_fsdp2_tp  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
@@ -50,13 +50,15 @@ DISTILL_CASES = {"jsd": (dict(kind="jsd", beta=0.3, temperature=2.0, hard_weight
                  "jsd_9_classes": (dict(kind="jsd", hard_weight=0.2), "small_")}
 
 # (world size, engines) -> {scenario name -> (data-parallel size, tensor-parallel size)}; the
-# FSDP2 scenarios are worlds of their own, as older torch cannot run FSDP2 on CPU.
+# FSDP2 scenarios are worlds of their own, as older torch cannot run them on CPU (ENGINE_NEEDS).
 WORLD_SCENARIOS = {
     (2, "ddp-tp"): {"ddp": (2, 1), "tp": (1, 2)},
     (4, "ddp-tp"): {"ddp": (4, 1), "tp": (1, 4)},
     (2, "fsdp"): {"fsdp": (2, 1)},
-    (4, "fsdp"): {"fsdp": (4, 1), "fsdp_tp": (2, 2)},
+    (4, "fsdp"): {"fsdp": (4, 1)},
+    (4, "fsdp-tp"): {"fsdp_tp": (2, 2)},
 }
+ENGINE_NEEDS = {"ddp-tp": [], "fsdp": [needs_fsdp2_on_cpu], "fsdp-tp": [needs_fsdp2_on_cpu, needs_uneven_fsdp2_tp]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,7 +419,7 @@ def _compare_functional(world: int, inp: dict, results: list) -> list:
 
 
 @pytest.mark.parametrize("world, engines", [
-    pytest.param(world, engines, marks=[needs_fsdp2_on_cpu] if engines == "fsdp" else [], id=f"{world}-{engines}")
+    pytest.param(world, engines, marks=ENGINE_NEEDS[engines], id=f"{world}-{engines}")
     for world, engines in WORLD_SCENARIOS])
 def test_engines_equal_one_process(world, engines, tmp_path):
     inputs = _inputs(world, engines)
@@ -431,6 +433,7 @@ def test_engines_equal_one_process(world, engines, tmp_path):
 
 
 @needs_fsdp2_on_cpu
+@needs_uneven_fsdp2_tp
 def test_example_trains_under_torchrun(tmp_path):
     """examples/train_distributed.py as CI runs it: 2 gloo ranks, 2 steps, every mode (DDP,
     FSDP2, TP inside FSDP2)."""
