@@ -46,10 +46,10 @@ from .._compile import graph_break
 from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
-from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
+from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss
 from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
+from .._dtensor import routes_dtensor
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -133,6 +133,7 @@ class DistillScorer:
     """
 
     low_precision_blocks = True
+    outputs = 1
 
     def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                  target: Optional[Tensor], *, kind: str, beta: float, temperature: float,
@@ -159,7 +160,8 @@ class DistillScorer:
                 torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
         return out
 
-    def score(self, a: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+    def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
+              grad_scale: Optional[Tensor]) -> ScoreResult:
         """Per-row losses of block ``a`` (student logits / T); with ``grad_scale`` the gradient
         with respect to ``a`` is written over it and the hard term's target reported as a
         :class:`~leanloss._fused.engine.PointGradient`."""
@@ -185,8 +187,7 @@ class DistillScorer:
             return ScoreResult(loss)
         coef = g * (-self.hard_weight * self.temperature)
         dense = a.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype)
-        set_at_cols(a, y, dense + coef)
-        return ScoreResult(loss, None, PointGradient(y, coef, dense))
+        return ScoreResult(loss, PointGradient(y, coef, dense))
 
 
 def _as_matrix(t: Tensor) -> Tensor:
@@ -218,7 +219,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
 
 
 @graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
-@routes_dtensor(route_linear_distill_loss)  # DTensor arguments: local, or a clear refusal
+@routes_dtensor  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,

@@ -19,10 +19,11 @@ from torch import Tensor
 from .._compile import graph_break
 from .. import _checks, _heuristics
 from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
+from .._fused.engine import PointGradient, ScoreResult, at_cols, fused_linear_loss
+from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, logp_entropy, shifted_sums
+from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
 from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_log_probs, routes_dtensor
+from .._dtensor import routes_dtensor
 
 __all__ = ["linear_log_probs", "LogProbScorer"]
 
@@ -30,43 +31,55 @@ _FN = "linear_log_probs"
 
 
 class LogProbScorer:
-    """Scorer of ``(logp, H)`` per row (``outputs = 2``) on 16-bit or float blocks.
+    """Scorer of ``(logp, H)`` per row (``outputs = 2``), on one device or vocab-parallel.
 
-    ``target``: the ``(M,)`` class of each row the engine walks; ``scale = 1 / temperature``.
-    The first ``score`` of a block records ``logp``, ``H`` and ``lse``; a ``score`` with a
-    ``grad_scale`` ``(n, 2)`` = ``(a, b)`` (the upstream gradients of ``logp`` and ``H``) writes
-    ``d(a logp + b H)/dz`` over the block from the recorded statistics, the ``s a`` at the target
-    as a :class:`~leanloss._fused.engine.PointGradient`.
+    ``target``: the ``(M,)`` global class of each row the engine walks; ``scale = 1 /
+    temperature``; ``vocab``: the reduce hook (:class:`~leanloss._fused.reduce_hook.LocalVocab`
+    on one device: one compiled statistics kernel reads the 16-bit block; a vocab shard:
+    per-slice sums all-reduced, on compute-dtype blocks). A block's first ``score`` returns
+    ``logp``, ``H`` and ``lse`` as its saved statistics; a ``score`` with the upstream
+    gradients ``(n, 2)`` = ``(a, b)`` writes ``d(a logp + b H)/dz`` over the block from them
+    (no collective), the ``s a`` at the target as a point term.
     """
 
-    low_precision_blocks = True
     outputs = 2
 
-    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype) -> None:
-        self.target = target
+    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype, vocab: VocabSlice) -> None:
+        self.vocab = vocab
+        self.local_target, self.owned = vocab.local_target(target)
         self.scale = float(scale)
         self.dtype = dtype
-        self.stats = torch.empty((target.shape[0], 3), dtype=dtype, device=target.device)
-        self._scored = set()
+        self.low_precision_blocks = vocab.identity
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        t = self.target[rows]
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(self.dtype)
-        stats = self.stats[rows]
-        key = (rows.start, rows.stop)
-        if key not in self._scored:
-            for j, column in enumerate(LOGP_STATS_KERNEL(z, x_t, scale=self.scale)):
-                stats[:, j] = column
-            self._scored.add(key)
-        out = stats[:, :2]
-        if grad_scale is None:
-            return ScoreResult(out)
-        a, b = grad_scale[:, 0].contiguous(), grad_scale[:, 1].contiguous()
-        (dense_t,) = LOGP_GRAD_KERNEL(z, x_t, stats[:, 2].contiguous(), stats[:, 1].contiguous(), a, b,
-                                      scale=self.scale)
-        coef = target_coef(a, self.scale)
-        set_at_cols(z, t, dense_t + coef)
-        return ScoreResult(out, None, PointGradient(t, coef, dense_t))
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        t = self.local_target[rows]
+        owned = None if self.owned is None else self.owned[rows]
+        if saved is None:
+            saved = self._statistics(z, t, owned)
+        if upstream is None or self.vocab.size == 0 or z.shape[0] == 0:
+            return ScoreResult(saved[:, :2], saved=saved)
+        a, b = upstream[:, 0].contiguous(), upstream[:, 1].contiguous()
+        (dense_t,) = LOGP_GRAD_KERNEL(z, at_cols(z, t, self.dtype), saved[:, 2].contiguous(),
+                                      saved[:, 1].contiguous(), a, b, scale=self.scale)
+        coef = owned_only(a * self.scale, owned)
+        return ScoreResult(saved[:, :2], PointGradient(t, coef, dense_t), saved)
+
+    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor]) -> Tensor:
+        """``(n, 3)``: ``(logp, H, lse)`` of the block's rows over the whole vocabulary."""
+        if self.vocab.identity:
+            return torch.stack(LOGP_STATS_KERNEL(z, at_cols(z, t, self.dtype), scale=self.scale), 1)
+        n = z.shape[0]
+        if n == 0:  # the same on every rank: no rank skips a collective the others run
+            return z.new_zeros(0, 3)
+        y = z * self.scale if self.scale != 1.0 else z
+        m = global_row_max(y, self.vocab)
+        sums = y.new_zeros(n, 3)
+        if self.vocab.size > 0:
+            sums[:, 0], sums[:, 1] = shifted_sums(y, m)
+            sums[:, 2] = owned_only(at_cols(y, t, y.dtype), owned)
+        self.vocab.sum_(sums)
+        return torch.stack(logp_entropy(m, sums[:, 0], sums[:, 1], sums[:, 2]), 1)
 
 
 def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tensor,
@@ -85,7 +98,7 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tenso
 
 
 @graph_break
-@routes_dtensor(route_linear_log_probs)  # a vocab-sharded DTensor weight: vocab-parallel path
+@routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_log_probs(
     hidden: Tensor,
     weight: Tensor,
@@ -131,7 +144,7 @@ def linear_log_probs(
     t_all = target.reshape(-1)
     n = t_all.shape[0]
     idx, t, h = select_kept(t_all, ignore_index, h_all)
-    scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype))
+    scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype), LocalVocab(weight.shape[0]))
     out = fused_linear_loss(h, weight, bias, scorer, reduction="none", chunk_size=chunk_size)
     return finish_log_probs(_FN, out, idx, n, lead_shape, return_entropy, hidden=hidden,
                             weight=weight, bias=bias)

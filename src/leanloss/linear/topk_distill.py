@@ -76,6 +76,7 @@ class TopKDistillScorer:
     """
 
     low_precision_blocks = True
+    outputs = 1
 
     def __init__(self, ids: Tensor, p: Tensor, log_p: Tensor, target: Optional[Tensor], *,
                  temperature: float, hard_weight: float) -> None:
@@ -84,7 +85,8 @@ class TopKDistillScorer:
         self.p_logp = (p * log_p).sum(1)  # log_p is 0 where p is
         self.options = dict(scale=1.0 / temperature, temperature=temperature, hard_weight=hard_weight)
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              grad_scale: Optional[Tensor]) -> ScoreResult:
         dtype = self.p.dtype
         ids = self.ids[rows]
         hard = self.options["hard_weight"] > 0.0
@@ -101,10 +103,8 @@ class TopKDistillScorer:
             add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
         if not hard:
             return ScoreResult(loss)
-        coef = g * (-a)
         dense_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype)
-        add_at_cols(z, t.unsqueeze(1), coef.unsqueeze(1))
-        return ScoreResult(loss, None, PointGradient(t, coef, dense_t))
+        return ScoreResult(loss, PointGradient(t, g * (-a), dense_t))
 
 
 @graph_break

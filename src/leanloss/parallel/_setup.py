@@ -11,7 +11,7 @@ from .. import _checks
 from .._dtypes import compute_dtype
 from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, resolve_group, vocab_shard
-from ._scorer import VocabParallelScorer
+from ..linear.cross_entropy import CrossEntropyScorer
 
 __all__ = ["RowSetup", "find_shard", "shard_rows", "prepare_rows", "to_batch_shape"]
 
@@ -19,7 +19,7 @@ __all__ = ["RowSetup", "find_shard", "shard_rows", "prepare_rows", "to_batch_sha
 @dataclass
 class RowSetup:
     shard: VocabShard
-    scorer: VocabParallelScorer
+    scorer: CrossEntropyScorer
     keep: Optional[Tensor]  # indices of the rows that count in the flattened batch; None: all
     batch_shape: torch.Size
     divisor: object  # the 'mean' divisor: num_items, else sum of w[target] over kept rows
@@ -89,10 +89,12 @@ def prepare_rows(
     shard, keep, kept_target, batch_shape = shard_rows(
         fn, like, local_vocab, target, group, vocab_start, ignore_index,
         lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
-    scorer = VocabParallelScorer(
-        shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
-    )
-    divisor = num_items if num_items is not None else scorer.w_target.sum()
+    scorer = CrossEntropyScorer(kept_target, class_weight, label_smoothing, z_loss, None, 1.0,
+                                compute_dtype(like.dtype), shard)
+    if num_items is not None:
+        divisor = num_items
+    else:
+        divisor = scorer.w_target.sum() if scorer.w_target is not None else float(kept_target.shape[0])
     return RowSetup(shard, scorer, keep, torch.Size(batch_shape), divisor)
 
 

@@ -9,8 +9,9 @@ from torch import Tensor
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
 from .._dtypes import autocast_loss_inputs
+from .._fused.engine import write_points
 from .._reduce import reduce_loss, resolve_reduction
-from ._dtensor import has_dtensor, unwrap
+from .._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, to_batch_shape
 
 __all__ = ["vocab_parallel_cross_entropy"]
@@ -26,24 +27,26 @@ def _kept_block(logits: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> T
 class _LocalLogitsLoss(torch.autograd.Function):
     """Per-row losses of the kept rows; backward = ``g_r * dloss_r/dz`` from the recorded lse.
 
-    The gradient with respect to the local logits is local (see ``_scorer``), so backward
-    communicates nothing and never gathers logits.
+    The gradient with respect to the local logits is local (the scorer's saved ``lse``), so
+    backward communicates nothing and never gathers logits.
     """
 
     @staticmethod
     def forward(ctx, logits, scorer, keep):
-        z = _kept_block(logits, keep, scorer.lse.dtype)
-        losses = scorer.score(z, slice(0, z.shape[0]), None).loss.clone()
+        z = _kept_block(logits, keep, scorer.dtype)
+        res = scorer.score(z, slice(0, z.shape[0]), None, None)
+        losses = res.values.clone()
         ctx.save_for_backward(logits)
-        ctx.scorer, ctx.keep = scorer, keep
+        ctx.scorer, ctx.keep, ctx.saved = scorer, keep, res.saved
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         (logits,) = ctx.saved_tensors
         scorer, keep = ctx.scorer, ctx.keep
-        z = _kept_block(logits, keep, scorer.lse.dtype)
-        scorer.score(z, slice(0, z.shape[0]), grad_losses.to(z.dtype).unsqueeze(1))
+        z = _kept_block(logits, keep, scorer.dtype)
+        res = scorer.score(z, slice(0, z.shape[0]), ctx.saved, grad_losses.to(z.dtype).unsqueeze(1))
+        write_points(z, res.point)
         if keep is not None:
             z = z.new_zeros(logits.shape).index_copy_(0, keep, z)
         return z.to(logits.dtype), None, None

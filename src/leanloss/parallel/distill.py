@@ -35,7 +35,7 @@ from .._reduce import resolve_reduction
 from .._fused.engine import ScoreResult, fused_linear_loss
 from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel
-from ._dtensor import has_dtensor, unwrap
+from .._dtensor import has_dtensor, unwrap
 from ._setup import find_shard
 
 __all__ = ["VocabParallelDistillScorer", "vocab_parallel_linear_distill_loss"]
@@ -66,8 +66,10 @@ class VocabParallelDistillScorer:
         return all_reduce_(t, op, self.shard.group, self.shard.world_size)
 
     low_precision_blocks = False
+    outputs = 1
 
-    def score(self, a: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+    def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
+              grad_scale: Optional[Tensor]) -> ScoreResult:
         n, temp, hw = a.shape[0], self.temperature, self.hard_weight
         if n == 0:  # the same on every rank: no collective is skipped by only some of them
             return ScoreResult(a.new_empty(0))

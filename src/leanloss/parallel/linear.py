@@ -11,7 +11,7 @@ from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._fused.engine import fused_linear_loss
 from ._comm import copy_to_vocab_parallel
-from ._dtensor import has_dtensor, unwrap
+from .._dtensor import has_dtensor, unwrap
 from ._setup import prepare_rows, to_batch_shape
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]

@@ -12,73 +12,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .._compile import graph_break
 from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
-from ..linear.log_probs import check_log_prob_inputs, finish_log_probs
-from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel, global_row_max
-from ._dtensor import has_dtensor, unwrap
+from .._fused.engine import fused_linear_loss
+from ..linear.log_probs import LogProbScorer, check_log_prob_inputs, finish_log_probs
+from ._comm import copy_to_vocab_parallel
+from .._dtensor import has_dtensor, unwrap
 from ._setup import shard_rows
 
-__all__ = ["vocab_parallel_linear_log_probs", "VocabParallelLogProbScorer"]
-
-
-class VocabParallelLogProbScorer:
-    """Scorer of ``(logp, H)`` per row over a vocabulary slice (float32/float64 blocks).
-
-    The first ``score`` of a block runs the collectives and records ``logp``, ``H`` and
-    ``lse``; a ``score`` with the upstream gradients ``(n, 2)`` reuses them.
-    """
-
-    low_precision_blocks = False
-    outputs = 2
-
-    def __init__(self, shard: VocabShard, target: Tensor, scale: float, dtype: torch.dtype) -> None:
-        self.shard, self.scale = shard, float(scale)
-        local = target - shard.start
-        self.owned = (local >= 0) & (local < shard.size)
-        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
-        self.stats = torch.zeros((target.shape[0], 3), dtype=dtype, device=target.device)
-        self._scored = set()
-
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        stats = self.stats[rows]
-        key = (rows.start, rows.stop)
-        if key not in self._scored:
-            self._statistics(z, rows, stats)
-            self._scored.add(key)
-        out = stats[:, :2]
-        if grad_scale is None or self.shard.size == 0 or z.shape[0] == 0:
-            return ScoreResult(out)
-        t = self.local_target[rows]
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
-        a, b = grad_scale[:, 0].contiguous(), grad_scale[:, 1].contiguous()
-        (dense_t,) = LOGP_GRAD_KERNEL(z, x_t, stats[:, 2].contiguous(), stats[:, 1].contiguous(), a, b,
-                                      scale=self.scale)
-        coef = target_coef(a, self.scale, self.owned[rows])
-        set_at_cols(z, t, dense_t + coef)
-        return ScoreResult(out, None, PointGradient(t, coef, dense_t))
-
-    def _statistics(self, z: Tensor, rows: slice, stats: Tensor) -> None:
-        """Global ``(logp, H, lse)`` of the block's rows into ``stats`` (``z`` is left intact)."""
-        shard, n = self.shard, z.shape[0]
-        if n == 0:  # the same on every rank: no rank skips a collective the others run
-            return
-        y = z * self.scale if self.scale != 1.0 else z
-        m = global_row_max(y, shard)
-        sums = y.new_zeros(n, 3)
-        if shard.size > 0:
-            sums[:, 0], sums[:, 1] = shifted_sums(y, m)
-            picked = y.gather(1, self.local_target[rows].unsqueeze(1)).squeeze(1)
-            sums[:, 2] = torch.where(self.owned[rows], picked, torch.zeros_like(picked))
-        all_reduce_(sums, dist.ReduceOp.SUM, shard.group, shard.world_size)
-        for j, column in enumerate(logp_entropy(m, sums[:, 0], sums[:, 1], sums[:, 2])):
-            stats[:, j] = column
+__all__ = ["vocab_parallel_linear_log_probs"]
 
 
 @graph_break  # collectives and a data-dependent row selection: run eagerly
@@ -133,7 +77,7 @@ def vocab_parallel_linear_log_probs(
     if keep is not None:
         h = h.index_select(0, keep)
     h = copy_to_vocab_parallel(h, shard)
-    scorer = VocabParallelLogProbScorer(shard, kept_target, 1.0 / temperature, compute_dtype(hidden.dtype))
+    scorer = LogProbScorer(kept_target, 1.0 / temperature, compute_dtype(hidden.dtype), shard)
     out = fused_linear_loss(h, local_weight, bias, scorer, reduction="none", chunk_size=chunk_size,
                             policy_vocab=shard.max_size)
     return finish_log_probs(fn, out, keep, n, batch_shape, return_entropy, hidden=hidden,
