@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "owned_only"]
+__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "local_row_max", "row_max_shift", "owned_only"]
 
 
 class VocabSlice:
@@ -30,6 +30,7 @@ class VocabSlice:
     start: int
     size: int
     vocab: int
+    max_size: int  # the largest slice: every size that decides a collective's count uses it
     identity: bool = False
 
     def max_(self, t: Tensor) -> Tensor:
@@ -55,6 +56,7 @@ class LocalVocab(VocabSlice):
 
     def __init__(self, vocab: int) -> None:
         self.start, self.size, self.vocab = 0, int(vocab), int(vocab)
+        self.max_size = self.size
 
 
 def global_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
@@ -62,9 +64,18 @@ def global_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
     ``-inf``), as the shift of a softmax: a row that is ``-inf`` everywhere gets ``0``, so
     shifting keeps it ``nan`` (as torch's softmax) instead of ``-inf - -inf``. One
     ``max_`` (an all-reduce MAX on every rank of a group)."""
-    n = y.shape[0]
-    m = y.amax(1) if vocab.size > 0 else y.new_full((n,), float("-inf"))
-    vocab.max_(m)
+    return row_max_shift(local_row_max(y, vocab), vocab)
+
+
+def local_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
+    """Each row's maximum over this slice of ``y`` (``-inf`` for an empty slice)."""
+    return y.amax(1) if vocab.size > 0 else y.new_full((y.shape[0],), float("-inf"))
+
+
+def row_max_shift(local_max: Tensor, vocab: VocabSlice) -> Tensor:
+    """:func:`global_row_max` from this slice's row maxima (any shape: several maxima per row
+    travel in one ``max_``)."""
+    m = vocab.max_(local_max)
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 

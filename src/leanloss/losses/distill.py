@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .. import _checks, _heuristics
 from .._dtypes import autocast_loss_inputs, compute_dtype, upcast
+from .._fused.distill_rows import resolve_kind
 from .._reduce import reduce_kept_rows, reduce_loss, resolve_reduction
 
 __all__ = ["distill_loss", "jsd", "topk_distill_loss", "divergence_terms", "topk_teacher", "KINDS"]
@@ -63,10 +64,7 @@ def divergence_terms(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5)
     :math:`0<\beta<1`, the forward terms at :math:`\beta=0` and the reverse terms at
     :math:`\beta=1`.
     """
-    if kind == "jsd" and beta == 0.0:
-        kind = "forward"
-    if kind == "jsd" and beta == 1.0:
-        kind = "reverse"
+    kind = resolve_kind(kind, beta)
     p, q = log_p.exp(), log_q.exp()
     if kind == "forward":
         return _xlogratio(p, log_p, log_q)
