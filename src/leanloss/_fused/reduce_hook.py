@@ -39,6 +39,11 @@ class VocabSlice:
     def sum_(self, t: Tensor) -> Tensor:
         return t
 
+    def replicated(self, x: Tensor) -> Tensor:
+        """``x``, an input every slice uses (the hidden states): its gradient is the sum of
+        every slice's partial gradient (an all-reduce in backward over a group)."""
+        return x
+
     def local_target(self, target: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """``(local, owned)``: each global class id as an index into this slice (``0`` where it
         lies outside) and whether this slice owns it (``None``: the slice owns every class)."""

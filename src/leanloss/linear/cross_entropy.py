@@ -12,15 +12,15 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _checks, _docs, _heuristics
+from .. import _checks, _docs
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands, compute_dtype
+from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from .._fused.ce_rows import CE_GRAD_KERNEL, CE_KERNEL, CE_PARTIALS_KERNEL, ce_finish, transform
-from .._fused.engine import PointGradient, ScoreResult, at_cols, fused_linear_loss
+from .._fused.engine import PointGradient, ScoreResult, at_cols
 from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
-from .._fused.rows import scatter_rows, select_kept
 from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
 __all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
 
@@ -111,10 +111,8 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
     vocab = _checks.check_linear_shapes(_FN, hidden, weight, bias, target)
     if not _checks.shapes_enabled():
         return
-    if bias is not None and bias.dtype != weight.dtype:
-        raise _checks.LeanlossTypeError(
-            f"{_FN}: argument 'bias' must have the dtype of 'weight' ({weight.dtype}), got "
-            f"{bias.dtype}")
+    if bias is not None:
+        _checks.check_same_dtype(_FN, "bias", bias, "weight", weight)
     _checks.check_same_device(_FN, hidden=hidden, class_weight=class_weight)
     _checks.check_class_weight(_FN, "class_weight", class_weight, vocab)
     _checks.check_label_smoothing(_FN, label_smoothing)
@@ -182,29 +180,28 @@ def linear_cross_entropy(
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
     ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
     """
-    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
     reduction = resolve_reduction(reduction)
-    _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
-           logit_scale, ignore_index)
-    lead_shape = target.shape
-    d = hidden.shape[-1]
-    dtype = compute_dtype(hidden.dtype)
-    h_all = hidden.reshape(-1, d)
-    t_all = target.reshape(-1).long()
-    n = t_all.shape[0]
-    idx, t, h = select_kept(t_all, ignore_index, h_all)
-    lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
-    scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
-                                dtype, LocalVocab(weight.shape[0]), lse_out)
-    if reduction == "mean" and num_items is None:
-        divisor = t.shape[0] if scorer.w_target is None else scorer.w_target.sum()
-    else:
-        divisor = num_items
-    loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
-                             chunk_size=chunk_size)
-    if reduction == "none":
-        loss = scatter_rows(loss, idx, n).reshape(lead_shape)
-    loss = _heuristics.finite_or_warn("linear_cross_entropy", loss, hidden=hidden, weight=weight, bias=bias)
-    if not return_lse:
-        return loss
-    return loss, scatter_rows(lse_out, idx, n).reshape(lead_shape)
+    lse = []
+
+    def setup(head: Head, _):
+        _check(head.hidden, head.weight, target, head.bias, class_weight, label_smoothing, z_loss,
+               softcap, logit_scale, ignore_index)
+        dtype, vocab = compute_dtype(head.hidden.dtype), LocalVocab(head.weight.shape[0])
+
+        def make_scorer(t):
+            lse.append(torch.zeros(t.shape[0], dtype=dtype, device=t.device) if return_lse else None)
+            return CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
+                                      dtype, vocab, lse[0])
+
+        return vocab, make_scorer, (
+            ce_divisor if reduction == "mean" and num_items is None else num_items)
+
+    loss, batch = run_fused(_FN, Head(hidden, weight, bias), target, setup, ignore_index=ignore_index,
+                            reduction=reduction, chunk_size=chunk_size)
+    return (loss, batch.scatter(lse[0])) if return_lse else loss
+
+
+def ce_divisor(scorer: CrossEntropyScorer):
+    """``'mean'``'s divisor: the summed class weights of the kept rows (their count without
+    weights)."""
+    return scorer.local_target.shape[0] if scorer.w_target is None else scorer.w_target.sum()

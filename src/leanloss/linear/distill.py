@@ -22,15 +22,14 @@ from torch import Tensor
 
 from .. import _checks
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
 from .._fused.distill_rows import (DISTILL_GRAD_KERNEL, DISTILL_KERNEL, EXP_SUMS_KERNEL, divergence_finish,
                                    divergence_sums, hard_loss, resolve_kind)
-from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, at_cols, fused_linear_loss
+from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, at_cols
 from .._fused.reduce_hook import LocalVocab, VocabSlice, local_row_max, owned_only, row_max_shift
-from .._fused.rows import scatter_rows, select_kept
 from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -188,11 +187,6 @@ class DistillScorer:
         return saved
 
 
-def _as_matrix(t: Tensor) -> Tensor:
-    """``(..., D)`` -> ``(N, D)``."""
-    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-
-
 def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
                         teacher_weight, teacher_bias) -> None:
     """Each head's shapes (``check_linear_shapes``), then the pairing of the two heads."""
@@ -261,35 +255,28 @@ def linear_distill_loss(
     that compute dtype.
     """
     fn = "linear_distill_loss"
-    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
-        autocast_matmul_operands(student_hidden, student_weight, student_bias,
-                                 teacher_hidden, teacher_weight, teacher_bias)
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
-    _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
-                        teacher_weight, teacher_bias)
-    lead = tuple(student_hidden.shape[:-1])
-    _checks.check_distill_target(fn, target, lead, student_weight.shape[0], ignore_index, hard_weight)
-    if target is not None:
-        _checks.check_same_device(fn, student_hidden=student_hidden, target=target)
-    hs = _as_matrix(student_hidden)
-    ht = _as_matrix(teacher_hidden).detach()
-    kept = tgt = None
-    if target is not None:
-        kept, tgt, hs, ht = select_kept(target.reshape(-1), ignore_index, hs, ht)
-        tgt = tgt.long()
-    if temperature != 1.0:  # the engine's blocks become z_s / T: no (N, V) scaling pass
-        hs = hs * (1.0 / temperature)
-        student_bias = None if student_bias is None else student_bias * (1.0 / temperature)
-    scorer = DistillScorer(
-        ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), tgt,
-        kind=kind, beta=beta, temperature=temperature, hard_weight=hard_weight,
-        vocab=LocalVocab(student_weight.shape[0]),
-    )
-    loss = fused_linear_loss(hs, student_weight, student_bias, scorer, reduction=reduction,
-                             divisor=hs.shape[0], chunk_size=chunk_size)
-    if reduction != "none":
-        return loss
-    if kept is not None:
-        loss = scatter_rows(loss, kept, target.numel())
-    return loss.reshape(lead)
+
+    def setup(student: Head, teacher: Head):
+        _check_fused_inputs(fn, *student, *teacher)
+        _checks.check_distill_target(fn, target, tuple(student.hidden.shape[:-1]), student.weight.shape[0],
+                                     ignore_index, hard_weight)
+        if target is not None:
+            _checks.check_same_device(fn, student_hidden=student.hidden, target=target)
+        vocab = LocalVocab(student.weight.shape[0])
+        return vocab, distill_scorer(teacher, vocab, kind=kind, beta=beta, temperature=temperature,
+                                     hard_weight=hard_weight), None
+
+    loss, _ = run_fused(fn, Head(student_hidden, student_weight, student_bias), target, setup,
+                        teacher=Head(teacher_hidden, teacher_weight, teacher_bias), ignore_index=ignore_index,
+                        reduction=reduction, chunk_size=chunk_size, input_scale=1.0 / temperature,
+                        names=("student_hidden", "student_weight", "student_bias"))
+    return loss
+
+
+def distill_scorer(teacher: Head, vocab: VocabSlice, **options):
+    """``make_scorer(kept_target, kept_teacher_hidden)`` of :func:`run_fused` for a
+    :class:`DistillScorer` of ``teacher``'s head (detached) over ``vocab``."""
+    weight, bias = teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach()
+    return lambda t, ht: DistillScorer(ht, weight, bias, t, vocab=vocab, **options)

@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks, _heuristics
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, at_cols, fused_linear_loss
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, at_cols
 from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, logp_entropy, shifted_sums
 from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
-from .._fused.rows import scatter_rows, select_kept
 from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
 __all__ = ["linear_log_probs", "LogProbScorer"]
 
@@ -82,8 +82,8 @@ class LogProbScorer:
         return torch.stack(logp_entropy(m, sums[:, 0], sums[:, 1], sums[:, 2]), 1)
 
 
-def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tensor,
-                          bias: Optional[Tensor], temperature, ignore_index: int, *,
+def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          target: Tensor, temperature, ignore_index: int, *,
                           check_range: bool = True, weight_name: str = "weight") -> float:
     """Shapes, dtypes, temperature and (with ``check_range``) target range of the log-prob
     functions; returns the temperature as a float. A vocab-parallel caller checks the range
@@ -137,25 +137,11 @@ def linear_log_probs(
     backward, so backward recomputes each block of logits: four matmuls for forward and
     backward. Under ``torch.no_grad()`` (rollout scoring) only the forward matmul runs.
     """
-    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
-    temperature = check_log_prob_inputs(_FN, hidden, weight, target, bias, temperature, ignore_index)
-    lead_shape = target.shape
-    h_all = hidden.reshape(-1, hidden.shape[-1])
-    t_all = target.reshape(-1)
-    n = t_all.shape[0]
-    idx, t, h = select_kept(t_all, ignore_index, h_all)
-    scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype), LocalVocab(weight.shape[0]))
-    out = fused_linear_loss(h, weight, bias, scorer, reduction="none", chunk_size=chunk_size)
-    return finish_log_probs(_FN, out, idx, n, lead_shape, return_entropy, hidden=hidden,
-                            weight=weight, bias=bias)
+    def setup(head: Head, _):
+        inv_t = 1.0 / check_log_prob_inputs(_FN, *head, target, temperature, ignore_index)
+        vocab = LocalVocab(head.weight.shape[0])
+        return vocab, lambda t: LogProbScorer(t, inv_t, compute_dtype(head.hidden.dtype), vocab), None
 
-
-def finish_log_probs(fn: str, out: Tensor, idx: Optional[Tensor], n: int, lead_shape,
-                     return_entropy: bool, **inputs):
-    """The engine's ``(M, 2)`` output -> ``logp`` (and ``entropy``) in the batch shape, ``0`` at
-    the dropped rows; warns when a value is not finite."""
-    logp = scatter_rows(out[:, 0], idx, n).reshape(lead_shape)
-    logp = _heuristics.finite_or_warn(fn, logp, **inputs)
-    if not return_entropy:
-        return logp
-    return logp, scatter_rows(out[:, 1], idx, n).reshape(lead_shape)
+    out, _ = run_fused(_FN, Head(hidden, weight, bias), target, setup, ignore_index=ignore_index,
+                       reduction="none", chunk_size=chunk_size)
+    return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]

@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks, _heuristics
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, add_at_cols, fused_linear_loss
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, add_at_cols
 from .._fused.kernels import RowKernel, row_logsumexp
-from .._fused.rows import scatter_rows, select_kept
+from .._fused.reduce_hook import LocalVocab
 from .._reduce import resolve_reduction
 from ..losses.distill import check_topk_options, topk_teacher
+from ._pipeline import Head, run_fused
 
 __all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "topk_block"]
 
@@ -142,32 +143,27 @@ def linear_topk_distill_loss(
     Matmuls run in the inputs' dtype; softmax statistics and accumulation in float32 (float64
     stays float64); the loss is returned in that compute dtype.
     """
-    student_hidden, student_weight, student_bias = autocast_matmul_operands(student_hidden, student_weight, student_bias)
     fn = "linear_topk_distill_loss"
     reduction = resolve_reduction(reduction)
-    vocab = _checks.check_linear_shapes(fn, student_hidden, student_weight, student_bias, None,
-                                        hidden_name="student_hidden", weight_name="student_weight",
-                                        bias_name="student_bias")
-    if _checks.shapes_enabled() and student_bias is not None:
-        _checks.check_same_dtype(fn, "student_bias", student_bias, "student_weight", student_weight)
-    lead = tuple(student_hidden.shape[:-1])
-    temperature, hard_weight = check_topk_options(fn, topk_ids, topk_logprobs, lead, vocab, target,
-                                                  ignore_index, temperature, hard_weight)
-    if _checks.shapes_enabled():
-        _checks.check_same_device(fn, student_hidden=student_hidden, topk_ids=topk_ids, target=target)
-    k = topk_ids.shape[-1]
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ids, lps = topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k)
-    rows = h.shape[0]
-    tgt = kept = None
-    if target is not None:
-        kept, tgt, h, ids, lps = select_kept(target.reshape(-1), ignore_index, h, ids, lps)
-    dtype = compute_dtype(student_hidden.dtype)
-    ids, p, log_p = topk_teacher(ids, lps, temperature, dtype)
-    scorer = TopKDistillScorer(ids, p, log_p, tgt, temperature=temperature, hard_weight=hard_weight)
-    loss = fused_linear_loss(h, student_weight, student_bias, scorer, reduction=reduction,
-                             divisor=h.shape[0], chunk_size=chunk_size)
-    if reduction == "none":
-        loss = scatter_rows(loss, kept, rows).reshape(lead)
-    return _heuristics.finite_or_warn(fn, loss, student_hidden=student_hidden,
-                                      student_weight=student_weight, student_bias=student_bias)
+
+    def setup(student: Head, _):
+        vocab = _checks.check_linear_shapes(fn, *student, None, hidden_name="student_hidden",
+                                            weight_name="student_weight", bias_name="student_bias")
+        if _checks.shapes_enabled() and student.bias is not None:
+            _checks.check_same_dtype(fn, "student_bias", student.bias, "student_weight", student.weight)
+        temp, hard = check_topk_options(fn, topk_ids, topk_logprobs, tuple(student.hidden.shape[:-1]),
+                                        vocab, target, ignore_index, temperature, hard_weight)
+        if _checks.shapes_enabled():
+            _checks.check_same_device(fn, student_hidden=student.hidden, topk_ids=topk_ids, target=target)
+        dtype = compute_dtype(student.hidden.dtype)
+
+        def make_scorer(t, ids, lps):
+            ids, p, log_p = topk_teacher(ids, lps, temp, dtype)
+            return TopKDistillScorer(ids, p, log_p, t, temperature=temp, hard_weight=hard)
+
+        return LocalVocab(vocab), make_scorer, None
+
+    loss, _ = run_fused(fn, Head(student_hidden, student_weight, student_bias), target, setup,
+                        rows=(topk_ids, topk_logprobs), ignore_index=ignore_index, reduction=reduction,
+                        chunk_size=chunk_size, names=("student_hidden", "student_weight", "student_bias"))
+    return loss

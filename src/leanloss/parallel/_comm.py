@@ -70,6 +70,9 @@ class VocabShard(VocabSlice):
     def sum_(self, t: Tensor) -> Tensor:
         return all_reduce_(t, dist.ReduceOp.SUM, self.group, self.world_size)
 
+    def replicated(self, x: Tensor) -> Tensor:
+        return copy_to_vocab_parallel(x, self)
+
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
                 sizes: Optional[Sequence[int]] = None, payload: Optional[Tensor] = None):

@@ -11,9 +11,9 @@ from .. import _checks
 from .._dtypes import compute_dtype
 from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, resolve_group, vocab_shard
-from ..linear.cross_entropy import CrossEntropyScorer
+from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
 
-__all__ = ["RowSetup", "find_shard", "shard_rows", "prepare_rows", "to_batch_shape"]
+__all__ = ["RowSetup", "find_shard", "shard_of", "ce_shard", "prepare_rows", "to_batch_shape"]
 
 
 @dataclass
@@ -47,20 +47,33 @@ def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], grou
     return shard
 
 
-def shard_rows(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start,
-               ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None):
-    """Check ``target`` against the batch (``like.shape[:-1]``), find the shard
-    (:func:`find_shard`) and drop ignored rows: ``(shard, keep, kept_target, batch_shape)``.
-    ``check_vocab(V)`` runs metadata checks that need the global vocabulary."""
-    batch_shape = like.shape[:-1]
-    _checks.check_tensor(fn, "target", target)
-    if _checks.shapes_enabled():
-        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
+def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
+             ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
+    """Check ``target`` against the batch (``like.shape[:-1]``; ``None``: no target) and find
+    the shard (:func:`find_shard`). ``check_vocab(V)`` runs metadata checks that need the
+    global vocabulary."""
+    if target is not None:
+        _checks.check_tensor(fn, "target", target)
+        if _checks.shapes_enabled():
+            _checks.check_row_targets(fn, target, like.shape[:-1], "the input (all but its last dimension)")
     shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
-    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
-    return shard, keep, kept_target.long(), batch_shape
+    return shard
+
+
+def ce_shard(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start: Optional[int],
+             ignore_index: int, label_smoothing: float, class_weight: Optional[Tensor], z_loss: float,
+             sizes: Optional[Sequence[int]] = None):
+    """The vocab-parallel cross entropies' checks and shard: ``(shard, label_smoothing, z_loss)``
+    (``like`` is ``(..., X)`` whose leading shape is the batch: the logits or the hidden states)."""
+    if _checks.shapes_enabled():
+        _checks.check_same_device(fn, target=target, class_weight=class_weight)
+    label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
+    z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
+    shard = shard_of(fn, like, local_vocab, target, group, vocab_start, ignore_index,
+                     lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
+    return shard, label_smoothing, z_loss
 
 
 def prepare_rows(
@@ -77,25 +90,15 @@ def prepare_rows(
     num_items,
     sizes: Optional[Sequence[int]] = None,
 ) -> RowSetup:
-    """Validate the shared arguments, find the shard (:func:`find_shard`), drop ignored rows.
-
-    ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
-    it gives the batch shape, the compute dtype and the device.
-    """
-    if _checks.shapes_enabled():
-        _checks.check_same_device(fn, target=target, class_weight=class_weight)
-    label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
-    z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard, keep, kept_target, batch_shape = shard_rows(
-        fn, like, local_vocab, target, group, vocab_start, ignore_index,
-        lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
-    scorer = CrossEntropyScorer(kept_target, class_weight, label_smoothing, z_loss, None, 1.0,
+    """:func:`ce_shard`, then the kept rows, the scorer and the divisor of the vocab-parallel
+    cross entropy on local logits."""
+    shard, label_smoothing, z_loss = ce_shard(fn, like, local_vocab, target, group, vocab_start,
+                                              ignore_index, label_smoothing, class_weight, z_loss, sizes)
+    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
+    scorer = CrossEntropyScorer(kept_target.long(), class_weight, label_smoothing, z_loss, None, 1.0,
                                 compute_dtype(like.dtype), shard)
-    if num_items is not None:
-        divisor = num_items
-    else:
-        divisor = scorer.w_target.sum() if scorer.w_target is not None else float(kept_target.shape[0])
-    return RowSetup(shard, scorer, keep, torch.Size(batch_shape), divisor)
+    divisor = num_items if num_items is not None else ce_divisor(scorer)
+    return RowSetup(shard, scorer, keep, torch.Size(like.shape[:-1]), divisor)
 
 
 def to_batch_shape(losses: Tensor, setup: RowSetup) -> Tensor:

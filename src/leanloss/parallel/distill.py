@@ -16,12 +16,10 @@ from torch import Tensor
 from .._compile import graph_break
 from .. import _checks
 from .._reduce import resolve_reduction
-from .._fused.engine import fused_linear_loss
-from ..linear.distill import DistillScorer
-from .._fused.rows import scatter_rows, select_kept
-from ._comm import copy_to_vocab_parallel
+from ..linear._pipeline import Head, run_fused
+from ..linear.distill import distill_scorer
 from .._dtensor import has_dtensor, unwrap
-from ._setup import find_shard
+from ._setup import shard_of
 
 __all__ = ["vocab_parallel_linear_distill_loss"]
 
@@ -98,34 +96,20 @@ def vocab_parallel_linear_distill_loss(
         student_local_weight, student_bias = sharded["student_local_weight"], sharded["student_bias"]
         teacher_local_weight, teacher_bias = sharded["teacher_local_weight"], sharded["teacher_bias"]
         student_hidden, teacher_hidden, target = whole["student_hidden"], whole["teacher_hidden"], whole["target"]
-    _check_heads(fn, student_hidden, student_local_weight, student_bias, teacher_hidden,
-                 teacher_local_weight, teacher_bias)
-    lead = student_hidden.shape[:-1]
-    if target is None and hard_weight > 0:
-        raise _checks.LeanlossValueError(
-            f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})")
-    if target is not None:
-        _checks.check_tensor(fn, "target", target)
-        if _checks.shapes_enabled():
-            _checks.check_row_targets(fn, target, lead, "the student")
-    shard = find_shard(fn, student_hidden.device, student_local_weight.shape[0], target, group,
-                       vocab_start, ignore_index, sizes)
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    keep, tgt = None, None
-    if target is not None:
-        keep, tgt, hs, ht = select_kept(target.reshape(-1), ignore_index, hs, ht)
-        tgt = tgt.long()
-    hs = copy_to_vocab_parallel(hs, shard)
-    if temperature != 1.0:  # the engine's blocks become z_s / T
-        hs = hs * (1.0 / temperature)
-        student_bias = None if student_bias is None else student_bias * (1.0 / temperature)
-    scorer = DistillScorer(
-        ht, teacher_local_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        tgt, kind=kind, beta=beta, temperature=temperature, hard_weight=hard_weight, vocab=shard)
-    rows = hs.shape[0]
-    loss = fused_linear_loss(hs, student_local_weight, student_bias, scorer, reduction=reduction,
-                             divisor=rows, chunk_size=chunk_size, policy_vocab=shard.max_size)
-    if reduction != "none":
-        return loss
-    return scatter_rows(loss, keep, lead.numel()).reshape(lead)
+
+    def setup(student: Head, teacher: Head):
+        _check_heads(fn, *student, *teacher)
+        if target is None and hard_weight > 0:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})")
+        shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
+                         ignore_index, sizes=sizes)
+        return shard, distill_scorer(teacher, shard, kind=kind, beta=beta, temperature=temperature,
+                                     hard_weight=hard_weight), None
+
+    loss, _ = run_fused(fn, Head(student_hidden, student_local_weight, student_bias), target, setup,
+                        teacher=Head(teacher_hidden, teacher_local_weight, teacher_bias),
+                        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                        input_scale=1.0 / temperature,
+                        names=("student_hidden", "student_local_weight", "student_bias"))
+    return loss

@@ -15,12 +15,11 @@ from typing import Optional
 from torch import Tensor
 
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import fused_linear_loss
-from ..linear.log_probs import LogProbScorer, check_log_prob_inputs, finish_log_probs
-from ._comm import copy_to_vocab_parallel
+from .._dtypes import compute_dtype
+from ..linear._pipeline import Head, run_fused
+from ..linear.log_probs import LogProbScorer, check_log_prob_inputs
 from .._dtensor import has_dtensor, unwrap
-from ._setup import shard_rows
+from ._setup import shard_of
 
 __all__ = ["vocab_parallel_linear_log_probs"]
 
@@ -60,7 +59,6 @@ def vocab_parallel_linear_log_probs(
     Returns ``logp`` or ``(logp, entropy)`` shaped like ``target`` (float32 for 16-bit
     inputs). Every rank of ``group`` must call this function (and its backward) together.
     """
-    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     fn = "vocab_parallel_linear_log_probs"
     sizes = None
     if has_dtensor(hidden, local_weight, bias, target):
@@ -68,17 +66,14 @@ def vocab_parallel_linear_log_probs(
                                               {"hidden": hidden, "target": target}, group, vocab_start, dim=0)
         local_weight, bias = sharded["local_weight"], sharded["bias"]
         hidden, target = whole["hidden"], whole["target"]
-    temperature = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
-                                        ignore_index, check_range=False, weight_name="local_weight")
-    shard, keep, kept_target, batch_shape = shard_rows(fn, hidden, local_weight.shape[0], target,
-                                                       group, vocab_start, ignore_index, sizes=sizes)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    n = h.shape[0]
-    if keep is not None:
-        h = h.index_select(0, keep)
-    h = copy_to_vocab_parallel(h, shard)
-    scorer = LogProbScorer(kept_target, 1.0 / temperature, compute_dtype(hidden.dtype), shard)
-    out = fused_linear_loss(h, local_weight, bias, scorer, reduction="none", chunk_size=chunk_size,
-                            policy_vocab=shard.max_size)
-    return finish_log_probs(fn, out, keep, n, batch_shape, return_entropy, hidden=hidden,
-                            local_weight=local_weight, bias=bias)
+
+    def setup(head: Head, _):
+        inv_t = 1.0 / check_log_prob_inputs(fn, *head, target, temperature, ignore_index,
+                                            check_range=False, weight_name="local_weight")
+        shard = shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
+                         ignore_index, sizes=sizes)
+        return shard, lambda t: LogProbScorer(t, inv_t, compute_dtype(head.hidden.dtype), shard), None
+
+    out, _ = run_fused(fn, Head(hidden, local_weight, bias), target, setup, ignore_index=ignore_index,
+                       reduction="none", chunk_size=chunk_size, names=("hidden", "local_weight", "bias"))
+    return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]
