@@ -22,13 +22,14 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks
+from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
+from .._fused.distill_rows import hard_loss
 from .._fused.engine import PointGradient, ScoreResult, add_at_cols
 from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.reduce_hook import LocalVocab
 from .._reduce import resolve_reduction
-from ..losses.distill import check_topk_options, topk_teacher
+from ..losses.distill import topk_teacher
 from ._pipeline import Head, run_fused
 
 __all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "topk_block"]
@@ -56,7 +57,7 @@ def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tenso
     lse1 = None
     if a > 0.0:
         lse1 = lse if scale == 1.0 else row_logsumexp(z.to(p.dtype))
-        loss = loss + (lse1 - x_t) * a
+        loss = loss + hard_loss(lse1, x_t, a)
     if g is None:
         return (loss,)
     grad = (y - lse.unsqueeze(1)).exp() * (p_sum * g * ((1.0 - a) * temperature)).unsqueeze(1)
@@ -151,8 +152,9 @@ def linear_topk_distill_loss(
                                             weight_name="student_weight", bias_name="student_bias")
         if _checks.shapes_enabled() and student.bias is not None:
             _checks.check_same_dtype(fn, "student_bias", student.bias, "student_weight", student.weight)
-        temp, hard = check_topk_options(fn, topk_ids, topk_logprobs, tuple(student.hidden.shape[:-1]),
-                                        vocab, target, ignore_index, temperature, hard_weight)
+        temp, hard = _checks.check_topk_options(fn, topk_ids, topk_logprobs, tuple(student.hidden.shape[:-1]),
+                                                vocab, target, ignore_index, temperature, hard_weight)
+        _heuristics.warn_if_topk_probabilities(fn, "topk_logprobs", topk_logprobs, topk_ids)
         if _checks.shapes_enabled():
             _checks.check_same_device(fn, student_hidden=student.hidden, topk_ids=topk_ids, target=target)
         dtype = compute_dtype(student.hidden.dtype)
