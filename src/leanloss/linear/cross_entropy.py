@@ -58,7 +58,7 @@ class CrossEntropyScorer:
                           z_loss=float(z_loss))
         self.options = dict(
             self.stats, scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
-            class_weight=None if cw is None else cw[vocab.start: vocab.start + vocab.size])
+            class_weight=cw if cw is None or vocab.size == cw.shape[0] else cw[vocab.start: vocab.start + vocab.size])
         self.lse_out = lse_out
 
     def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],

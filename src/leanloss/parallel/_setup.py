@@ -1,28 +1,14 @@
-"""What both vocab-parallel losses do around the scorer: checks, ignored rows, the divisor."""
+"""The shard setup of the vocab-parallel losses: this rank's slice, with the targets checked on every rank."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import compute_dtype
-from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, resolve_group, vocab_shard
-from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
 
-__all__ = ["RowSetup", "find_shard", "shard_of", "ce_shard", "prepare_rows", "to_batch_shape"]
-
-
-@dataclass
-class RowSetup:
-    shard: VocabShard
-    scorer: CrossEntropyScorer
-    keep: Optional[Tensor]  # indices of the rows that count in the flattened batch; None: all
-    batch_shape: torch.Size
-    divisor: object  # the 'mean' divisor: num_items, else sum of w[target] over kept rows
+__all__ = ["find_shard", "shard_of", "ce_shard"]
 
 
 def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], group,
@@ -74,33 +60,3 @@ def ce_shard(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, voc
     shard = shard_of(fn, like, local_vocab, target, group, vocab_start, ignore_index,
                      lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
     return shard, label_smoothing, z_loss
-
-
-def prepare_rows(
-    fn: str,
-    like: Tensor,
-    local_vocab: int,
-    target: Tensor,
-    group,
-    vocab_start: Optional[int],
-    ignore_index: int,
-    label_smoothing: float,
-    class_weight: Optional[Tensor],
-    z_loss: float,
-    num_items,
-    sizes: Optional[Sequence[int]] = None,
-) -> RowSetup:
-    """:func:`ce_shard`, then the kept rows, the scorer and the divisor of the vocab-parallel
-    cross entropy on local logits."""
-    shard, label_smoothing, z_loss = ce_shard(fn, like, local_vocab, target, group, vocab_start,
-                                              ignore_index, label_smoothing, class_weight, z_loss, sizes)
-    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
-    scorer = CrossEntropyScorer(kept_target.long(), class_weight, label_smoothing, z_loss, None, 1.0,
-                                compute_dtype(like.dtype), shard)
-    divisor = num_items if num_items is not None else ce_divisor(scorer)
-    return RowSetup(shard, scorer, keep, torch.Size(like.shape[:-1]), divisor)
-
-
-def to_batch_shape(losses: Tensor, setup: RowSetup) -> Tensor:
-    """Per-row losses of the kept rows -> the batch shape, zeros at ignored positions."""
-    return scatter_rows(losses, setup.keep, setup.batch_shape.numel()).reshape(setup.batch_shape)

@@ -1,6 +1,8 @@
 """Per-token log-probabilities and entropies with the LM head's rows split across ranks.
 
-The statistics of :mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
+The scorer is :class:`leanloss.linear.log_probs.LogProbScorer` with this rank's
+:class:`~leanloss.parallel._comm.VocabShard` as its reduce hook. The statistics of
+:mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
 sums over its slice with a shift every rank shares: per block one all-reduce MAX of the row
 maxima ``m``, then one stacked all-reduce SUM of ``(S, U, y_t)`` (the target logit is counted by
 the rank that owns the target). ``logp``, ``H`` and ``lse`` follow on every rank, and the
