@@ -25,7 +25,7 @@ from .._compile import graph_break
 from .. import _checks, _heuristics
 from .._dtypes import compute_dtype
 from .._fused.distill_rows import hard_loss
-from .._fused.engine import PointGradient, ScoreResult, add_at_cols
+from .._fused.engine import PointGradient, ScoreResult, add_at_cols, at_cols
 from .._fused.kernels import RowKernel, row_logsumexp
 from .._fused.reduce_hook import LocalVocab
 from .._reduce import resolve_reduction
@@ -88,14 +88,14 @@ class TopKDistillScorer:
         self.options = dict(scale=1.0 / temperature, temperature=temperature, hard_weight=hard_weight)
 
     def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
-              grad_scale: Optional[Tensor]) -> ScoreResult:
+              upstream: Optional[Tensor]) -> ScoreResult:
         dtype = self.p.dtype
         ids = self.ids[rows]
         hard = self.options["hard_weight"] > 0.0
         t = self.target[rows] if hard else None
         x_ids = z.gather(1, ids).to(dtype)
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype) if hard else None
-        g = None if grad_scale is None else grad_scale.reshape(-1)
+        x_t = at_cols(z, t, dtype) if hard else None
+        g = None if upstream is None else upstream.reshape(-1)
         (loss,) = _TOPK_KERNEL(z, x_ids, self.p[rows], self.p_sum[rows], self.p_logp[rows], x_t, g,
                                **self.options)
         if g is None:
@@ -105,8 +105,7 @@ class TopKDistillScorer:
             add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
         if not hard:
             return ScoreResult(loss)
-        dense_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype)
-        return ScoreResult(loss, PointGradient(t, g * (-a), dense_t))
+        return ScoreResult(loss, PointGradient(t, g * (-a), at_cols(z, t, dtype)))
 
 
 @graph_break
