@@ -103,7 +103,7 @@ class DistillScorer:
         soft = self.hard_weight < 1.0
         g = None if upstream is None else upstream.reshape(-1)
         n = a.shape[0]
-        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
+        step = max(n, 1) if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
             self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
         losses, saveds = [], []
         for start in range(0, max(n, 1), step):
