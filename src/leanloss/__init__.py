@@ -29,6 +29,7 @@ from .functional import (
     topk_distill_loss,
 )
 from . import parallel  # noqa: F401 - leanloss.parallel.vocab_parallel_*
+from . import _dispatch  # noqa: F401 - DTensor routes of the fused losses
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,

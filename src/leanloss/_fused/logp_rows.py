@@ -18,7 +18,7 @@ gradient (``0 log 0 = 0``), so classes masked with a ``-inf`` logit are exact.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -77,9 +77,3 @@ def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Tensor, a: Tensor,
 
 LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics")
 LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient")
-
-
-def target_coef(a: Tensor, scale: float, owned: Optional[Tensor] = None) -> Tensor:
-    """The point term ``s * a`` at each row's target (``0`` where this rank does not own it)."""
-    coef = a * scale
-    return coef if owned is None else torch.where(owned, coef, torch.zeros_like(coef))

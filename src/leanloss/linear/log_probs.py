@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks, _heuristics
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
-from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_log_probs, routes_dtensor
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, at_cols
+from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, logp_entropy, shifted_sums
+from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
+from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
 __all__ = ["linear_log_probs", "LogProbScorer"]
 
@@ -30,47 +31,59 @@ _FN = "linear_log_probs"
 
 
 class LogProbScorer:
-    """Scorer of ``(logp, H)`` per row (``outputs = 2``) on 16-bit or float blocks.
+    """Scorer of ``(logp, H)`` per row (``outputs = 2``), on one device or vocab-parallel.
 
-    ``target``: the ``(M,)`` class of each row the engine walks; ``scale = 1 / temperature``.
-    The first ``score`` of a block records ``logp``, ``H`` and ``lse``; a ``score`` with a
-    ``grad_scale`` ``(n, 2)`` = ``(a, b)`` (the upstream gradients of ``logp`` and ``H``) writes
-    ``d(a logp + b H)/dz`` over the block from the recorded statistics, the ``s a`` at the target
-    as a :class:`~leanloss._fused.engine.PointGradient`.
+    ``target``: the ``(M,)`` global class of each row the engine walks; ``scale = 1 /
+    temperature``; ``vocab``: the reduce hook (:class:`~leanloss._fused.reduce_hook.LocalVocab`
+    on one device: one compiled statistics kernel reads the 16-bit block; a vocab shard:
+    per-slice sums all-reduced, on compute-dtype blocks). A block's first ``score`` returns
+    ``logp``, ``H`` and ``lse`` as its saved statistics; a ``score`` with the upstream
+    gradients ``(n, 2)`` = ``(a, b)`` writes ``d(a logp + b H)/dz`` over the block from them
+    (no collective), the ``s a`` at the target as a point term.
     """
 
-    low_precision_blocks = True
     outputs = 2
 
-    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype) -> None:
-        self.target = target
+    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype, vocab: VocabSlice) -> None:
+        self.vocab = vocab
+        self.local_target, self.owned = vocab.local_target(target)
         self.scale = float(scale)
         self.dtype = dtype
-        self.stats = torch.empty((target.shape[0], 3), dtype=dtype, device=target.device)
-        self._scored = set()
+        self.low_precision_blocks = vocab.identity
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        t = self.target[rows]
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(self.dtype)
-        stats = self.stats[rows]
-        key = (rows.start, rows.stop)
-        if key not in self._scored:
-            for j, column in enumerate(LOGP_STATS_KERNEL(z, x_t, scale=self.scale)):
-                stats[:, j] = column
-            self._scored.add(key)
-        out = stats[:, :2]
-        if grad_scale is None:
-            return ScoreResult(out)
-        a, b = grad_scale[:, 0].contiguous(), grad_scale[:, 1].contiguous()
-        (dense_t,) = LOGP_GRAD_KERNEL(z, x_t, stats[:, 2].contiguous(), stats[:, 1].contiguous(), a, b,
-                                      scale=self.scale)
-        coef = target_coef(a, self.scale)
-        set_at_cols(z, t, dense_t + coef)
-        return ScoreResult(out, None, PointGradient(t, coef, dense_t))
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        t = self.local_target[rows]
+        owned = None if self.owned is None else self.owned[rows]
+        if saved is None:
+            saved = self._statistics(z, t, owned)
+        if upstream is None or self.vocab.size == 0 or z.shape[0] == 0:
+            return ScoreResult(saved[:, :2], saved=saved)
+        a, b = upstream[:, 0].contiguous(), upstream[:, 1].contiguous()
+        (dense_t,) = LOGP_GRAD_KERNEL(z, at_cols(z, t, self.dtype), saved[:, 2].contiguous(),
+                                      saved[:, 1].contiguous(), a, b, scale=self.scale)
+        coef = owned_only(a * self.scale, owned)
+        return ScoreResult(saved[:, :2], PointGradient(t, coef, dense_t), saved)
+
+    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor]) -> Tensor:
+        """``(n, 3)``: ``(logp, H, lse)`` of the block's rows over the whole vocabulary."""
+        if self.vocab.identity:
+            return torch.stack(LOGP_STATS_KERNEL(z, at_cols(z, t, self.dtype), scale=self.scale), 1)
+        n = z.shape[0]
+        if n == 0:  # the same on every rank: no rank skips a collective the others run
+            return z.new_zeros(0, 3)
+        y = z * self.scale if self.scale != 1.0 else z
+        m = global_row_max(y, self.vocab)
+        sums = y.new_zeros(n, 3)
+        if self.vocab.size > 0:
+            sums[:, 0], sums[:, 1] = shifted_sums(y, m)
+            sums[:, 2] = owned_only(at_cols(y, t, y.dtype), owned)
+        self.vocab.sum_(sums)
+        return torch.stack(logp_entropy(m, sums[:, 0], sums[:, 1], sums[:, 2]), 1)
 
 
-def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tensor,
-                          bias: Optional[Tensor], temperature, ignore_index: int, *,
+def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          target: Tensor, temperature, ignore_index: int, *,
                           check_range: bool = True, weight_name: str = "weight") -> float:
     """Shapes, dtypes, temperature and (with ``check_range``) target range of the log-prob
     functions; returns the temperature as a float. A vocab-parallel caller checks the range
@@ -85,7 +98,7 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tenso
 
 
 @graph_break
-@routes_dtensor(route_linear_log_probs)  # a vocab-sharded DTensor weight: vocab-parallel path
+@routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_log_probs(
     hidden: Tensor,
     weight: Tensor,
@@ -124,25 +137,11 @@ def linear_log_probs(
     backward, so backward recomputes each block of logits: four matmuls for forward and
     backward. Under ``torch.no_grad()`` (rollout scoring) only the forward matmul runs.
     """
-    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
-    temperature = check_log_prob_inputs(_FN, hidden, weight, target, bias, temperature, ignore_index)
-    lead_shape = target.shape
-    h_all = hidden.reshape(-1, hidden.shape[-1])
-    t_all = target.reshape(-1)
-    n = t_all.shape[0]
-    idx, t, h = select_kept(t_all, ignore_index, h_all)
-    scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype))
-    out = fused_linear_loss(h, weight, bias, scorer, reduction="none", chunk_size=chunk_size)
-    return finish_log_probs(_FN, out, idx, n, lead_shape, return_entropy, hidden=hidden,
-                            weight=weight, bias=bias)
+    def setup(head: Head, _):
+        inv_t = 1.0 / check_log_prob_inputs(_FN, *head, target, temperature, ignore_index)
+        vocab = LocalVocab(head.weight.shape[0])
+        return vocab, lambda t: LogProbScorer(t, inv_t, compute_dtype(head.hidden.dtype), vocab), None
 
-
-def finish_log_probs(fn: str, out: Tensor, idx: Optional[Tensor], n: int, lead_shape,
-                     return_entropy: bool, **inputs):
-    """The engine's ``(M, 2)`` output -> ``logp`` (and ``entropy``) in the batch shape, ``0`` at
-    the dropped rows; warns when a value is not finite."""
-    logp = scatter_rows(out[:, 0], idx, n).reshape(lead_shape)
-    logp = _heuristics.finite_or_warn(fn, logp, **inputs)
-    if not return_entropy:
-        return logp
-    return logp, scatter_rows(out[:, 1], idx, n).reshape(lead_shape)
+    out, _ = run_fused(_FN, Head(hidden, weight, bias), target, setup, ignore_index=ignore_index,
+                       reduction="none", chunk_size=chunk_size)
+    return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]
