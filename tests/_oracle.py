@@ -221,10 +221,41 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def dense_token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                      temperature: float = 1.0, softcap: Optional[float] = None,
+                      logit_scale: float = 1.0, ignore_index: int = -100) -> Dict[str, Tensor]:
+    """The per-token outputs of a linear head's softmax, dense in float64 (differentiable in the
+    inputs): ``y = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` with
+    ``softcap(x) = c tanh(x / c)``, and ``logp`` (the target's log-softmax), ``entropy``,
+    ``log_sum_sq_probs`` (``log sum_c p_c^2``), ``mean_logit`` (``y`` averaged over the classes)
+    and ``is_top1`` (``argmax y == target``); each ``0`` (``False``) at ignored targets."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    y = z / temperature
+    log_q = torch.log_softmax(y, dim=-1)
+    q = log_q.exp()
+    keep = target != ignore_index
+    safe = torch.where(keep, target, 0)
+    zero = torch.zeros((), dtype=torch.float64)
+    out = {
+        "logp": log_q.gather(-1, safe.unsqueeze(-1)).squeeze(-1),
+        "entropy": -(q * log_q).sum(-1),
+        "log_sum_sq_probs": q.square().sum(-1).log(),
+        "mean_logit": y.mean(-1),
+    }
+    out = {name: torch.where(keep, value, zero) for name, value in out.items()}
+    out["is_top1"] = keep & (y.argmax(-1) == safe)
+    return out
+
+
 __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
     "probs", "unit", "positive", "index_target", "upstream", "assert_close", "compare",
-    "raises_like", "all_finite", "module_oracle",
+    "raises_like", "all_finite", "module_oracle", "dense_token_stats",
 ]
 
 

@@ -17,20 +17,14 @@ from leanloss._fused import engine as _engine
 from leanloss._fused import logp_rows
 from leanloss.parallel import vocab_parallel_linear_log_probs
 
-from _oracle import free_port, in_kernel_modes
+from _oracle import dense_token_stats, free_port, in_kernel_modes
 
 
 def reference(hidden, weight, target, bias=None, *, temperature=1.0, ignore_index=-100):
     """Dense float64: ``log_softmax(z / T)`` at the target and ``-sum p log p``, 0 at ignored."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    log_q = torch.log_softmax(z / temperature, dim=-1)
-    keep = target != ignore_index
-    logp = log_q.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_q.exp() * log_q).sum(-1)
-    zero = torch.zeros((), dtype=torch.float64)
-    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+    out = dense_token_stats(hidden, weight, target, bias, temperature=temperature,
+                            ignore_index=ignore_index)
+    return out["logp"], out["entropy"]
 
 
 def make(shape=(23,), d=6, v=37, *, dtype=torch.float64, bias=True, ignore_frac=0.25, seed=0):
@@ -248,21 +242,31 @@ def test_gradcheck_tiny():
 
 
 @pytest.mark.parametrize("kernel", ["stats", "grad"])
-def test_compiled_kernel_equals_eager(kernel):
+@pytest.mark.parametrize("every_stat", [False, True])
+def test_compiled_kernel_equals_eager(kernel, every_stat):
+    """Both code paths of each kernel: ``logp`` alone, and every statistic with a softcap."""
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 300, generator=g) * 3
-    x_t = z[:, 7].clone()
-    lse, ent, a, c = torch.logsumexp(z * 0.8, 1), torch.rand(6, generator=g), *torch.randn(2, 6, generator=g)
+    z[:3, 40] = z[:3, 7] = z[:3].amax(1) + 1.0  # ties for the maximum: the first index is top-1
+    t = torch.tensor([7, 40, 3, 7, 9, 11])
+    x_t = z.gather(1, t[:, None])[:, 0]
+    options = dict(scale=0.8, softcap=4.0 if every_stat else None, num_classes=300)
+    lse, ent, lss, *up = torch.logsumexp(z * 0.8, 1), *torch.rand(2, 6, generator=g), *torch.randn(4, 6, generator=g)
+    if not every_stat:
+        ent = lss = up[1] = up[2] = up[3] = None
 
     def run():
         block = z.clone()
         if kernel == "stats":
-            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, scale=0.8), block]
-        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, a, c, scale=0.8), block]
+            flags = dict(entropy=every_stat, log_sum_sq=every_stat, mean=every_stat, top1=every_stat)
+            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, t if every_stat else None, **options, **flags), block]
+        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, lss, *up, **options), block]
 
     eager, compiled = in_kernel_modes(run)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if kernel == "stats" and every_stat:
+        assert eager[-2].tolist() == [True, False, False, z[3].argmax() == 7, z[4].argmax() == 9, z[5].argmax() == 11]
 
 
 def test_module_form():

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "owned_only"]
+__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "global_row_max_with", "owned_only"]
 
 
 class VocabSlice:
@@ -62,10 +62,20 @@ def global_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
     ``-inf``), as the shift of a softmax: a row that is ``-inf`` everywhere gets ``0``, so
     shifting keeps it ``nan`` (as torch's softmax) instead of ``-inf - -inf``. One
     ``max_`` (an all-reduce MAX on every rank of a group)."""
+    return global_row_max_with(y, vocab)[0]
+
+
+def global_row_max_with(y: Tensor, vocab: VocabSlice, *also: Tensor) -> Tuple[Tensor, ...]:
+    """:func:`global_row_max`, and each per-row partial maximum of ``also`` (``(n,)`` each)
+    reduced over the slices in the same ``max_`` (stacked with the row maxima)."""
     n = y.shape[0]
     m = y.amax(1) if vocab.size > 0 else y.new_full((n,), float("-inf"))
-    vocab.max_(m)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    if also:
+        maxes = vocab.max_(torch.stack((m, *also), 1))
+        m, also = maxes[:, 0], tuple(maxes[:, 1:].unbind(1))
+    else:
+        vocab.max_(m)
+    return (torch.where(torch.isfinite(m), m, torch.zeros_like(m)), *also)
 
 
 def owned_only(values: Tensor, owned: Optional[Tensor]) -> Tensor:

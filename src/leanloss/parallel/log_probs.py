@@ -3,21 +3,22 @@
 The statistics of :mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
 sums over its slice with a shift every rank shares: per block one all-reduce MAX of the row
 maxima ``m``, then one stacked all-reduce SUM of ``(S, U, y_t)`` (the target logit is counted by
-the rank that owns the target). ``logp``, ``H`` and ``lse`` follow on every rank, and the
+the rank that owns the target); the statistics of ``return_stats`` add their sums to the SUM and
+``is_top1`` its "maximum before the target" to the MAX. ``logp``, ``H`` and ``lse`` follow on every rank, and the
 gradient with respect to this rank's logits is local (the formula needs only ``lse``, ``H`` and
 the upstream gradients), so backward communicates nothing but the all-reduce of the hidden
 states' gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from .._compile import graph_break
 from .._dtypes import autocast_matmul_operands, compute_dtype
 from .._fused.engine import fused_linear_loss
-from ..linear.log_probs import LogProbScorer, check_log_prob_inputs, finish_log_probs
+from ..linear.log_probs import LogProbScorer, check_log_prob_inputs, finish_log_probs, stat_options
 from ._comm import copy_to_vocab_parallel
 from .._dtensor import has_dtensor, unwrap
 from ._setup import shard_rows
@@ -38,6 +39,9 @@ def vocab_parallel_linear_log_probs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_stats: Sequence[str] = (),
 ):
     r""":func:`leanloss.linear_log_probs` with each rank holding rows of the LM head.
 
@@ -45,7 +49,8 @@ def vocab_parallel_linear_log_probs(
     every rank's ``local_weight``/``bias``, in value (on every rank) and gradient: ``local_weight``
     and ``bias`` get this rank's slice of the full gradient, ``hidden`` the FULL gradient on
     every rank (one all-reduce in backward). Only per-token statistics cross ranks (O(tokens)
-    per block: one MAX and one stacked SUM of three numbers per row, in forward).
+    per block: one MAX and one SUM, each of a few numbers per row stacked, in forward; the
+    statistics of ``return_stats`` add a column to one of them each).
 
     Args:
         hidden: ``(..., D)``, the same on every rank of ``group``.
@@ -53,12 +58,13 @@ def vocab_parallel_linear_log_probs(
         target: ``(...)`` GLOBAL class ids, identical on every rank.
         group, vocab_start: as in :func:`vocab_parallel_linear_cross_entropy`.
         bias: this rank's ``(V_local,)`` slice of the bias, or ``None``.
-        temperature, return_entropy, ignore_index: as in :func:`leanloss.linear_log_probs`.
+        temperature, return_entropy, ignore_index, softcap, logit_scale, return_stats: as in
+            :func:`leanloss.linear_log_probs`.
         chunk_size: rows per block, the same on every rank (default: planned from the largest
             slice).
 
-    Returns ``logp`` or ``(logp, entropy)`` shaped like ``target`` (float32 for 16-bit
-    inputs). Every rank of ``group`` must call this function (and its backward) together.
+    Returns what :func:`leanloss.linear_log_probs` returns, shaped like ``target`` (float32 for
+    16-bit inputs). Every rank of ``group`` must call this function (and its backward) together.
     """
     hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     fn = "vocab_parallel_linear_log_probs"
@@ -68,8 +74,10 @@ def vocab_parallel_linear_log_probs(
                                               {"hidden": hidden, "target": target}, group, vocab_start, dim=0)
         local_weight, bias = sharded["local_weight"], sharded["bias"]
         hidden, target = whole["hidden"], whole["target"]
-    temperature = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
-                                        ignore_index, check_range=False, weight_name="local_weight")
+    scale, softcap = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
+                                           ignore_index, softcap=softcap, logit_scale=logit_scale,
+                                           check_range=False, weight_name="local_weight")
+    stats = stat_options(fn, return_entropy, return_stats)
     shard, keep, kept_target, batch_shape = shard_rows(fn, hidden, local_weight.shape[0], target,
                                                        group, vocab_start, ignore_index, sizes=sizes)
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -77,8 +85,9 @@ def vocab_parallel_linear_log_probs(
     if keep is not None:
         h = h.index_select(0, keep)
     h = copy_to_vocab_parallel(h, shard)
-    scorer = LogProbScorer(kept_target, 1.0 / temperature, compute_dtype(hidden.dtype), shard)
+    scorer = LogProbScorer(kept_target, scale, compute_dtype(hidden.dtype), shard, softcap=softcap,
+                           stats=stats)
     out = fused_linear_loss(h, local_weight, bias, scorer, reduction="none", chunk_size=chunk_size,
                             policy_vocab=shard.max_size)
-    return finish_log_probs(fn, out, keep, n, batch_shape, return_entropy, hidden=hidden,
-                            local_weight=local_weight, bias=bias)
+    return finish_log_probs(fn, out, scorer, keep, n, batch_shape, return_entropy, return_stats,
+                            hidden=hidden, local_weight=local_weight, bias=bias)
