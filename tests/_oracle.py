@@ -223,15 +223,17 @@ def all_finite(t: Tensor) -> bool:
 
 def dense_token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                       temperature: float = 1.0, softcap: Optional[float] = None,
-                      logit_scale: float = 1.0, ignore_index: int = -100) -> Dict[str, Tensor]:
-    """The per-token outputs of a linear head's softmax, dense in float64 (differentiable in the
-    inputs): ``y = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` with
+                      logit_scale: float = 1.0, ignore_index: int = -100,
+                      dtype: torch.dtype = torch.float64) -> Dict[str, Tensor]:
+    """The per-token outputs of a linear head's softmax, dense in ``dtype`` (float64: the
+    reference; the inputs' own dtype: eager torch's rounding), differentiable in the inputs:
+    ``y = softcap(logit_scale * (hidden @ weight.T + bias)) / temperature`` with
     ``softcap(x) = c tanh(x / c)``, and ``logp`` (the target's log-softmax), ``entropy``,
     ``log_sum_sq_probs`` (``log sum_c p_c^2``), ``mean_logit`` (``y`` averaged over the classes)
     and ``is_top1`` (``argmax y == target``); each ``0`` (``False``) at ignored targets."""
-    z = hidden.double() @ weight.double().T
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.double()
+        z = z + bias.to(dtype)
     z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -240,7 +242,7 @@ def dense_token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Opti
     q = log_q.exp()
     keep = target != ignore_index
     safe = torch.where(keep, target, 0)
-    zero = torch.zeros((), dtype=torch.float64)
+    zero = torch.zeros((), dtype=dtype)
     out = {
         "logp": log_q.gather(-1, safe.unsqueeze(-1)).squeeze(-1),
         "entropy": -(q * log_q).sum(-1),
