@@ -177,16 +177,15 @@ def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor],
     ``a logp + b H + g L + k mean`` (the module docstring's, without ``a [c == t]``) from the
     recorded ``lse``, ``H`` and ``L``. Returns ``(dense_t, coef)``: that dense part at the
     target and the point term ``a dy/dz`` there."""
-    options = dict(scale=scale, softcap=softcap, num_classes=num_classes)
-
     def col(t: Optional[Tensor]) -> Optional[Tensor]:
         return None if t is None else t.unsqueeze(1)
 
     y = transform(z.to(lse.dtype), scale, softcap)
-    z.copy_(_dense_grad(y, col(lse), col(ent), col(log_sum_sq), col(a), col(b), col(g), col(k),
-                        **options))
+    z.copy_(_dense_grad(y, lse.unsqueeze(1), col(ent), col(log_sum_sq), a.unsqueeze(1), col(b),
+                        col(g), col(k), scale=scale, softcap=softcap, num_classes=num_classes))
     y_t = transform(x_t, scale, softcap)
-    dense_t = _dense_grad(y_t, lse, ent, log_sum_sq, a, b, g, k, **options)
+    dense_t = _dense_grad(y_t, lse, ent, log_sum_sq, a, b, g, k, scale=scale, softcap=softcap,
+                          num_classes=num_classes)
     coef = a * scale if softcap is None else a * scale * softcap_slope(y_t, softcap)
     return dense_t, coef
 

@@ -1,13 +1,15 @@
-"""Per-token log-probabilities and entropies of an LM head without the ``(tokens, vocab)`` logits.
+"""Per-token log-probabilities and statistics of an LM head without the ``(tokens, vocab)`` logits.
 
 The input of every policy-gradient loss (GRPO, PPO, DPO): ``log p(target)`` under
-``softmax(z / T)`` and the entropy of that distribution, per token, with gradients through both.
+``softmax(y)``, ``y`` the head's logits scaled, softcapped and divided by the temperature, and
+on request the per-token statistics trainers log (entropy, log-sum of squared probabilities,
+mean logit, whether the target is the argmax), with gradients through each differentiable one.
 :func:`linear_log_probs` drops ignored tokens and hands the rest to the chunked engine
-(:mod:`leanloss._fused.engine`) with :class:`LogProbScorer`, a scorer of two outputs per row
-(``logp`` and ``H``) whose upstream gradients arrive in backward, so backward recomputes each
-block (four matmuls in all). Forward records each row's ``lse`` and ``H``; backward writes the
-gradient from them in one pass over the block. The formulas are those of
-:mod:`leanloss._fused.logp_rows`.
+(:mod:`leanloss._fused.engine`) with :class:`LogProbScorer`, a scorer of one output per row and
+per differentiable statistic, whose upstream gradients arrive in backward, so backward
+recomputes each block (four matmuls in all). Forward records each row's ``lse`` and
+statistics; backward writes the gradient from them in one pass over the block. The formulas
+are those of :mod:`leanloss._fused.logp_rows`.
 """
 from __future__ import annotations
 
@@ -60,14 +62,14 @@ class LogProbScorer:
     """
 
     def __init__(self, target: Tensor, scale: float, dtype: torch.dtype, vocab: VocabSlice, *,
-                 softcap: Optional[float] = None, stats: LogProbStats = LogProbStats()) -> None:
+                 softcap: Optional[float] = None, stats: Optional[LogProbStats] = None) -> None:
         self.vocab = vocab
         self.target = target
         self.local_target, self.owned = vocab.local_target(target)
         self.options = dict(scale=float(scale), softcap=None if softcap is None else float(softcap),
                             num_classes=vocab.vocab)
         self.dtype = dtype
-        self.stats = stats
+        self.stats = stats = stats or LogProbStats()
         self.names = stats.outputs
         self.outputs = len(self.names)
         self.top1 = torch.zeros(target.shape, dtype=torch.bool, device=target.device) if stats.top1 else None
@@ -115,11 +117,11 @@ class LogProbScorer:
             return ()
         y = transform(z, self.options["scale"], self.options["softcap"])
         vocab = self.vocab
-        before = ()
+        partial_before: Tuple[Tensor, ...] = ()
         if self.stats.top1:
-            before = ((max_before_target(y, self.target[rows], vocab.start) if vocab.size > 0
-                       else y.new_full((n,), float("-inf"))),)
-        m, *before = global_row_max_with(y, vocab, *before)
+            partial_before = ((max_before_target(y, self.target[rows], vocab.start) if vocab.size > 0
+                               else y.new_full((n,), float("-inf"))),)
+        m, *before = global_row_max_with(y, vocab, *partial_before)
         width = 1 + self.outputs
         sums = y.new_zeros(n, width)
         if vocab.size > 0:
@@ -251,10 +253,13 @@ def finish_log_probs(fn: str, out: Tensor, scorer: LogProbScorer, idx: Optional[
 
     columns = [out] if out.dim() == 1 else list(out.unbind(1))
     by_name = dict(zip(scorer.names, columns))
+
+    def optional(name: str) -> Optional[Tensor]:
+        return batch(by_name[name]) if name in by_name else None
+
     logp = _heuristics.finite_or_warn(fn, batch(by_name["logp"]), **inputs)
-    entropy = batch(by_name["entropy"]) if "entropy" in by_name else None
+    entropy = optional("entropy")
     if not return_stats:
         return (logp, entropy) if return_entropy else logp
-    return TokenStats(logp, entropy, *(batch(by_name[name]) if name in by_name else None
-                                       for name in ("log_sum_sq_probs", "mean_logit")),
+    return TokenStats(logp, entropy, optional("log_sum_sq_probs"), optional("mean_logit"),
                       None if scorer.top1 is None else batch(scorer.top1))
