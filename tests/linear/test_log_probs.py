@@ -1,14 +1,10 @@
 """linear_log_probs (and its vocab-parallel form) against dense torch in float64: per-token
-log p(target) and entropy, and the gradients of any combination of the two."""
+log p(target), entropy and the statistics of ``return_stats``, and the gradients of any
+combination of them."""
 from __future__ import annotations
-
-import datetime
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import leanloss
 from leanloss import LinearLogProbs, linear_log_probs
@@ -17,7 +13,8 @@ from leanloss._fused import engine as _engine
 from leanloss._fused import logp_rows
 from leanloss.parallel import vocab_parallel_linear_log_probs
 
-from _oracle import dense_token_stats, free_port, in_kernel_modes
+from _oracle import dense_token_stats, in_kernel_modes
+from _spawn import logged_all_reduce, run_cases, spawn
 
 
 def reference(hidden, weight, target, bias=None, *, temperature=1.0, ignore_index=-100):
@@ -166,16 +163,21 @@ def test_float32_and_leading_shape():
     torch.testing.assert_close(ent.double(), re, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_against_float64_reference():
-    """16-bit blocks read in place; several blocks, so the weight gradient takes the float32
-    accumulator with the exact target terms."""
-    g = torch.Generator().manual_seed(0)
-    n, d, v = 40, 32, 3000
+def bf16_head(n, *, seed, d=32, v=3000):
+    """A bfloat16 head of ``v`` classes (several 16-bit blocks), row 5's target ignored."""
+    g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().requires_grad_()
     b = torch.randn(v, generator=g).bfloat16().requires_grad_()
     t = torch.randint(0, v, (n,), generator=g)
     t[5] = -100
+    return h, w, b, t
+
+
+def test_bfloat16_against_float64_reference():
+    """16-bit blocks read in place; several blocks, so the weight gradient takes the float32
+    accumulator with the exact target terms."""
+    h, w, b, t = bf16_head(40, seed=0)
     logp, ent = linear_log_probs(h, w, t, b, temperature=0.9, return_entropy=True, chunk_size=8)
     assert logp.dtype == ent.dtype == torch.float32
     rl, re = reference(h, w, t, b, temperature=0.9)
@@ -468,15 +470,10 @@ def test_bfloat16_statistics_within_eager_bfloat16_error():
     """16-bit blocks read in place, several blocks: every statistic and the gradients sit as
     close to float64 as eager bfloat16 torch does (is_top1 exact wherever the logits' top two
     differ by more than bfloat16 rounds)."""
-    g = torch.Generator().manual_seed(1)
-    n, d, v = 48, 32, 3000
-    h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().requires_grad_()
-    b = torch.randn(v, generator=g).bfloat16().requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g)
+    n = 48
+    h, w, b, t = bf16_head(n, seed=1)
     with torch.no_grad():  # a third of the targets are the argmax: both is_top1 values occur
         t[::3] = (h.double() @ w.double().T + b.double()).argmax(1)[::3]
-    t[5] = -100
     opts = dict(softcap=20.0, logit_scale=1.5, temperature=0.9)
     got = linear_log_probs(h, w, t, b, return_stats=ALL_STATS, chunk_size=16, **opts)
     ref = dense_token_stats(h, w, t, b, **opts)
@@ -599,49 +596,20 @@ def _parallel_rank(case: dict, rank: int) -> dict:
     h = case["hidden"].clone().requires_grad_()
     w = case["weight"][local].clone().requires_grad_()
     b = case["bias"][local].clone().requires_grad_() if "bias" in case else None
-    comm = []
-    original = dist.all_reduce
-
-    def logged(t, *args, **kwargs):
-        comm.append(t.numel())
-        return original(t, *args, **kwargs)
-
-    dist.all_reduce = logged
-    try:
+    with logged_all_reduce() as comm:
         logp, ent = vocab_parallel_linear_log_probs(
             h, w, case["target"], bias=b, temperature=spec.get("temperature", 1.0),
             return_entropy=True, chunk_size=spec.get("chunk", 4))
         objective(logp, ent, *case["up"]).backward()
-    finally:
-        dist.all_reduce = original
     return dict(logp=logp.detach(), ent=ent.detach(), h=h.grad, w=w.grad,
                 b=None if b is None else b.grad, comm=comm)
-
-
-def _parallel_child(rank: int, port: int, inputs: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
-    try:
-        torch.set_num_threads(1)
-        cases = torch.load(inputs, weights_only=False)
-        results = {}
-        for name, case in cases.items():
-            try:
-                results[name] = _parallel_rank(case, rank)
-            except Exception as exc:  # reported by the parent
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                break
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
     torch.save(cases, tmp_path / "inputs.pt")
-    mp.start_processes(_parallel_child, args=(free_port(), str(tmp_path / "inputs.pt"), str(tmp_path)),
-                       nprocs=2, join=True, start_method="spawn")
+    spawn(run_cases, 2, str(tmp_path / "inputs.pt"), str(tmp_path), _parallel_rank)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     failures = []
     for name, case in cases.items():

@@ -8,14 +8,11 @@ together (random upstream gradients), and the communication: per-row statistics 
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 
 from leanloss import linear_log_probs
 from leanloss.parallel import vocab_parallel_linear_log_probs
-from _spawn import init_gloo, spawn
+from _spawn import logged_all_reduce, run_cases, spawn
 
 ALL_STATS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 DIFFERENTIABLE = ("logp", "entropy", "log_sum_sq_probs", "mean_logit")
@@ -69,15 +66,7 @@ def _rank(case: dict, rank: int) -> dict:
     start = sum(sizes[:rank])
     local = slice(start, start + sizes[rank])
     h = case["hidden"].clone().requires_grad_()
-    comm = []
-    original = dist.all_reduce
-
-    def logged(t, *args, **kwargs):
-        comm.append(t.numel())
-        return original(t, *args, **kwargs)
-
-    dist.all_reduce = logged
-    try:
+    with logged_all_reduce() as comm:
         if spec.get("dtensor"):
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
@@ -92,25 +81,7 @@ def _rank(case: dict, rank: int) -> dict:
             b = case["bias"][local].clone().requires_grad_() if "bias" in case else None
             out = _outputs(case, h, w, b, vocab_parallel_linear_log_probs, bias=b)
             grads = dict(w=w.grad, b=None if b is None else b.grad)
-    finally:
-        dist.all_reduce = original
     return dict(out=out, h=h.grad, **grads, comm=comm)
-
-
-def _child(rank: int, world: int, port: int, inputs: str, out_dir: str) -> None:
-    init_gloo(rank, world, port)
-    try:
-        torch.set_num_threads(1)
-        results = {}
-        for name, case in torch.load(inputs, weights_only=False).items():
-            try:
-                results[name] = _rank(case, rank)
-            except Exception as exc:  # reported by the parent
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                break
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _one_process(case: dict) -> dict:
@@ -161,7 +132,7 @@ def test_statistics_on_two_ranks_equal_one_process(tmp_path):
     cases = {name: _build(spec, gen) for name, spec in CASES.items()}
     inputs = str(tmp_path / "inputs.pt")
     torch.save(cases, inputs)
-    spawn(_child, 2, inputs, str(tmp_path))
+    spawn(run_cases, 2, inputs, str(tmp_path), _rank)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     failures = []
     for name, case in cases.items():
