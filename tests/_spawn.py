@@ -3,7 +3,9 @@
 back to the parent)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import multiprocessing
 import os
 import socket
@@ -70,3 +72,41 @@ def run_ranks(work: Callable[[int, int, Any], Any], world: int, inputs: Any, out
     torch.save(inputs, inputs_path)
     spawn(_run_rank, world, work, inputs_path, str(out_dir), timeout_s)
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+
+
+def _run_case_table(rank: int, world: int, cases: dict, run_case: Callable[[Any, int], Any]) -> dict:
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = run_case(case, rank)
+        except Exception as exc:  # reported by the parent
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            break  # the ranks' collectives would no longer pair up
+    return results
+
+
+def run_cases(run_case: Callable[[Any, int], Any], world: int, cases: dict, out_dir,
+              timeout_s: float = 30.0) -> List[dict]:
+    """:func:`run_ranks` of a case table: every rank runs ``run_case(case, rank)`` (module-level)
+    on each case of the dict ``cases``; returns each rank's ``{name: result}``. A case that
+    raises is recorded as ``{"error": ...}`` and ends that rank's run."""
+    work = functools.partial(_run_case_table, run_case=run_case)
+    return run_ranks(work, world, cases, out_dir, timeout_s)
+
+
+@contextlib.contextmanager
+def logged_all_reduce():
+    """Record the number of elements of every ``dist.all_reduce`` inside the block (a list,
+    yielded): what the communication-volume checks read."""
+    sizes: list = []
+    original = dist.all_reduce
+
+    def logged(t, *args, **kwargs):
+        sizes.append(t.numel())
+        return original(t, *args, **kwargs)
+
+    dist.all_reduce = logged
+    try:
+        yield sizes
+    finally:
+        dist.all_reduce = original

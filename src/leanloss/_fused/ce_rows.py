@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .kernels import RowKernel, row_logsumexp
 
-__all__ = ["ROW_LOSS", "ce_row_loss", "ce_grad_coefficients", "transform", "ce_block",
-           "ce_partials_block", "ce_finish", "ce_grad_block", "CE_KERNEL", "CE_PARTIALS_KERNEL",
+__all__ = ["ROW_LOSS", "ce_row_loss", "ce_grad_coefficients", "transform", "softcap_slope",
+           "ce_block", "ce_partials_block", "ce_finish", "ce_grad_block", "CE_KERNEL", "CE_PARTIALS_KERNEL",
            "CE_GRAD_KERNEL"]
 
 ROW_LOSS = """\
@@ -80,6 +80,12 @@ def transform(x: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
     return x * scale if scale != 1.0 else x
 
 
+def softcap_slope(y: Tensor, softcap: float) -> Tensor:
+    """``1 - (y / softcap)^2``: the derivative of ``softcap * tanh(u / softcap)`` in ``u``,
+    written from its value ``y`` (so :func:`transform`'s derivative is ``scale`` times it)."""
+    return 1.0 - (y * (1.0 / softcap)).square()
+
+
 def _smooth_sum(y: Tensor, class_weight: Optional[Tensor]) -> Tensor:
     """``S = sum_c w_c y_c`` of each row (over the block's classes)."""
     return y.sum(1) if class_weight is None else (y * class_weight).sum(1)
@@ -100,8 +106,8 @@ def _grad_(z: Tensor, y: Tensor, y_t: Tensor, lse: Tensor, w_t: Optional[Tensor]
         dense_t = dense_t - s * (1.0 if w_t is None else w_t)
     coef = -b
     if softcap is not None:
-        grad = grad * (1.0 - (y * (1.0 / softcap)).square())
-        chain_t = 1.0 - (y_t * (1.0 / softcap)).square()
+        grad = grad * softcap_slope(y, softcap)
+        chain_t = softcap_slope(y_t, softcap)
         dense_t = dense_t * chain_t
         coef = coef * chain_t
     z.copy_(grad)

@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "local_row_max", "row_max_shift", "owned_only"]
+__all__ = ["VocabSlice", "LocalVocab", "global_row_max", "global_row_max_with", "local_row_max",
+           "row_max_shift", "owned_only"]
 
 
 class VocabSlice:
@@ -72,6 +73,16 @@ def global_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
     return row_max_shift(local_row_max(y, vocab), vocab)
 
 
+def global_row_max_with(y: Tensor, vocab: VocabSlice, *also: Tensor) -> Tuple[Tensor, ...]:
+    """:func:`global_row_max`, and each per-row partial maximum of ``also`` (``(n,)`` each)
+    reduced over the slices in the same ``max_`` (stacked with the row maxima; only the row
+    maxima become a shift)."""
+    if not also:
+        return (global_row_max(y, vocab),)
+    maxes = vocab.max_(torch.stack((local_row_max(y, vocab), *also), 1))
+    return (finite_or_zero(maxes[:, 0]), *maxes[:, 1:].unbind(1))
+
+
 def local_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
     """Each row's maximum over this slice of ``y`` (``-inf`` for an empty slice)."""
     return y.amax(1) if vocab.size > 0 else y.new_full((y.shape[0],), float("-inf"))
@@ -80,7 +91,11 @@ def local_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
 def row_max_shift(local_max: Tensor, vocab: VocabSlice) -> Tensor:
     """:func:`global_row_max` from this slice's row maxima (any shape: several maxima per row
     travel in one ``max_``)."""
-    m = vocab.max_(local_max)
+    return finite_or_zero(vocab.max_(local_max))
+
+
+def finite_or_zero(m: Tensor) -> Tensor:
+    """The reduced row maxima as a shift: ``0`` where a maximum is not finite."""
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 

@@ -5,21 +5,21 @@ The scorer is :class:`leanloss.linear.log_probs.LogProbScorer` with this rank's
 :mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
 sums over its slice with a shift every rank shares: per block one all-reduce MAX of the row
 maxima ``m``, then one stacked all-reduce SUM of ``(S, U, y_t)`` (the target logit is counted by
-the rank that owns the target). ``logp``, ``H`` and ``lse`` follow on every rank, and the
-gradient with respect to this rank's logits is local (the formula needs only ``lse``, ``H`` and
-the upstream gradients), so backward communicates nothing but the all-reduce of the hidden
-states' gradient.
+the rank that owns the target); the statistics of ``return_stats`` add their sums to the SUM
+and ``is_top1`` its "maximum before the target" to the MAX. ``logp``, ``H`` and ``lse`` follow
+on every rank, and the gradient with respect to this rank's logits is local (the formula needs
+only ``lse``, ``H`` and the upstream gradients), so backward communicates nothing but the
+all-reduce of the hidden states' gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from .._compile import graph_break
-from .._dtypes import compute_dtype
-from ..linear._pipeline import Head, run_fused
-from ..linear.log_probs import LogProbScorer, check_log_prob_inputs
+from ..linear._pipeline import Head
+from ..linear.log_probs import run_log_probs
 from .._dtensor import has_dtensor, unwrap
 from ._setup import shard_of
 
@@ -39,6 +39,9 @@ def vocab_parallel_linear_log_probs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_stats: Sequence[str] = (),
 ):
     r""":func:`leanloss.linear_log_probs` with each rank holding rows of the LM head.
 
@@ -46,7 +49,8 @@ def vocab_parallel_linear_log_probs(
     every rank's ``local_weight``/``bias``, in value (on every rank) and gradient: ``local_weight``
     and ``bias`` get this rank's slice of the full gradient, ``hidden`` the FULL gradient on
     every rank (one all-reduce in backward). Only per-token statistics cross ranks (O(tokens)
-    per block: one MAX and one stacked SUM of three numbers per row, in forward).
+    per block: one MAX and one SUM, each of a few numbers per row stacked, in forward; the
+    statistics of ``return_stats`` add a column to one of them each).
 
     Args:
         hidden: ``(..., D)``, the same on every rank of ``group``.
@@ -54,12 +58,13 @@ def vocab_parallel_linear_log_probs(
         target: ``(...)`` GLOBAL class ids, identical on every rank.
         group, vocab_start: as in :func:`vocab_parallel_linear_cross_entropy`.
         bias: this rank's ``(V_local,)`` slice of the bias, or ``None``.
-        temperature, return_entropy, ignore_index: as in :func:`leanloss.linear_log_probs`.
+        temperature, return_entropy, ignore_index, softcap, logit_scale, return_stats: as in
+            :func:`leanloss.linear_log_probs`.
         chunk_size: rows per block, the same on every rank (default: planned from the largest
             slice).
 
-    Returns ``logp`` or ``(logp, entropy)`` shaped like ``target`` (float32 for 16-bit
-    inputs). Every rank of ``group`` must call this function (and its backward) together.
+    Returns what :func:`leanloss.linear_log_probs` returns, shaped like ``target`` (float32 for
+    16-bit inputs). Every rank of ``group`` must call this function (and its backward) together.
     """
     fn = "vocab_parallel_linear_log_probs"
     sizes = None
@@ -69,13 +74,12 @@ def vocab_parallel_linear_log_probs(
         local_weight, bias = sharded["local_weight"], sharded["bias"]
         hidden, target = whole["hidden"], whole["target"]
 
-    def setup(head: Head, _):
-        inv_t = 1.0 / check_log_prob_inputs(fn, *head, target, temperature, ignore_index,
-                                            check_range=False, weight_name="local_weight")
-        shard = shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
-                         ignore_index, sizes=sizes)
-        return shard, lambda t: LogProbScorer(t, inv_t, compute_dtype(head.hidden.dtype), shard), None
+    def vocab_of(head: Head):
+        return shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
+                        ignore_index, sizes=sizes)
 
-    out, _ = run_fused(fn, Head(hidden, local_weight, bias), target, setup, ignore_index=ignore_index,
-                       reduction="none", chunk_size=chunk_size, names=("hidden", "local_weight", "bias"))
-    return (out[..., 0], out[..., 1]) if return_entropy else out[..., 0]
+    return run_log_probs(fn, Head(hidden, local_weight, bias), target, vocab_of,
+                         temperature=temperature, return_entropy=return_entropy,
+                         return_stats=return_stats, softcap=softcap, logit_scale=logit_scale,
+                         ignore_index=ignore_index, chunk_size=chunk_size, check_range=False,
+                         names=("hidden", "local_weight", "bias"))
