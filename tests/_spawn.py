@@ -9,7 +9,7 @@ import functools
 import multiprocessing
 import os
 import socket
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,24 +74,28 @@ def run_ranks(work: Callable[[int, int, Any], Any], world: int, inputs: Any, out
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
 
 
-def _run_case_table(rank: int, world: int, cases: dict, run_case: Callable[[Any, int], Any]) -> dict:
+def _run_case_table(rank: int, world: int, cases: dict,
+                    run_case: Callable[[Any, int], Any]) -> Tuple[dict, Optional[str]]:
     results = {}
     for name, case in cases.items():
         try:
             results[name] = run_case(case, rank)
         except Exception as exc:  # reported by the parent
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            break  # the ranks' collectives would no longer pair up
-    return results
+            return results, f"case {name!r} on rank {rank}: {type(exc).__name__}: {exc}"
+    return results, None
 
 
 def run_cases(run_case: Callable[[Any, int], Any], world: int, cases: dict, out_dir,
               timeout_s: float = 30.0) -> List[dict]:
     """:func:`run_ranks` of a case table: every rank runs ``run_case(case, rank)`` (module-level)
-    on each case of the dict ``cases``; returns each rank's ``{name: result}``. A case that
-    raises is recorded as ``{"error": ...}`` and ends that rank's run."""
+    on each case of the dict ``cases``; returns each rank's ``{name: result}``. The first case
+    that raises ends that rank's run (the ranks' collectives would no longer pair up) and fails
+    the caller with its error."""
     work = functools.partial(_run_case_table, run_case=run_case)
-    return run_ranks(work, world, cases, out_dir, timeout_s)
+    outcomes = run_ranks(work, world, cases, out_dir, timeout_s)
+    errors = [error for _, error in outcomes if error is not None]
+    assert not errors, "\n".join(errors)
+    return [results for results, _ in outcomes]
 
 
 @contextlib.contextmanager
