@@ -236,13 +236,14 @@ def all_finite(t: Tensor) -> bool:
 
 
 def lm_head_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, logit_scale: float = 1.0,
-                   softcap: Optional[float] = None) -> Tensor:
-    """The materialized logits of a fused LM-head loss in float64:
+                   softcap: Optional[float] = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The materialized logits of a fused LM-head loss in ``dtype`` (float64: the reference; the
+    inputs' own dtype: eager torch's rounding):
     ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (the tanh only with
     a softcap)."""
-    z = hidden.double() @ weight.double().T
+    z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        z = z + bias.double()
+        z = z + bias.to(dtype)
     z = z * logit_scale
     return z if softcap is None else softcap * torch.tanh(z / softcap)
 
@@ -259,13 +260,36 @@ def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tenso
 def linear_log_probs_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                                temperature: float = 1.0, ignore_index: int = -100) -> Tuple[Tensor, Tensor]:
     """Per-token ``log_softmax(z / T)`` at the target and the entropy ``-sum p log p`` of
-    :func:`lm_head_logits`, in float64; both 0 at ignored targets."""
-    log_q = torch.log_softmax(lm_head_logits(hidden, weight, bias) / temperature, dim=-1)
+    :func:`lm_head_logits`, in float64; both 0 at ignored targets (:func:`dense_token_stats`)."""
+    out = dense_token_stats(hidden, weight, target, bias, temperature=temperature, ignore_index=ignore_index)
+    return out["logp"], out["entropy"]
+
+
+def dense_token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
+                      temperature: float = 1.0, softcap: Optional[float] = None,
+                      logit_scale: float = 1.0, ignore_index: int = -100,
+                      dtype: torch.dtype = torch.float64) -> Dict[str, Tensor]:
+    """The per-token outputs of a linear head's softmax, dense in ``dtype`` (float64: the
+    reference; the inputs' own dtype: eager torch's rounding), differentiable in the inputs:
+    ``y = lm_head_logits(...) / temperature`` and ``logp`` (the target's log-softmax),
+    ``entropy``, ``log_sum_sq_probs`` (``log sum_c p_c^2``), ``mean_logit`` (``y`` averaged over
+    the classes) and ``is_top1`` (``argmax y == target``); each ``0`` (``False``) at ignored
+    targets."""
+    y = lm_head_logits(hidden, weight, bias, logit_scale=logit_scale, softcap=softcap, dtype=dtype) / temperature
+    log_q = torch.log_softmax(y, dim=-1)
+    q = log_q.exp()
     keep = target != ignore_index
-    logp = log_q.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_q.exp() * log_q).sum(-1)
-    zero = torch.zeros((), dtype=torch.float64)
-    return torch.where(keep, logp, zero), torch.where(keep, entropy, zero)
+    safe = torch.where(keep, target, 0)
+    zero = torch.zeros((), dtype=dtype)
+    out = {
+        "logp": log_q.gather(-1, safe.unsqueeze(-1)).squeeze(-1),
+        "entropy": -(q * log_q).sum(-1),
+        "log_sum_sq_probs": q.square().sum(-1).log(),
+        "mean_logit": y.mean(-1),
+    }
+    out = {name: torch.where(keep, value, zero) for name, value in out.items()}
+    out["is_top1"] = keep & (y.argmax(-1) == safe)
+    return out
 
 
 def log_probs_objective(logp: Tensor, entropy: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -302,7 +326,7 @@ __all__ = [
     "LOW_PRECISION", "DTYPES", "TOL", "CLASS_SHAPES", "SHAPE_IDS", "gen", "logits", "log_probs",
     "probs", "unit", "positive", "num_classes", "class_weight", "index_target", "upstream", "assert_close", "compare",
     "raises_like", "all_finite", "module_oracle", "lm_head_logits", "linear_cross_entropy_reference",
-    "cross_entropy_reference", "linear_log_probs_reference", "log_probs_objective",
+    "cross_entropy_reference", "linear_log_probs_reference", "dense_token_stats", "log_probs_objective",
 ]
 
 

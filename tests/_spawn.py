@@ -3,11 +3,13 @@
 back to the parent)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import multiprocessing
 import os
 import socket
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,3 +72,45 @@ def run_ranks(work: Callable[[int, int, Any], Any], world: int, inputs: Any, out
     torch.save(inputs, inputs_path)
     spawn(_run_rank, world, work, inputs_path, str(out_dir), timeout_s)
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world)]
+
+
+def _run_case_table(rank: int, world: int, cases: dict,
+                    run_case: Callable[[Any, int], Any]) -> Tuple[dict, Optional[str]]:
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = run_case(case, rank)
+        except Exception as exc:  # reported by the parent
+            return results, f"case {name!r} on rank {rank}: {type(exc).__name__}: {exc}"
+    return results, None
+
+
+def run_cases(run_case: Callable[[Any, int], Any], world: int, cases: dict, out_dir,
+              timeout_s: float = 30.0) -> List[dict]:
+    """:func:`run_ranks` of a case table: every rank runs ``run_case(case, rank)`` (module-level)
+    on each case of the dict ``cases``; returns each rank's ``{name: result}``. The first case
+    that raises ends that rank's run (the ranks' collectives would no longer pair up) and fails
+    the caller with its error."""
+    work = functools.partial(_run_case_table, run_case=run_case)
+    outcomes = run_ranks(work, world, cases, out_dir, timeout_s)
+    errors = [error for _, error in outcomes if error is not None]
+    assert not errors, "\n".join(errors)
+    return [results for results, _ in outcomes]
+
+
+@contextlib.contextmanager
+def logged_all_reduce():
+    """Record the number of elements of every ``dist.all_reduce`` inside the block (a list,
+    yielded): what the communication-volume checks read."""
+    sizes: list = []
+    original = dist.all_reduce
+
+    def logged(t, *args, **kwargs):
+        sizes.append(t.numel())
+        return original(t, *args, **kwargs)
+
+    dist.all_reduce = logged
+    try:
+        yield sizes
+    finally:
+        dist.all_reduce = original

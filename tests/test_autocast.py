@@ -293,14 +293,15 @@ def test_linear_cross_entropy_keeps_bf16_parameters_bf16_and_ignores_autocast_of
         assert leanloss.linear_cross_entropy(h64, w64, t64, b64).dtype == torch.float64
 
 
-def test_linear_distill_loss_runs_both_heads_in_the_autocast_dtype():
+@pytest.mark.parametrize("fused", ["linear_distill_loss", "vocab_parallel_linear_distill_loss"])
+def test_linear_distill_loss_runs_both_heads_in_the_autocast_dtype(fused):
+    fn = getattr(leanloss, fused, None) or getattr(leanloss.parallel, fused)
     hs, ws, bs, t = _head(seed=1)
     ht, wt, bt, _ = _head(seed=2, d=12)
     ht, wt, bt = ht.detach(), wt.detach(), bt.detach()
     opts = dict(kind="jsd", beta=0.3, temperature=2.0, hard_weight=0.25)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = leanloss.linear_distill_loss(hs, ws, ht, wt, t, student_bias=bs, teacher_bias=bt,
-                                           chunk_size=5, **opts)
+        got = fn(hs, ws, ht, wt, t, student_bias=bs, teacher_bias=bt, chunk_size=5, **opts)
         want = leanloss.distill_loss(F.linear(hs, ws, bs), F.linear(ht, wt, bt), t, **opts)
     fp32 = leanloss.distill_loss(F.linear(hs, ws, bs), F.linear(ht, wt, bt), t, **opts)
     assert got.dtype == want.dtype == torch.float32

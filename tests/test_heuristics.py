@@ -81,6 +81,15 @@ WARNS = [
     ("parallel-linear-ce-nan-hidden",
      lambda: leanloss.parallel.vocab_parallel_linear_cross_entropy(nan_at(X, (0, 1)), X[:6], T % 6),
      r"argument 'hidden' contains NaN"),
+    ("linear-distill-nan-student",
+     lambda: leanloss.linear_distill_loss(nan_at(X, (5, 0)), X[:6], X, X[:6]),
+     r"linear_distill_loss: argument 'student_hidden' contains NaN.*position \(5, 0\)"),
+    ("parallel-linear-distill-nan-weight",
+     lambda: leanloss.parallel.vocab_parallel_linear_distill_loss(X, nan_at(X[:6], (2, 2)), X, X[:6]),
+     r"argument 'student_local_weight' contains NaN"),
+    ("parallel-log-probs-nan-hidden",
+     lambda: leanloss.parallel.vocab_parallel_linear_log_probs(nan_at(X, (1, 1)), X[:6], T % 6),
+     r"vocab_parallel_linear_log_probs: argument 'hidden' contains NaN"),
     ("ce-module-probabilities", lambda: leanloss.CrossEntropyLoss()(X.softmax(1), T), r"looks like probabilities"),
 ]
 

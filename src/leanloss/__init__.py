@@ -28,7 +28,9 @@ from .functional import (
     nll_loss,
     topk_distill_loss,
 )
+from .linear import TokenStats
 from . import parallel  # noqa: F401 - leanloss.parallel.vocab_parallel_*
+from . import _dispatch  # noqa: F401 - DTensor routes of the fused losses
 from .modules import (
     BCELoss,
     BCEWithLogitsLoss,
@@ -70,6 +72,7 @@ __all__ = [
     "TopKDistillLoss",
     "LinearTopKDistillLoss",
     "linear_log_probs",
+    "TokenStats",
     "LinearLogProbs",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence, Union
 
+import torch
 from torch import Tensor
 
 __all__ = ["REDUCTIONS", "legacy_reduction", "resolve_reduction", "reduce_loss", "reduce_kept_rows"]
@@ -124,3 +125,22 @@ def reduce_kept_rows(loss: Tensor, keep: Optional[Tensor], reduction: str) -> Te
     if reduction == "mean" and keep is not None:
         return reduce_loss(loss, "mean", weight_sum=keep.sum().to(loss.dtype))
     return reduce_loss(loss, reduction)
+
+
+def mix_hard_and_reduce(soft: Tensor, s: Tensor, log_q: Tensor, target: Optional[Tensor], *,
+                         temperature: float, ignore_index: int, hard_weight: float,
+                         reduction: str) -> Tensor:
+    """``a CE(s, y) + (1 - a) T^2 soft`` per row (``s``: the untempered student logits,
+    ``log_q``: ``log_softmax(s / T)``), rows with ``y == ignore_index`` zeroed, then reduced over
+    the kept rows (:func:`reduce_kept_rows`)."""
+    loss = soft * ((1.0 - hard_weight) * temperature**2)
+    keep = None
+    if target is not None:
+        keep = target != ignore_index
+        if hard_weight > 0:
+            log_q1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+            safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+            ce = -log_q1.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)
+            loss = loss + hard_weight * ce
+        loss = torch.where(keep, loss, loss.new_zeros(()))
+    return reduce_kept_rows(loss, keep, reduction)

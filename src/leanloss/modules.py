@@ -7,7 +7,7 @@ losses) follow the same pattern: options at construction, tensors in ``forward``
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -231,26 +231,34 @@ class LinearLogProbs(nn.Module):
 
     ``forward(hidden, weight, target, bias=None)`` returns
     ``linear_log_probs(hidden, weight, target, bias, **options)``: per-token ``log p(target)``
-    under ``softmax((hidden @ weight.T + bias) / temperature)`` (and the entropy with
-    ``return_entropy=True``) without materializing the logits.
+    under ``softmax(softcap(logit_scale * (hidden @ weight.T + bias)) / temperature)`` (and the
+    entropy with ``return_entropy=True``, the statistics of ``return_stats``) without
+    materializing the logits.
     """
 
     def __init__(self, *, temperature: float = 1.0, return_entropy: bool = False,
-                 ignore_index: int = -100, chunk_size: Optional[int] = None) -> None:
+                 ignore_index: int = -100, chunk_size: Optional[int] = None,
+                 softcap: Optional[float] = None, logit_scale: float = 1.0,
+                 return_stats: Sequence[str] = ()) -> None:
         super().__init__()
         self.temperature = temperature
         self.return_entropy = return_entropy
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_stats = tuple(return_stats) if isinstance(return_stats, list) else return_stats
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None):
         return F.linear_log_probs(hidden, weight, target, bias, temperature=self.temperature,
                                 return_entropy=self.return_entropy, ignore_index=self.ignore_index,
-                                chunk_size=self.chunk_size)
+                                chunk_size=self.chunk_size, softcap=self.softcap,
+                                logit_scale=self.logit_scale, return_stats=self.return_stats)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, return_entropy={self.return_entropy}, "
-                f"ignore_index={self.ignore_index}")
+                f"ignore_index={self.ignore_index}, softcap={self.softcap}, "
+                f"logit_scale={self.logit_scale}, return_stats={self.return_stats}")
 
 
 class _TopKOptions(nn.Module):

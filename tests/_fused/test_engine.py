@@ -18,19 +18,25 @@ from _oracle import linear_cross_entropy_reference
 class Quadratic:
     """``loss_r = 0.5 * sum_c (z_rc - y_rc)^2``: gradient ``z - y``, no softmax."""
 
-    def __init__(self, y: torch.Tensor, low_precision_blocks: bool = False, row_scaled: bool = False):
-        self.y, self.low_precision_blocks, self.row_scaled = y, low_precision_blocks, row_scaled
+    outputs = 1
 
-    def score(self, z: torch.Tensor, rows: slice, grad_scale: Optional[torch.Tensor]) -> ScoreResult:
+    def __init__(self, y: torch.Tensor, low_precision_blocks: bool = False, saves: bool = False):
+        self.y, self.low_precision_blocks, self.saves = y, low_precision_blocks, saves
+        self.first_scorings = 0
+
+    def score(self, z: torch.Tensor, rows: slice, saved: Optional[torch.Tensor],
+              upstream: Optional[torch.Tensor]) -> ScoreResult:
         diff = z.to(self.y.dtype) - self.y[rows]
-        loss = 0.5 * diff.square().sum(1)
-        if grad_scale is None:
-            return ScoreResult(loss)
-        if self.row_scaled:  # gradient written unscaled, the scale handed back per row
-            z.copy_(diff)
-            return ScoreResult(loss, grad_scale.reshape(-1))
-        z.copy_(diff * grad_scale)
-        return ScoreResult(loss)
+        if saved is None:
+            self.first_scorings += 1
+            loss = 0.5 * diff.square().sum(1)
+        else:  # the engine hands back what the block's first scoring saved
+            loss = saved[:, 0]
+        keep = loss.unsqueeze(1) if self.saves else None
+        if upstream is None:
+            return ScoreResult(loss, saved=keep)
+        z.copy_(diff * upstream)
+        return ScoreResult(loss, saved=keep)
 
 
 def toy(n=13, d=5, v=7, dtype=torch.float64, seed=0):
@@ -48,16 +54,31 @@ def dense_quadratic(h, w, b, y, reduction):
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-@pytest.mark.parametrize("row_scaled", [False, True])
-def test_gradcheck_toy_scorer(reduction, row_scaled):
+@pytest.mark.parametrize("saves", [False, True])
+def test_gradcheck_toy_scorer(reduction, saves):
     h, w, b, y = toy()
 
     def fn(h_, w_, b_):
-        return fused_linear_loss(h_, w_, b_, Quadratic(y, row_scaled=row_scaled), reduction=reduction,
+        return fused_linear_loss(h_, w_, b_, Quadratic(y, saves=saves), reduction=reduction,
                                  chunk_size=4)
 
     assert torch.autograd.gradcheck(fn, (h, w, b))
     torch.testing.assert_close(fn(h, w, b), dense_quadratic(h, w, b, y, reduction))
+
+
+def test_none_recompute_hands_back_saved_statistics():
+    """'none' recomputes each block in backward; a scorer's saved row statistics come back to
+    it there (so it scores each block for the first time once), and values are unchanged."""
+    h, w, b, y = toy()
+    scorer = Quadratic(y, saves=True)
+    out = fused_linear_loss(h, w, b, scorer, reduction="none", chunk_size=4)
+    upstream = torch.linspace(-1, 2, out.shape[0], dtype=out.dtype)
+    (out * upstream).sum().backward()
+    assert scorer.first_scorings == 4  # 13 rows in blocks of 4, scored afresh in forward only
+    leaves = [x.detach().requires_grad_() for x in (h, w, b)]
+    (dense_quadratic(*leaves, y, "none") * upstream).sum().backward()
+    for got, want in zip((h, w, b), leaves):
+        torch.testing.assert_close(got.grad, want.grad)
 
 
 @pytest.mark.parametrize("chunk", [None, 3, 13])
@@ -84,18 +105,18 @@ def test_point_gradient_is_added_exactly_in_the_accumulator():
 
     class PointOnly:
         low_precision_blocks = True
+        outputs = 1
 
         def __init__(self, cols):
             self.cols = cols
 
-        def score(self, z, rows, grad_scale):
+        def score(self, z, rows, saved, upstream):
             loss = z.gather(1, self.cols[rows].unsqueeze(1)).squeeze(1).float()
-            if grad_scale is None:
+            if upstream is None:
                 return ScoreResult(loss)
-            coef = grad_scale.reshape(-1)
-            z.zero_()
-            engine.set_at_cols(z, self.cols[rows], coef)
-            return ScoreResult(loss, None, PointGradient(self.cols[rows], coef, torch.zeros_like(coef)))
+            coef = upstream.reshape(-1)
+            z.zero_()  # the dense part; the engine writes the point terms
+            return ScoreResult(loss, PointGradient(self.cols[rows], coef, torch.zeros_like(coef)))
 
     g = torch.Generator().manual_seed(3)
     n, d, v = 300, 8, 5

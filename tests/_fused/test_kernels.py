@@ -14,8 +14,8 @@ import torch
 
 from leanloss._fused import kernels
 from leanloss._fused.kernels import RowKernel
-from leanloss.linear.cross_entropy import _CE_KERNEL
-from leanloss.linear.distill import _DISTILL_KERNEL
+from leanloss._fused.ce_rows import CE_KERNEL as _CE_KERNEL
+from leanloss._fused.distill_rows import DISTILL_KERNEL as _DISTILL_KERNEL
 
 
 @pytest.fixture

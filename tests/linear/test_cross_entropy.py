@@ -151,6 +151,24 @@ def test_vocab_smaller_than_chunk():
     assert_matches({"class_weight": _cw(3), "label_smoothing": 0.3}, v=3, chunk_size=1000)
 
 
+def test_one_class_head_has_exactly_zero_gradient():
+    """A softmax over one class is exactly 1: without z-loss every gradient is exactly 0, with
+    smoothing, class weights, softcap and logit scale, 'none' and several blocks."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(20, 6, generator=g).requires_grad_()
+    weight = torch.randn(1, 6, generator=g).requires_grad_()
+    bias = torch.randn(1, generator=g).requires_grad_()
+    target = torch.zeros(20, dtype=torch.long)
+    target[3] = -100
+    out = linear_cross_entropy(hidden, weight, target, bias, label_smoothing=0.3,
+                               class_weight=torch.tensor([1.7]), softcap=5.0, logit_scale=1.3,
+                               reduction="none", chunk_size=7)
+    assert torch.equal(out, torch.zeros(20))  # -log 1 = 0
+    (out * torch.linspace(-2.0, 3.0, 20)).sum().backward()
+    for leaf in (hidden, weight, bias):
+        assert torch.equal(leaf.grad, torch.zeros_like(leaf))
+
+
 def test_return_lse():
     h, w, b, t = make(bias=True, lead=(3, 9))
     loss, lse = linear_cross_entropy(h, w, t, b, return_lse=True, logit_scale=0.5, softcap=4.0)

@@ -213,13 +213,14 @@ def test_module_matches_function():
 def test_mixed_teacher_dtype_and_workspace_released():
     """A bfloat16 teacher with a float32 student; the scorer's block buffers do not outlive a pass."""
     from leanloss._fused.engine import fused_linear_loss
+    from leanloss._fused.reduce_hook import LocalVocab
     from leanloss.linear.distill import DistillScorer
 
     student, teacher = heads(n=9, v=20, dtype=torch.float32, seed=7)
     teacher = {k: v.detach().bfloat16() for k, v in teacher.items()}
     check_fused_vs_dense(student, teacher, None, tol_dtype=torch.bfloat16, kind="jsd", beta=0.3, chunk_size=4)
     scorer = DistillScorer(teacher["hidden"], teacher["weight"], teacher["bias"], None, kind="forward",
-                           beta=0.5, temperature=1.0, hard_weight=0.0)
+                           beta=0.5, temperature=1.0, hard_weight=0.0, vocab=LocalVocab(20))
     loss = fused_linear_loss(student["hidden"], student["weight"], student["bias"], scorer, chunk_size=4)
     assert scorer._teacher_buf is None and loss.requires_grad
 

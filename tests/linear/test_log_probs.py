@@ -1,6 +1,6 @@
-"""linear_log_probs against dense torch in float64: per-token log p(target) and entropy, and
-the gradients of any combination of the two (the vocab-parallel form:
-tests/parallel/test_vocab_parallel_log_probs.py)."""
+"""linear_log_probs against dense torch in float64: per-token log p(target), entropy and the
+statistics of ``return_stats``, and the gradients of any combination of them (the vocab-parallel
+form: tests/parallel/test_vocab_parallel_log_probs.py and tests/parallel/test_log_prob_stats.py)."""
 from __future__ import annotations
 
 import pytest
@@ -11,8 +11,9 @@ from leanloss import LinearLogProbs, linear_log_probs
 from leanloss._checks import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
 from leanloss._fused import engine as _engine
 from leanloss._fused import logp_rows
+from leanloss.parallel import vocab_parallel_linear_log_probs
 
-from _oracle import in_kernel_modes, log_probs_objective as objective
+from _oracle import dense_token_stats, in_kernel_modes, log_probs_objective as objective
 from _oracle import linear_log_probs_reference as reference
 
 
@@ -150,16 +151,21 @@ def test_float32_and_leading_shape():
     torch.testing.assert_close(ent.double(), re, rtol=1e-5, atol=1e-5)
 
 
-def test_bfloat16_against_float64_reference():
-    """16-bit blocks read in place; several blocks, so the weight gradient takes the float32
-    accumulator with the exact target terms."""
-    g = torch.Generator().manual_seed(0)
-    n, d, v = 40, 32, 3000
+def bf16_head(n, *, seed, d=32, v=3000):
+    """A bfloat16 head of ``v`` classes (several 16-bit blocks), row 5's target ignored."""
+    g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, d, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().requires_grad_()
     b = torch.randn(v, generator=g).bfloat16().requires_grad_()
     t = torch.randint(0, v, (n,), generator=g)
     t[5] = -100
+    return h, w, b, t
+
+
+def test_bfloat16_against_float64_reference():
+    """16-bit blocks read in place; several blocks, so the weight gradient takes the float32
+    accumulator with the exact target terms."""
+    h, w, b, t = bf16_head(40, seed=0)
     logp, ent = linear_log_probs(h, w, t, b, temperature=0.9, return_entropy=True, chunk_size=8)
     assert logp.dtype == ent.dtype == torch.float32
     rl, re = reference(h, w, t, b, temperature=0.9)
@@ -226,21 +232,31 @@ def test_gradcheck_tiny():
 
 
 @pytest.mark.parametrize("kernel", ["stats", "grad"])
-def test_compiled_kernel_equals_eager(kernel):
+@pytest.mark.parametrize("every_stat", [False, True])
+def test_compiled_kernel_equals_eager(kernel, every_stat):
+    """Both code paths of each kernel: ``logp`` alone, and every statistic with a softcap."""
     g = torch.Generator().manual_seed(5)
     z = torch.randn(6, 300, generator=g) * 3
-    x_t = z[:, 7].clone()
-    lse, ent, a, c = torch.logsumexp(z * 0.8, 1), torch.rand(6, generator=g), *torch.randn(2, 6, generator=g)
+    z[:3, 40] = z[:3, 7] = z[:3].amax(1) + 1.0  # ties for the maximum: the first index is top-1
+    t = torch.tensor([7, 40, 3, 7, 9, 11])
+    x_t = z.gather(1, t[:, None])[:, 0]
+    options = dict(scale=0.8, softcap=4.0 if every_stat else None, num_classes=300)
+    lse, ent, lss, *up = torch.logsumexp(z * 0.8, 1), *torch.rand(2, 6, generator=g), *torch.randn(4, 6, generator=g)
+    if not every_stat:
+        ent = lss = up[1] = up[2] = up[3] = None
 
     def run():
         block = z.clone()
         if kernel == "stats":
-            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, scale=0.8), block]
-        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, a, c, scale=0.8), block]
+            flags = dict(entropy=every_stat, log_sum_sq=every_stat, mean=every_stat, top1=every_stat)
+            return [*logp_rows.LOGP_STATS_KERNEL(block, x_t, t if every_stat else None, **options, **flags), block]
+        return [*logp_rows.LOGP_GRAD_KERNEL(block, x_t, lse, ent, lss, *up, **options), block]
 
     eager, compiled = in_kernel_modes(run)
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if kernel == "stats" and every_stat:
+        assert eager[-2].tolist() == [True, False, False, z[3].argmax() == 7, z[4].argmax() == 9, z[5].argmax() == 11]
 
 
 def test_module_form():
@@ -307,3 +323,221 @@ def test_errors_name_the_argument(kwargs, error, words):
         linear_log_probs(args.pop("hidden"), args.pop("weight"), args.pop("target"), **args)
     for word in words:
         assert word in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# per-token statistics (return_stats), softcap and logit_scale
+# ------------------------------------------------------------------------------------------
+
+ALL_STATS = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
+DIFFERENTIABLE = ("logp", "entropy", "log_sum_sq_probs", "mean_logit")
+TRANSFORMS = {
+    "plain": dict(),
+    "temperature": dict(temperature=0.7),
+    "softcap": dict(softcap=3.0, temperature=1.3),
+    "softcap_scale": dict(softcap=2.0, logit_scale=0.6, temperature=0.8),
+    "scale": dict(logit_scale=1.7),
+}
+
+
+def stat_upstreams(shape, names, seed=4):
+    """A random upstream gradient per differentiable output in ``names``."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g, dtype=torch.float64) for name in names}
+
+
+def stats_objective(outputs, ups):
+    """``sum_name sum(ups[name] * outputs[name])``: any upstream gradients of those outputs."""
+    return sum((outputs[name].double() * up).sum() for name, up in ups.items())
+
+
+def check_stats(got, want, names, *, rtol, atol):
+    for name in names:
+        if name == "is_top1":
+            assert got.is_top1.dtype == torch.bool and torch.equal(got.is_top1, want["is_top1"])
+        else:
+            torch.testing.assert_close(getattr(got, name).double(), want[name], rtol=rtol, atol=atol,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_every_statistic_and_gradient_float64(transform, chunk_size):
+    opts = TRANSFORMS[transform]
+    h, w, b, t = make(shape=(4, 6), seed=5)
+    got = linear_log_probs(h, w, t, b, return_stats=ALL_STATS, chunk_size=chunk_size, **opts)
+    want = dense_token_stats(h, w, t, b, **opts)
+    assert isinstance(got, leanloss.TokenStats) and got.logp.shape == t.shape
+    assert got.is_top1[t == -100].logical_not().all() and got.is_top1.any()
+    check_stats(got, want, DIFFERENTIABLE + ("is_top1",), rtol=1e-12, atol=1e-12)
+    ups = stat_upstreams(t.shape, DIFFERENTIABLE)
+    grads = torch.autograd.grad(stats_objective(got._asdict(), ups), (h, w, b))
+    wants = torch.autograd.grad(stats_objective(want, ups), (h, w, b))
+    for x, y in zip(grads, wants):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ALL_STATS)
+def test_each_statistic_alone(name):
+    """Only the statistic asked for is computed (the other fields are None); its gradient
+    together with logp's."""
+    opts = dict(softcap=2.5, temperature=0.9)
+    h, w, b, t = make(seed=6)
+    got = linear_log_probs(h, w, t, b, return_stats=[name], chunk_size=5, **opts)
+    want = dense_token_stats(h, w, t, b, **opts)
+    assert [f for f in got._fields if getattr(got, f) is not None] == ["logp", name]
+    check_stats(got, want, ("logp", name), rtol=1e-12, atol=1e-12)
+    ups = stat_upstreams(t.shape, [n for n in ("logp", name) if n in DIFFERENTIABLE])
+    grads = torch.autograd.grad(stats_objective(got._asdict(), ups), (h, w, b))
+    wants = torch.autograd.grad(stats_objective(want, ups), (h, w, b))
+    for x, y in zip(grads, wants):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-11)
+
+
+def test_return_entropy_adds_entropy_to_the_stats():
+    h, w, b, t = make()
+    got = linear_log_probs(h, w, t, b, return_entropy=True, return_stats=("mean_logit",))
+    want = dense_token_stats(h, w, t, b)
+    assert got.log_sum_sq_probs is None and got.is_top1 is None
+    check_stats(got, want, ("logp", "entropy", "mean_logit"), rtol=1e-12, atol=1e-12)
+
+
+def test_softcap_and_logit_scale_without_stats():
+    """The transform alone: the return types of the default path, the dense values."""
+    h, w, b, t = make()
+    opts = dict(softcap=1.5, logit_scale=2.0, temperature=0.6)
+    logp, ent = linear_log_probs(h, w, t, b, return_entropy=True, **opts)
+    want = dense_token_stats(h, w, t, b, **opts)
+    torch.testing.assert_close(logp, want["logp"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, want["entropy"], rtol=1e-12, atol=1e-12)
+    logp = linear_log_probs(h, w, t, b, **opts)
+    (got,) = torch.autograd.grad(logp.sum(), w)
+    torch.testing.assert_close(got, torch.autograd.grad(want["logp"].sum(), w)[0], rtol=1e-10, atol=1e-11)
+
+
+def tied_inputs(dtype):
+    """Integer-valued inputs (exact logits in any dtype): classes 2 and 9 share the largest
+    logit of rows 0-3, class 4 is the strict maximum of rows 4-5."""
+    g = torch.Generator().manual_seed(9)
+    h = torch.randint(1, 4, (6, 4), generator=g).to(dtype)
+    w = torch.randint(-2, 3, (12, 4), generator=g).to(dtype)
+    w[2] = w[9] = 6
+    w[4] = 0
+    w[4, 0] = 100
+    h[:4, 0] = 0
+    h[4:, 0] = 1
+    t = torch.tensor([2, 9, 5, 2, 4, 9])
+    return h.requires_grad_(), w.requires_grad_(), t
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_is_top1_takes_the_first_of_tied_maxima(dtype, softcap):
+    h, w, t = tied_inputs(dtype)
+    got = linear_log_probs(h, w, t, return_stats=("is_top1",), softcap=softcap, temperature=0.5)
+    want = dense_token_stats(h, w, t, softcap=softcap, temperature=0.5)["is_top1"]
+    assert got.is_top1.tolist() == [True, False, False, True, True, False] == want.tolist()
+
+
+def test_float32_statistics_and_gradients():
+    opts = TRANSFORMS["softcap_scale"]
+    h, w, b, t = make(shape=(3, 7), d=8, v=45, dtype=torch.float32, seed=8)
+    got = linear_log_probs(h, w, t, b, return_stats=ALL_STATS, chunk_size=6, **opts)
+    assert all(getattr(got, n).dtype == torch.float32 for n in DIFFERENTIABLE)
+    want = dense_token_stats(h, w, t, b, **opts)
+    check_stats(got, want, DIFFERENTIABLE + ("is_top1",), rtol=1e-5, atol=1e-5)
+    ups = stat_upstreams(t.shape, DIFFERENTIABLE)
+    grads = torch.autograd.grad(stats_objective(got._asdict(), ups), (h, w, b))
+    wants = torch.autograd.grad(stats_objective(want, ups), (h, w, b))
+    for x, y in zip(grads, wants):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_statistics_within_eager_bfloat16_error():
+    """16-bit blocks read in place, several blocks: every statistic and the gradients sit as
+    close to float64 as eager bfloat16 torch does (is_top1 exact wherever the logits' top two
+    differ by more than bfloat16 rounds)."""
+    n = 48
+    h, w, b, t = bf16_head(n, seed=1)
+    with torch.no_grad():  # a third of the targets are the argmax: both is_top1 values occur
+        t[::3] = (h.double() @ w.double().T + b.double()).argmax(1)[::3]
+    opts = dict(softcap=20.0, logit_scale=1.5, temperature=0.9)
+    got = linear_log_probs(h, w, t, b, return_stats=ALL_STATS, chunk_size=16, **opts)
+    ref = dense_token_stats(h, w, t, b, **opts)
+    eager = dense_token_stats(h, w, t, b, dtype=torch.bfloat16, **opts)
+    for name in DIFFERENTIABLE:
+        err = (getattr(got, name).double() - ref[name]).abs().max()
+        eager_err = (eager[name].double() - ref[name]).abs().max()
+        assert err <= eager_err, f"{name}: {err} vs eager bfloat16 {eager_err}"
+    with torch.no_grad():
+        z = (h.double() @ w.double().T + b.double())
+        others = z.scatter(1, t.clamp(min=0)[:, None], float("-inf")).amax(1)
+        clear = (z.gather(1, t.clamp(min=0)[:, None])[:, 0] - others).abs() > 0.25
+    assert got.is_top1[clear & ref["is_top1"]].all() and clear.sum() > n // 2
+    assert torch.equal(got.is_top1[clear], ref["is_top1"][clear])
+    ups = stat_upstreams(t.shape, DIFFERENTIABLE)
+    grads = torch.autograd.grad(stats_objective(got._asdict(), ups), (h, w, b))
+    wants = torch.autograd.grad(stats_objective(ref, ups), (h, w, b))
+    eagers = torch.autograd.grad(stats_objective(eager, ups), (h, w, b))
+    for x, y, e in zip(grads, wants, eagers):
+        assert x.dtype == torch.bfloat16
+        assert (x.double() - y).norm() <= (e.double() - y).norm()
+
+
+def test_statistics_not_asked_for_are_not_computed(monkeypatch):
+    """Each statistic is its own code path of the kernels: the default call runs none, and
+    the gradient kernel gets no upstream for outputs that do not exist."""
+    seen = {}
+    for kernel in (logp_rows.LOGP_STATS_KERNEL, logp_rows.LOGP_GRAD_KERNEL):
+        original = kernel.fn
+        monkeypatch.setattr(kernel, "fn", lambda *a, _o=original, _k=kernel.name, **k:
+                            seen.setdefault(_k, (a, k)) and _o(*a, **k))
+    h, w, b, t = make()
+    linear_log_probs(h, w, t, b).sum().backward()
+    stats_args, stats_options = seen["log-prob statistics"]
+    assert stats_args[2] is None and stats_options == dict(
+        scale=1.0, softcap=None, num_classes=w.shape[0], entropy=False, log_sum_sq=False,
+        mean=False, top1=False)
+    grad_args, grad_options = seen["log-prob gradient"]
+    assert [x is None for x in grad_args[3:]] == [True, True, False, True, True, True]
+    assert grad_options == dict(scale=1.0, softcap=None, num_classes=w.shape[0])
+
+
+def test_gradcheck_every_statistic():
+    h, w, b, t = make(shape=(5,), d=3, v=7, ignore_frac=0.2)
+
+    def fn(h_, w_, b_):
+        out = linear_log_probs(h_, w_, t, b_, temperature=0.7, softcap=1.5, logit_scale=1.2,
+                               return_stats=ALL_STATS, chunk_size=2)
+        return tuple(getattr(out, name) for name in DIFFERENTIABLE)
+
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+def test_module_form_with_stats():
+    h, w, b, t = make()
+    module = LinearLogProbs(softcap=2.0, logit_scale=0.5, return_stats=["log_sum_sq_probs"])
+    got = module(h, w, t, b)
+    check_stats(got, dense_token_stats(h, w, t, b, softcap=2.0, logit_scale=0.5),
+                ("logp", "log_sum_sq_probs"), rtol=1e-12, atol=1e-12)
+    assert "return_stats=('log_sum_sq_probs',)" in repr(module)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"return_stats": ("entropy", "top1")}, LeanlossValueError,
+         ["'return_stats'", "'top1'", "'log_sum_sq_probs'", "'mean_logit'", "'is_top1'"]),
+        ({"return_stats": "entropy"}, LeanlossTypeError, ["'return_stats'", "tuple or list"]),
+        ({"softcap": 0.0}, LeanlossValueError, ["'softcap'"]),
+        ({"logit_scale": -2.0}, LeanlossValueError, ["'logit_scale'"]),
+    ],
+)
+def test_stat_option_errors_name_the_argument(kwargs, error, words):
+    h, w, t = torch.randn(3, 4), torch.randn(7, 4), torch.tensor([0, 6, 1])
+    for fn in (linear_log_probs, vocab_parallel_linear_log_probs):
+        with pytest.raises(error) as info:
+            fn(h, w, t, **kwargs)
+        for word in words:
+            assert word in str(info.value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from leanloss import linear_log_probs
 from leanloss.errors import LeanlossValueError, TargetOutOfRangeError
@@ -13,7 +12,7 @@ from leanloss.parallel import vocab_parallel_linear_log_probs
 
 from _oracle import linear_log_probs_reference as reference
 from _oracle import log_probs_objective as objective
-from _spawn import run_ranks
+from _spawn import logged_all_reduce, run_cases
 
 PARALLEL_CASES = {
     "plain": dict(),
@@ -52,40 +51,19 @@ def _parallel_rank(case: dict, rank: int) -> dict:
     h = case["hidden"].clone().requires_grad_()
     w = case["weight"][local].clone().requires_grad_()
     b = case["bias"][local].clone().requires_grad_() if "bias" in case else None
-    comm = []
-    original = dist.all_reduce
-
-    def logged(t, *args, **kwargs):
-        comm.append(t.numel())
-        return original(t, *args, **kwargs)
-
-    dist.all_reduce = logged
-    try:
+    with logged_all_reduce() as comm:
         logp, ent = vocab_parallel_linear_log_probs(
             h, w, case["target"], bias=b, temperature=spec.get("temperature", 1.0),
             return_entropy=True, chunk_size=spec.get("chunk", 4))
         objective(logp, ent, *case["up"]).backward()
-    finally:
-        dist.all_reduce = original
     return dict(logp=logp.detach(), ent=ent.detach(), h=h.grad, w=w.grad,
                 b=None if b is None else b.grad, comm=comm)
-
-
-def _parallel_work(rank: int, world: int, cases: dict) -> dict:
-    results = {}
-    for name, case in cases.items():
-        try:
-            results[name] = _parallel_rank(case, rank)
-        except Exception as exc:  # reported by the parent
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            break
-    return results
 
 
 def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
     gen = torch.Generator().manual_seed(11)
     cases = {name: _parallel_case(spec, gen) for name, spec in PARALLEL_CASES.items()}
-    results = run_ranks(_parallel_work, 2, cases, tmp_path)
+    results = run_cases(_parallel_rank, 2, cases, tmp_path)
     failures = []
     for name, case in cases.items():
         spec = case["spec"]
@@ -99,9 +77,6 @@ def test_vocab_parallel_two_ranks_equal_unsharded_reference(tmp_path):
         tol = dict(rtol=3e-2, atol=3e-2) if low else dict(rtol=1e-9, atol=1e-10)
         rows = int((case["target"] != -100).sum())
         for rank, res in enumerate(results):
-            if "error" in res.get(name, {"error": "missing"}):
-                failures.append(f"{name} rank {rank}: {res.get(name)}")
-                continue
             res = res[name]
             start = sum(case["sizes"][:rank])
             local = slice(start, start + case["sizes"][rank])

@@ -26,6 +26,7 @@ from .losses import (
     check_linear_shapes,
     check_row_targets,
     check_topk,
+    check_topk_options,
 )
 from .mode import CHECK_MODES, checks, get_checks, set_checks, shapes_enabled, values_enabled
 from .primitives import (
@@ -83,6 +84,7 @@ __all__ = errors.__all__ + [
     "check_distill_options",
     "check_distill_target",
     "check_topk",
+    "check_topk_options",
     "TARGET_SUMMARY_SIZE",
     "target_summary",
     "check_targets_across_ranks",

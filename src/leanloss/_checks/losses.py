@@ -255,3 +255,15 @@ def check_topk(fn: str, ids: Tensor, logprobs: Tensor, rows_shape, num_classes: 
         raise TargetOutOfRangeError(
             f"{fn}: argument 'topk_ids' must hold class ids in [0, {num_classes - 1}] (or a "
             f"negative id for padding), got {int(ids[position])} at position {position}")
+
+
+def check_topk_options(fn: str, topk_ids, topk_logprobs, rows_shape, num_classes: int, target,
+                       ignore_index: int, temperature, hard_weight):
+    """Argument checks shared by the dense and fused top-k losses; returns
+    ``(temperature, hard_weight)`` as floats (the callers then run the value heuristic
+    ``_heuristics.warn_if_topk_probabilities``)."""
+    temperature = check_positive(fn, "temperature", temperature)
+    hard_weight = check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0)
+    check_topk(fn, topk_ids, topk_logprobs, rows_shape, num_classes)
+    check_distill_target(fn, target, rows_shape, num_classes, ignore_index, hard_weight)
+    return temperature, hard_weight

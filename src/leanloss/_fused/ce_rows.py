@@ -1,9 +1,16 @@
-"""The cross entropy of one row from its statistics, and the coefficients of its gradient.
+"""The cross entropy of one row: its statistics, the row loss, and its gradient.
 
-This is the one statement of the row loss of the fused and vocab-parallel cross entropies
-(the dense :func:`leanloss.cross_entropy` is its special case ``z_loss = 0``); their
-docstrings include :data:`ROW_LOSS` and their scorers call :func:`ce_row_loss` and
-:func:`ce_grad_coefficients`. The gradient's three coefficients are ``(a, b, s)`` everywhere.
+This is the one statement of the row math of every cross entropy here: the fused one on one
+device (:func:`ce_block`, statistics + loss + gradient composed in one row kernel), the
+vocab-parallel ones (:func:`ce_partials_block` per vocabulary slice, the all-reduce, then
+:func:`ce_finish` and :func:`ce_grad_block`), and the dense :func:`leanloss.cross_entropy`
+(its special case ``z_loss = 0``, through :func:`ce_row_loss` and
+:func:`ce_grad_coefficients`). The public docstrings include :data:`ROW_LOSS`. The
+gradient's three coefficients are ``(a, b, s)`` everywhere.
+
+The block functions take the raw logits ``z`` and the transform ``y = softcap(scale * z)``
+(:func:`transform`); ``class_weight`` is the weights of the block's classes (a vocabulary
+slice's, on one rank), ``w_total`` and ``num_classes`` are over the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -11,7 +18,11 @@ from typing import Optional, Tuple, Union
 
 from torch import Tensor
 
-__all__ = ["ROW_LOSS", "ce_row_loss", "ce_grad_coefficients"]
+from .kernels import RowKernel, row_logsumexp
+
+__all__ = ["ROW_LOSS", "ce_row_loss", "ce_grad_coefficients", "transform", "softcap_slope",
+           "ce_block", "ce_partials_block", "ce_finish", "ce_grad_block", "CE_KERNEL", "CE_PARTIALS_KERNEL",
+           "CE_GRAD_KERNEL"]
 
 ROW_LOSS = """\
 Per kept row ``r`` (``target_r != ignore_index``) with target ``t``, logits ``z`` over ``C``
@@ -22,7 +33,10 @@ smoothing ``e``::
     loss_r = (1-e) w_t (-q_t) + (e/C) sum_c w_c (-q_c) + z_loss w_t lse^2
            = (1-e) w_t (lse - z_t) + (e/C) (W lse - S) + z_loss w_t lse^2
     dloss_r/dz_c = a p_c - b [c == t] - s w_c,
-    a = (1-e) w_t + e W / C + 2 z_loss w_t lse,   b = (1-e) w_t,   s = e / C"""
+    a = (1-e) w_t + e W / C + 2 z_loss w_t lse,   b = (1-e) w_t,   s = e / C
+
+(with one class, ``C = 1``, the cross-entropy terms of the gradient cancel exactly:
+``a = 2 z_loss w_t lse``, ``b = s = 0``)."""
 
 
 def ce_row_loss(nll: Tensor, lse: Tensor, w_t: Optional[Tensor], smooth_sum: Optional[Tensor], *,
@@ -44,11 +58,112 @@ def ce_row_loss(nll: Tensor, lse: Tensor, w_t: Optional[Tensor], smooth_sum: Opt
 def ce_grad_coefficients(g: Tensor, lse: Tensor, w_t: Optional[Tensor], *, smoothing: float,
                          w_total: Union[float, Tensor], num_classes: int,
                          z_loss: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(a, b, s)`` of the gradient above, each multiplied by the upstream gradient ``g``."""
+    """``(a, b, s)`` of the gradient above, each multiplied by the upstream gradient ``g``.
+    With one class the softmax is 1 and the cross-entropy terms cancel: only the z-loss's
+    ``a`` remains (written so, its gradient is exactly 0 without z-loss)."""
     wt = 1.0 if w_t is None else w_t
+    if num_classes == 1:
+        zero = g * 0.0
+        return (2.0 * z_loss) * lse * wt * g, zero, zero
     a = ((1.0 - smoothing) * wt + smoothing * w_total / num_classes) * g
     if z_loss != 0.0:
         a = a + (2.0 * z_loss) * lse * wt * g
     b = (1.0 - smoothing) * wt * g
     s = (smoothing / num_classes) * g
     return a, b, s
+
+
+def transform(x: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
+    """``softcap * tanh(scale * x / softcap)``, or ``scale * x`` without softcap."""
+    if softcap is not None:
+        return (x * (scale / softcap)).tanh() * softcap
+    return x * scale if scale != 1.0 else x
+
+
+def softcap_slope(y: Tensor, softcap: float) -> Tensor:
+    """``1 - (y / softcap)^2``: the derivative of ``softcap * tanh(u / softcap)`` in ``u``,
+    written from its value ``y`` (so :func:`transform`'s derivative is ``scale`` times it)."""
+    return 1.0 - (y * (1.0 / softcap)).square()
+
+
+def _smooth_sum(y: Tensor, class_weight: Optional[Tensor]) -> Tensor:
+    """``S = sum_c w_c y_c`` of each row (over the block's classes)."""
+    return y.sum(1) if class_weight is None else (y * class_weight).sum(1)
+
+
+def _grad_(z: Tensor, y: Tensor, y_t: Tensor, lse: Tensor, w_t: Optional[Tensor], g: Tensor, *,
+           class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
+           num_classes: int, w_total: Union[float, Tensor], z_loss: float) -> Tuple[Tensor, Tensor]:
+    """Overwrite ``z`` with the dense part of ``g * dloss/dz`` (``a p - s w``, chain rule of
+    the transform included); returns the point term at the target (``-b`` times the chain
+    rule) and the dense part's value there."""
+    a, b, s = ce_grad_coefficients(g * scale, lse, w_t, smoothing=smoothing, w_total=w_total,
+                                   num_classes=num_classes, z_loss=z_loss)
+    grad = (y - lse.unsqueeze(1)).exp() * a.unsqueeze(1)
+    dense_t = (y_t - lse).exp() * a
+    if smoothing > 0.0:
+        grad = grad - s.unsqueeze(1) * (1.0 if class_weight is None else class_weight)
+        dense_t = dense_t - s * (1.0 if w_t is None else w_t)
+    coef = -b
+    if softcap is not None:
+        grad = grad * softcap_slope(y, softcap)
+        chain_t = softcap_slope(y_t, softcap)
+        dense_t = dense_t * chain_t
+        coef = coef * chain_t
+    z.copy_(grad)
+    return coef, dense_t
+
+
+def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
+             class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
+             num_classes: int, w_total: Union[float, Tensor], z_loss: float):
+    """Cross entropy of a block of raw logits ``z`` over the whole vocabulary, row-wise: the
+    statistics, the row loss and (with ``g``) the gradient, composed.
+
+    ``x_t``: each row's raw target logit (compute dtype); ``w_t``: its class weight (``None``:
+    ones); ``g``: the per-row upstream gradient, or ``None`` for the loss alone. Returns
+    ``(loss, lse)``; with ``g``, also overwrites ``z`` with the dense part of the gradient and
+    returns ``(loss, lse, coef, dense_t)`` (see :func:`_grad_`).
+    """
+    y = transform(z.to(x_t.dtype), scale, softcap)
+    lse = row_logsumexp(y)
+    y_t = transform(x_t, scale, softcap)
+    smooth_sum = _smooth_sum(y, class_weight) if smoothing > 0.0 else None
+    loss = ce_row_loss(lse - y_t, lse, w_t, smooth_sum, smoothing=smoothing, w_total=w_total,
+                       num_classes=num_classes, z_loss=z_loss)
+    if g is None:
+        return loss, lse
+    coef, dense_t = _grad_(z, y, y_t, lse, w_t, g, class_weight=class_weight, scale=scale,
+                           softcap=softcap, smoothing=smoothing, num_classes=num_classes,
+                           w_total=w_total, z_loss=z_loss)
+    return loss, lse, coef, dense_t
+
+
+def ce_partials_block(y: Tensor, m: Tensor, *, class_weight: Optional[Tensor], smoothing: float):
+    """The partial sums of the transformed logits ``y`` over one vocabulary slice, to be summed
+    over the slices: ``sum_c exp(y_c - m)`` (``m``: the row maximum over every slice) and,
+    with smoothing, ``S``. (The target's ``y_t`` is the third partial, from its owner.)"""
+    sum_exp = (y.to(m.dtype) - m.unsqueeze(1)).exp().sum(1)
+    if smoothing > 0.0:
+        return sum_exp, _smooth_sum(y.to(m.dtype), class_weight)
+    return (sum_exp,)
+
+
+def ce_finish(m: Tensor, sum_exp: Tensor, y_t: Tensor, smooth_sum: Optional[Tensor],
+              w_t: Optional[Tensor], **stats) -> Tuple[Tensor, Tensor]:
+    """``(loss, lse)`` per row from the shift ``m`` and the summed partials."""
+    lse = m + sum_exp.log()
+    return ce_row_loss(lse - y_t, lse, w_t, smooth_sum, **stats), lse
+
+
+def ce_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, w_t: Optional[Tensor], g: Tensor, **options):
+    """The gradient of :func:`ce_block` from a known ``lse`` (summed over the slices):
+    overwrites ``z`` with its dense part; returns ``(coef, dense_t)``."""
+    y = transform(z.to(lse.dtype), options["scale"], options["softcap"])
+    y_t = transform(x_t, options["scale"], options["softcap"])
+    return _grad_(z, y, y_t, lse, w_t, g, **options)
+
+
+CE_KERNEL = RowKernel(ce_block, "cross-entropy")
+CE_PARTIALS_KERNEL = RowKernel(ce_partials_block, "cross-entropy statistics")
+CE_GRAD_KERNEL = RowKernel(ce_grad_block, "cross-entropy gradient")

@@ -42,8 +42,10 @@ accumulation in the compute dtype (float32 for bfloat16/float16, else the input 
     (``index_add_`` of float32 rows), so the result is as accurate as one rounded matmul.
     Extra memory ``4 V D + 2 D V`` bytes.
 
-A scorer is any object with ``score(logits, rows, grad_scale) -> ScoreResult``; see
-:class:`Scorer`. Scorers must run the same sequence of collective calls on every rank when used
+A scorer is any object with ``score(block, rows, saved, upstream) -> ScoreResult``; see
+:class:`Scorer`. Point terms are reported by the scorer and written by the engine; the
+``saved`` per-row statistics of a block's first scoring are kept by the engine for its
+``'none'`` recompute. Scorers must run the same sequence of collective calls on every rank when used
 by the vocab-parallel losses, so those pass ``policy_vocab`` (the largest shard), and every
 block and sub-block size is computed from it, never from a rank's own ``V``.
 """
@@ -59,7 +61,7 @@ from .._reduce import reduce_loss
 from .kernels import RowKernel
 
 __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
-           "plan_chunk", "set_at_cols", "add_at_cols"]
+           "plan_chunk", "at_cols", "set_at_cols", "add_at_cols", "write_points"]
 
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
 # cost that grows with the number of blocks and not with their size, so a block has at least
@@ -77,9 +79,11 @@ _SLICE_BYTES = 8 * 2**20
 class PointGradient(NamedTuple):
     """One point term per row of a block's gradient: ``coef[r]`` at column ``cols[r]``.
 
-    The gradient the scorer wrote over the block is ``dense + coef * onehot(cols)``, and
-    ``dense[r]`` is the value of the dense part at ``(r, cols[r])`` (compute dtype). For a
-    softmax loss the point term is the ``-1`` at the target class.
+    A scorer writes the dense part of its gradient over the block and reports the point terms;
+    the engine adds them (``dense + coef`` written at ``cols``, rounded once to the block's
+    dtype), and in a 16-bit float32 weight-gradient accumulator adds them exactly (see the
+    module docstring). ``dense[r]``: the dense part's value at ``(r, cols[r])`` in the compute
+    dtype. For a softmax loss the point term is the ``-1`` at the target class.
     """
 
     cols: Tensor
@@ -90,49 +94,47 @@ class PointGradient(NamedTuple):
 class ScoreResult(NamedTuple):
     """What :meth:`Scorer.score` returns for one block.
 
-    ``loss``: ``(n,)`` per-row losses in the compute dtype, weighted so that the ``'sum'``
-    reduction is their plain sum; ``(n, k)`` for a scorer with ``outputs = k > 1`` (see
-    :class:`Scorer`). ``row_scale``: ``None``, or ``(n,)`` when the gradient
-    written over the block still has to be multiplied by ``row_scale[:, None]`` (the engine
-    applies it on the ``(n, D)`` side of the backward matmuls: one pass over the block less).
-    ``point``: optional :class:`PointGradient` (with or without ``row_scale``, it describes
-    the block as written, before the row scale).
+    ``values``: ``(n,)`` per-row losses in the compute dtype, weighted so that the ``'sum'``
+    reduction is their plain sum; ``(n, k)`` per-row outputs for a scorer with
+    ``outputs = k > 1``. ``point``: the block's :class:`PointGradient`, or ``None``.
+    ``saved``: ``None``, or ``(n, s)`` per-row statistics that the engine keeps from the first
+    scoring of the block and hands back when it scores the block again (``reduction='none'``
+    recomputes blocks in backward), so a scorer can skip work (its collectives) there.
     """
 
-    loss: Tensor
-    row_scale: Optional[Tensor] = None
+    values: Tensor
     point: Optional[PointGradient] = None
+    saved: Optional[Tensor] = None
 
 
 class Scorer(Protocol):
     """Per-block loss math plugged into :func:`fused_linear_loss`.
 
-    ``score(logits, rows, grad_scale)``:
+    ``score(block, rows, saved, upstream)``:
 
-    * ``logits``: ``(n, V)`` block of ``hidden[rows] @ weight.T + bias``; in the compute dtype
+    * ``block``: ``(n, V)`` of ``hidden[rows] @ weight.T + bias``; in the compute dtype
       (float32, float64), or in the 16-bit matmul dtype when the scorer sets
       ``low_precision_blocks = True``. The engine owns it: the scorer may overwrite it and must
       not keep a reference past the call (the next block reuses its memory).
     * ``rows``: the ``slice`` of rows of ``hidden`` this block covers (index per-row state such
       as targets or teacher hidden states with it).
-    * ``grad_scale``: ``None`` when no gradient is wanted; otherwise an ``(n, 1)`` tensor ``c``
-      (compute dtype), and the scorer must overwrite ``logits`` in place with
-      ``c * d loss_r / d z_r`` (the gradient with respect to the raw logits, before any
-      transform the scorer applies), or with that divided by a returned ``row_scale``.
+    * ``saved``: ``None`` on a block's first scoring; else the ``(n, s)`` ``saved`` statistics
+      that scoring returned.
+    * ``upstream``: ``None`` when no gradient is wanted; otherwise the upstream gradient of each
+      row's output, ``(n, outputs)`` in the compute dtype, and the scorer must overwrite
+      ``block`` in place with the dense part of ``sum_j upstream_j d out_j / d z`` (the gradient
+      with respect to the raw logits, before any transform the scorer applies) and report its
+      point terms, if any, in the result.
 
-    A scorer may return ``k > 1`` outputs per row (say a log-probability and an entropy) by
-    setting the optional attribute ``outputs = k``: its losses are ``(n, k)``, only
-    ``reduction='none'`` applies (the loss is ``(M, k)``), and ``grad_scale`` is ``(n, k)``,
-    the upstream gradient of each output, so the scorer writes ``sum_j c_j d out_j / d z``.
-
-    Returns a :class:`ScoreResult`. The same block may be scored twice in one call of the loss
-    (``reduction='none'`` recomputes blocks in backward); scorers may keep per-row by-products
-    (a log-sum-exp, say) in buffers of their own, indexed by ``rows``.
+    ``outputs``: per-row outputs (``k > 1``, say a log-probability and an entropy, allows only
+    ``reduction='none'``: the loss is ``(M, k)``). Returns a :class:`ScoreResult`.
     """
 
     low_precision_blocks: bool
+    outputs: int
 
-    def score(self, logits: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+    def score(self, block: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
         ...
 
 
@@ -174,6 +176,11 @@ def _flat_at_cols(block: Tensor, cols: Tensor) -> Tuple[Tensor, Tensor]:
     return block.as_strided((block.stride(0) * (n - 1) + width,), (1,)), flat.reshape(-1)
 
 
+def at_cols(block: Tensor, cols: Tensor, dtype: torch.dtype) -> Tensor:
+    """``block[r, cols[r]]`` per row, in ``dtype``."""
+    return block.gather(1, cols.unsqueeze(1)).squeeze(1).to(dtype)
+
+
 def set_at_cols(block: Tensor, cols: Tensor, values: Tensor) -> None:
     """``block[r, cols[r]] = values[r]`` for a row-contiguous block, in place."""
     if block.shape[0] == 0:
@@ -204,41 +211,32 @@ def _logits_(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> 
 
 class _Upcast:
     """Scores a 16-bit block with a compute-dtype scorer: row sub-blocks are copied into one
-    float32 work buffer, scored, and (with gradients) cast back over the block with the row
-    scale folded in."""
+    float32 work buffer, scored, and (with gradients) cast back over the block."""
 
     def __init__(self, vocab: int, policy_vocab: int, dtype: torch.dtype, device) -> None:
         self.step = max(1, _WORK_BYTES // (4 * max(policy_vocab, 1)))
         self.work = torch.empty((self.step, vocab), dtype=dtype, device=device)
 
-    def score(self, scorer, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        n = z.shape[0]
-        losses = []
-        points = []
-        for start in range(0, n, self.step):
-            stop = min(start + self.step, n)
-            sub = z[start:stop]
-            w = self.work[: stop - start].copy_(sub)
-            res = scorer.score(w, slice(rows.start + start, rows.start + stop),
-                               None if grad_scale is None else grad_scale[start:stop])
-            losses.append(res.loss)
-            if grad_scale is None:
-                continue
-            point = res.point
-            if res.row_scale is None:
+    def score(self, scorer, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        results = []
+        for start in range(0, z.shape[0], self.step):
+            part = slice(start, min(start + self.step, z.shape[0]))
+            sub = z[part]
+            w = self.work[: sub.shape[0]].copy_(sub)
+            results.append(scorer.score(w, slice(rows.start + part.start, rows.start + part.stop),
+                                        None if saved is None else saved[part],
+                                        None if upstream is None else upstream[part]))
+            if upstream is not None:
                 sub.copy_(w)
-            else:
-                col = res.row_scale.unsqueeze(1)
-                torch.mul(w, col, out=sub)
-                if point is not None:
-                    point = PointGradient(point.cols, point.coef * res.row_scale,
-                                          point.dense * res.row_scale)
-            points.append(point)
-        loss = losses[0] if len(losses) == 1 else torch.cat(losses)
+        if len(results) == 1:
+            return results[0]
+        values, points, saveds = zip(*results)
         point = None
-        if points and all(p is not None for p in points):
+        if all(p is not None for p in points):
             point = PointGradient(*(torch.cat(parts) for parts in zip(*points)))
-        return ScoreResult(loss, None, point)
+        return ScoreResult(torch.cat(values), point,
+                           None if saveds[0] is None else torch.cat(saveds))
 
 
 class _Grads:
@@ -265,38 +263,30 @@ class _Grads:
         self.acc_dtype = acc_dtype
         self._slice_buf: Optional[Tensor] = None
 
-    def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice, res: ScoreResult) -> None:
-        """Add one block's gradient ``dz`` (times ``res.row_scale[:, None]`` when given)."""
-        row_scale = res.row_scale
-        if self.b is not None:
-            self.b += (dz.sum(0, dtype=self.acc_dtype) if row_scale is None
-                       else row_scale.to(self.acc_dtype) @ dz.to(self.acc_dtype))
-        col = None if row_scale is None else row_scale.unsqueeze(1).to(weight.dtype)
-        if self.h is not None:
-            out = self.h[rows]
-            torch.mm(dz, weight, out=out)
-            if col is not None:
-                out.mul_(col)
-        if self.w is None:
-            return
-        hs = h if col is None else h * col
-        if not self.low:
-            if self.w_started:
-                self.w.addmm_(dz.T, hs)
+    def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice,
+                  point: Optional[PointGradient]) -> None:
+        """Add one block's gradient: ``dz`` (its dense part) plus the ``point`` terms."""
+        if self.w is not None and self.low and not self.single:
+            self._accumulate(dz, h, point)  # dense part, then the point terms exactly
+        elif self.w is not None:
+            write_points(dz, point)
+            if self.w_started and not self.low:
+                self.w.addmm_(dz.T, h)
             else:
-                torch.mm(dz.T, hs, out=self.w)
-        elif self.single:
-            torch.mm(dz.T, hs, out=self.w)
-        else:
-            self._accumulate(dz, hs, res.point)
-        self.w_started = True
+                torch.mm(dz.T, h, out=self.w)
+            point = None
+        if self.w is not None:
+            self.w_started = True
+        write_points(dz, point)
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=self.acc_dtype)
+        if self.h is not None:
+            torch.mm(dz, weight, out=self.h[rows])
 
     def _accumulate(self, dz: Tensor, h: Tensor, point: Optional[PointGradient]) -> None:
-        """``acc += dz.T @ h`` (``h`` already row-scaled) with the point terms added exactly."""
+        """``acc += dz.T @ h`` for the dense part ``dz``, the point terms added in float32."""
         acc = self.w
         assert acc is not None
-        if point is not None:  # take the point terms out of the 16-bit block
-            set_at_cols(dz, point.cols, point.dense)
         vocab, dim = acc.shape
         step = max(1, min(vocab, _SLICE_BYTES // (dz.element_size() * max(dim, 1))))
         if self._slice_buf is None:
@@ -309,7 +299,7 @@ class _Grads:
                 _ADD_KERNEL(acc[start:stop], part)
             else:  # the first block writes the accumulator: no zero fill
                 acc[start:stop].copy_(part)
-        if point is not None:  # ... and add them in float32
+        if point is not None:
             rows = h.to(self.acc_dtype) * point.coef.to(self.acc_dtype).unsqueeze(1)
             acc.index_put_((point.cols,), rows, accumulate=True)
 
@@ -322,6 +312,12 @@ class _Grads:
         return self.h, gw, gb
 
 
+def write_points(dz: Tensor, point: Optional[PointGradient]) -> None:
+    """The point terms into the block of dense gradients: ``dense + coef`` at ``cols``."""
+    if point is not None:
+        set_at_cols(dz, point.cols, point.dense + point.coef)
+
+
 def add_upcast(acc: Tensor, part: Tensor):
     """``acc += part`` with ``part`` upcast on the fly (one pass; eager ``add_`` of a 16-bit
     tensor into float32 first makes a float32 copy of it)."""
@@ -332,29 +328,54 @@ def add_upcast(acc: Tensor, part: Tensor):
 _ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation")
 
 
-def _run(hidden, weight, bias, scorer, chunk, grad_scale_of, needs, policy_vocab):
-    """One pass over the blocks: per-row losses, and gradients when ``grad_scale_of`` is set."""
+def _run(hidden, weight, bias, scorer, chunk, upstream_of, needs, policy_vocab, memo=None):
+    """One pass over the blocks: per-row outputs, and gradients when ``upstream_of`` is set.
+
+    ``memo``: a :class:`_Memo` that keeps the scorer's ``saved`` statistics of a first pass
+    and hands them back on the next (the ``'none'`` recompute), or ``None``."""
     dtype = compute_dtype(hidden.dtype)
     m = hidden.shape[0]
-    outputs = getattr(scorer, "outputs", 1)
-    losses = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=hidden.device)
+    outputs = scorer.outputs
+    values = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=hidden.device)
     grads = (_Grads(hidden, weight, bias, needs, dtype, single_block=chunk >= m)
-             if grad_scale_of is not None else None)
+             if upstream_of is not None else None)
     if m == 0:
-        return losses, grads
+        return values, grads
     block = torch.empty((min(chunk, m), weight.shape[0]), dtype=weight.dtype, device=weight.device)
     upcast = None
-    if weight.dtype != dtype and not getattr(scorer, "low_precision_blocks", False):
+    if weight.dtype != dtype and not scorer.low_precision_blocks:
         upcast = _Upcast(weight.shape[0], policy_vocab, dtype, weight.device)
     for rows in _chunks(m, chunk):
         h = hidden[rows]
         z = _logits_(block[: h.shape[0]], h, weight, bias)
-        scale = None if grads is None else grad_scale_of(rows, h.shape[0], dtype)
-        res = scorer.score(z, rows, scale) if upcast is None else upcast.score(scorer, z, rows, scale)
-        losses[rows] = res.loss
+        upstream = None if grads is None else upstream_of(rows, h.shape[0], dtype)
+        saved = None if memo is None else memo.get(rows)
+        res = (scorer.score(z, rows, saved, upstream) if upcast is None
+               else upcast.score(scorer, z, rows, saved, upstream))
+        values[rows] = res.values
+        if memo is not None and saved is None:
+            memo.put(rows, res.saved, m)
         if grads is not None:
-            grads.add_block(z, h, weight, rows, res)
-    return losses, grads
+            grads.add_block(z, h, weight, rows, res.point)
+    return values, grads
+
+
+class _Memo:
+    """The ``saved`` row statistics of every block of a first pass, for the next pass."""
+
+    def __init__(self) -> None:
+        self.buf: Optional[Tensor] = None
+        self.filled = False
+
+    def get(self, rows: slice) -> Optional[Tensor]:
+        return self.buf[rows] if self.filled and self.buf is not None else None
+
+    def put(self, rows: slice, saved: Optional[Tensor], m: int) -> None:
+        if saved is None:
+            return
+        if self.buf is None:
+            self.buf = saved.new_empty((m, saved.shape[1]))
+        self.buf[rows] = saved
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -369,7 +390,10 @@ class _FusedLinearLoss(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias)
             ctx.scorer, ctx.chunk, ctx.policy_vocab = scorer, chunk, policy_vocab
         if reduction == "none" or not want_grad:
-            losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs, policy_vocab)
+            ctx.memo = memo = _Memo() if want_grad else None
+            losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs, policy_vocab, memo)
+            if memo is not None:
+                memo.filled = True
             return losses if reduction == "none" else reduce_loss(losses, reduction, num_items=divisor)
 
         ctx.scale = scale = 1.0 if reduction == "sum" else 1.0 / divisor
@@ -399,21 +423,21 @@ class _FusedLinearLoss(torch.autograd.Function):
             return gh, gw, gb, None, None, None, None, None, None
         go = grad_out.contiguous()
 
-        def grad_scale_of(rows, n, dtype):
-            scale = go[rows].to(dtype)
-            return scale.unsqueeze(1) if scale.dim() == 1 else scale  # (n, 1), or (n, k)
+        def upstream_of(rows, n, dtype):
+            upstream = go[rows].to(dtype)
+            return upstream.unsqueeze(1) if upstream.dim() == 1 else upstream  # (n, 1), or (n, k)
 
-        _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, grad_scale_of, ctx.needs,
-                        ctx.policy_vocab)
+        _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, upstream_of, ctx.needs,
+                        ctx.policy_vocab, ctx.memo)
         gh, gw, gb = grads.finish(weight, bias)
         return gh, gw, gb, None, None, None, None, None, None
 
 
 def _constant_scale(scale: float, device: torch.device) -> Callable[[slice, int, torch.dtype], Tensor]:
-    """``grad_scale_of`` for the scalar reductions: every row's gradient is scaled by ``scale``."""
-    def grad_scale_of(rows, n, dtype):
+    """``upstream_of`` for the scalar reductions: every row's upstream gradient is ``scale``."""
+    def upstream_of(rows, n, dtype):
         return torch.full((n, 1), scale, dtype=dtype, device=device)
-    return grad_scale_of
+    return upstream_of
 
 
 def fused_linear_loss(
@@ -446,7 +470,7 @@ def fused_linear_loss(
     respect to ``hidden``, ``weight`` and ``bias`` (first order only).
     """
     m = hidden.shape[0]
-    if getattr(scorer, "outputs", 1) > 1 and reduction != "none":
+    if scorer.outputs > 1 and reduction != "none":
         raise ValueError(f"fused_linear_loss: a scorer with several outputs per row needs "
                          f"reduction='none', got {reduction!r}")
     if divisor is None:

@@ -1,85 +1,194 @@
-r"""Per-token log-probability and entropy of a softmax, from row statistics, and their gradient.
+r"""Per-token log-probability and statistics of a softmax, from row sums, and their gradient.
 
-Shared by the fused :func:`leanloss.linear_log_probs` (statistics of a whole-vocabulary block)
-and its vocab-parallel form (statistics all-reduced over the ranks' slices), so the formulas
-live once. With ``y = s * z`` (``s = 1 / temperature``), ``m`` any shift (the row maximum),
-``S = sum_c exp(y_c - m)``, ``U = sum_c exp(y_c - m) (y_c - m)`` and ``p = softmax(y)``::
+Shared by the fused :func:`leanloss.linear_log_probs` (sums over a whole-vocabulary block) and
+its vocab-parallel form (sums over the ranks' slices, all-reduced), so the formulas live once.
+
+The logits. From the raw ``z = hidden @ weight.T + bias`` over ``V`` classes, temperature
+``T``, logit scale ``l`` and softcap ``c``::
+
+    y = c tanh(l z / c) / T        (without softcap: y = l z / T)
+
+which is :func:`~leanloss._fused.ce_rows.transform` with ``scale = l / T`` and softcap
+``c / T`` (``(c / T) tanh((l / T) z / (c / T))``), so ``dy/dz = (l / T) (1 - (y T / c)^2)``.
+
+The statistics. With ``m`` any shift (the row maximum), ``e_c = exp(y_c - m)``, the row sums
+``S = sum_c e_c``, ``U = sum_c e_c (y_c - m)``, ``Q = sum_c e_c^2``, ``Y = sum_c y_c`` and
+``p = softmax(y)``::
 
     lse  = m + log S
     logp = y_t - lse
-    H    = -sum_c p_c log p_c = log S - U / S
+    H    = -sum_c p_c log p_c            = log S - U / S          ("entropy")
+    L    = log sum_c p_c^2               = log Q - 2 log S        ("log_sum_sq_probs")
+    mean = sum_c y_c / V                 = Y / V                  ("mean_logit")
+    top1 = y_t >= max_c y_c  and  y_t > max_{c < t} y_c           ("is_top1")
 
-and, for upstream gradients ``a`` (of ``logp``) and ``b`` (of ``H``)::
+``top1`` is ``argmax_c y_c == t`` with argmax's first-index rule for ties. Each statistic is
+computed only when asked for (its sum is a separate term of the kernel's code path).
 
-    d(a logp + b H)/dz_c = s * (a [c == t] - p_c (a + b (log p_c + H)))
+The gradient. ``logp``, ``H``, ``L`` and ``mean`` are differentiable. For upstream gradients
+``a``, ``b``, ``g``, ``k`` (of ``logp``, ``H``, ``L``, ``mean``; ``0`` for the ones not asked
+for)::
 
-(``dH/dy_c = -p_c (log p_c + H)``). Terms with ``p_c = 0`` are ``0`` in ``U`` and in the
-gradient (``0 log 0 = 0``), so classes masked with a ``-inf`` logit are exact.
+    dlogp/dy_c = [c == t] - p_c
+    dH/dy_c    = -p_c (log p_c + H)
+    dL/dy_c    = 2 p_c (p_c / sum_j p_j^2 - 1) = 2 p_c (p_c exp(-L) - 1)
+    dmean/dy_c = 1 / V
+
+    d(a logp + b H + g L + k mean)/dy_c
+        = a [c == t] + p_c (2 g exp(-L) p_c - b log p_c - (a + b H + 2 g)) + k / V
+
+times ``dy/dz`` above. Terms with ``p_c = 0`` are ``0`` (``0 log 0 = 0``), so classes masked
+with a ``-inf`` logit are exact. ``top1`` has no gradient.
+
+Vocab-parallel, each rank holds the classes ``[start, start + size)``: ``m`` and
+``max_{c < t} y_c`` are all-reduced with MAX in one stacked call (a slice before the target's
+contributes its row maximum, the owner its maximum over the columns before the target, a slice
+after it ``-inf``: :func:`max_before_target` says all three), ``S``, ``U``, ``Q``, ``Y`` and
+``y_t`` (counted by the owner) with SUM in one. The gradient is local.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .ce_rows import softcap_slope, transform
 from .kernels import RowKernel
 
-__all__ = ["shifted_sums", "logp_entropy", "logp_stats_block", "logp_grad_block",
-           "LOGP_STATS_KERNEL", "LOGP_GRAD_KERNEL"]
+__all__ = ["STAT_NAMES", "LogProbStats", "row_sums", "finish_stats", "max_before_target",
+           "is_top1", "logp_stats_block", "logp_grad_block", "LOGP_STATS_KERNEL", "LOGP_GRAD_KERNEL"]
+
+#: The per-token statistics besides ``logp``, by their public names (in the module docstring:
+#: ``H``, ``L``, ``mean``, ``top1``).
+STAT_NAMES = ("entropy", "log_sum_sq_probs", "mean_logit", "is_top1")
 
 
-def _scaled(z: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    y = z.to(dtype)
-    return y * scale if scale != 1.0 else y
+class LogProbStats(NamedTuple):
+    """Which statistics a scorer computes besides ``logp`` (each one costs nothing when off)."""
+
+    entropy: bool = False
+    log_sum_sq: bool = False
+    mean: bool = False
+    top1: bool = False
+
+    @property
+    def outputs(self) -> Tuple[str, ...]:
+        """The differentiable per-row outputs, in the order of the scorer's output columns."""
+        names = ("logp", "entropy", "log_sum_sq_probs", "mean_logit")
+        return tuple(n for n, on in zip(names, (True, *self[:3])) if on)
 
 
-def shifted_sums(y: Tensor, m: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(S, U)`` of the module docstring for rows ``y`` (already scaled) and shifts ``m`` (n,)."""
+def row_sums(y: Tensor, m: Tensor, stats: LogProbStats) -> List[Tensor]:
+    """``[S, U?, Q?, Y?]`` of the module docstring over the columns of ``y`` (transformed rows)
+    for shifts ``m`` ``(n,)``; the optional ones only where ``stats`` asks for them."""
     d = y - m.unsqueeze(1)
     e = d.exp()
-    return e.sum(1), torch.where(e > 0, e * d, torch.zeros_like(d)).sum(1)
+    sums = [e.sum(1)]
+    if stats.entropy:
+        sums.append(torch.where(e > 0, e * d, torch.zeros_like(d)).sum(1))
+    if stats.log_sum_sq:
+        sums.append((e * e).sum(1))
+    if stats.mean:
+        sums.append(y.sum(1))
+    return sums
 
 
-def logp_entropy(m: Tensor, s: Tensor, u: Tensor, y_t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(logp, H, lse)`` per row from the shift ``m``, the sums ``S``, ``U`` and the scaled
-    target logit ``y_t``."""
+def finish_stats(m: Tensor, sums: List[Tensor], y_t: Tensor, stats: LogProbStats,
+                 num_classes: int) -> List[Tensor]:
+    """``[logp, H?, L?, mean?, lse]`` per row from the shift ``m``, :func:`row_sums` over the
+    whole vocabulary and the transformed target logit ``y_t``."""
+    s, rest = sums[0], iter(sums[1:])
     log_s = s.log()
     lse = m + log_s
-    return y_t - lse, log_s - u / s, lse
+    out = [y_t - lse]
+    if stats.entropy:
+        out.append(log_s - next(rest) / s)
+    if stats.log_sum_sq:
+        out.append(next(rest).log() - 2.0 * log_s)
+    if stats.mean:
+        out.append(next(rest) / num_classes)
+    return out + [lse]
 
 
-def logp_stats_block(z: Tensor, x_t: Tensor, *, scale: float):
-    """Row kernel: ``(logp, H, lse)`` of each row of the raw logits block ``z``; ``x_t`` is each
-    row's raw target logit in the compute dtype."""
-    y = _scaled(z, x_t.dtype, scale)
+def max_before_target(y: Tensor, target: Tensor, start: int) -> Tensor:
+    """``max_{c < t} y_c`` over this slice's columns (global classes ``start + j``) for global
+    targets ``target`` ``(n,)``: the row maximum where the whole slice lies before the target,
+    ``-inf`` where it lies after."""
+    cols = torch.arange(y.shape[1], device=y.device)
+    before = cols.unsqueeze(0) < (target - start).unsqueeze(1)
+    return torch.where(before, y, torch.full_like(y, float("-inf"))).amax(1)
+
+
+def is_top1(y_t: Tensor, row_max: Tensor, before_max: Tensor) -> Tensor:
+    """``top1`` of the module docstring from the target's logit, the row maximum and the
+    maximum over the classes before the target."""
+    return (y_t >= row_max) & (y_t > before_max)
+
+
+def logp_stats_block(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: float,
+                     softcap: Optional[float], num_classes: int, entropy: bool, log_sum_sq: bool,
+                     mean: bool, top1: bool):
+    """Row kernel: ``(logp, H?, L?, mean?, lse, top1?)`` of each row of the raw logits block
+    ``z`` over the whole vocabulary; ``x_t``: each row's raw target logit in the compute dtype,
+    ``t``: the targets (read for ``top1`` only)."""
+    stats = LogProbStats(entropy, log_sum_sq, mean, top1)
+    y = transform(z.to(x_t.dtype), scale, softcap)
     m = y.amax(1)
-    s, u = shifted_sums(y, m)
-    return logp_entropy(m, s, u, x_t * scale)
+    out = finish_stats(m, row_sums(y, m, stats), transform(x_t, scale, softcap), stats, num_classes)
+    if top1:
+        assert t is not None
+        out.append(y.argmax(1) == t)  # the first index among ties, as the docstring's rule
+    return tuple(out)
 
 
-def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Tensor, a: Tensor, b: Tensor, *,
-                    scale: float):
-    """Row kernel: overwrite the raw logits ``z`` with the dense part of the gradient of
-    ``a * logp + b * H`` (the module docstring's formula without ``s a [c == t]``), from the
-    recorded ``lse`` and ``H``. Returns ``(dense_t,)``: that dense part at the target."""
-    y = _scaled(z, lse.dtype, scale)
-    log_p = y - lse.unsqueeze(1)
+def _dense_grad(y: Tensor, lse: Tensor, ent: Optional[Tensor], log_sum_sq: Optional[Tensor],
+                a: Tensor, b: Optional[Tensor], g: Optional[Tensor], k: Optional[Tensor], *,
+                scale: float, softcap: Optional[float], num_classes: int) -> Tensor:
+    """The module docstring's gradient without ``a [c == t]``, times ``dy/dz``, at the
+    transformed logits ``y`` (``(n, V)`` with row statistics ``(n, 1)``, or ``(n,)`` with
+    ``(n,)``); ``None`` for a statistic not asked for."""
+    log_p = y - lse
     p = log_p.exp()
-    c = (a + b * ent).unsqueeze(1)
-    grad = torch.where(p > 0, p * (c + b.unsqueeze(1) * log_p), torch.zeros_like(p)) * (-scale)
-    z.copy_(grad)
-    log_p_t = x_t * scale - lse
-    p_t = log_p_t.exp()
-    dense_t = torch.where(p_t > 0, p_t * (a + b * (ent + log_p_t)), torch.zeros_like(p_t)) * (-scale)
-    return (dense_t,)
+    shift = a
+    inner = None
+    if b is not None:
+        assert ent is not None
+        shift = shift + b * ent
+        inner = -b * log_p
+    if g is not None:
+        assert log_sum_sq is not None
+        shift = shift + 2.0 * g
+        sq = (2.0 * g * (-log_sum_sq).exp()) * p
+        inner = sq if inner is None else inner + sq
+    inner = -shift if inner is None else inner - shift
+    grad = torch.where(p > 0, p * inner, torch.zeros_like(p))
+    if k is not None:
+        grad = grad + k * (1.0 / num_classes)
+    grad = grad * scale
+    return grad if softcap is None else grad * softcap_slope(y, softcap)
+
+
+def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor],
+                    log_sum_sq: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                    g: Optional[Tensor], k: Optional[Tensor], *, scale: float,
+                    softcap: Optional[float], num_classes: int):
+    """Row kernel: overwrite the raw logits ``z`` with the dense part of the gradient of
+    ``a logp + b H + g L + k mean`` (the module docstring's, without ``a [c == t]``) from the
+    recorded ``lse``, ``H`` and ``L``. Returns ``(dense_t, coef)``: that dense part at the
+    target and the point term ``a dy/dz`` there."""
+    def col(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.unsqueeze(1)
+
+    y = transform(z.to(lse.dtype), scale, softcap)
+    z.copy_(_dense_grad(y, lse.unsqueeze(1), col(ent), col(log_sum_sq), a.unsqueeze(1), col(b),
+                        col(g), col(k), scale=scale, softcap=softcap, num_classes=num_classes))
+    y_t = transform(x_t, scale, softcap)
+    dense_t = _dense_grad(y_t, lse, ent, log_sum_sq, a, b, g, k, scale=scale, softcap=softcap,
+                          num_classes=num_classes)
+    coef = a * scale if softcap is None else a * scale * softcap_slope(y_t, softcap)
+    return dense_t, coef
 
 
 LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics")
 LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient")
-
-
-def target_coef(a: Tensor, scale: float, owned: Optional[Tensor] = None) -> Tensor:
-    """The point term ``s * a`` at each row's target (``0`` where this rank does not own it)."""
-    coef = a * scale
-    return coef if owned is None else torch.where(owned, coef, torch.zeros_like(coef))

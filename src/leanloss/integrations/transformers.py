@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..linear import linear_cross_entropy
-from ..parallel._dtensor import has_dtensor, replicated_local
+from .._dtensor import has_dtensor, replicated_local
 from .. import _checks
 from .._checks import LeanlossTypeError, LeanlossValueError
 

@@ -4,7 +4,7 @@ All of them run on one chunked engine (:mod:`leanloss._fused.engine`) with a per
 """
 from .._fused.engine import Scorer, ScoreResult, default_chunk_size, fused_linear_loss
 from .cross_entropy import CrossEntropyScorer, linear_cross_entropy
-from .log_probs import LogProbScorer, linear_log_probs
+from .log_probs import LogProbScorer, TokenStats, linear_log_probs
 from .topk_distill import TopKDistillScorer, linear_topk_distill_loss
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CrossEntropyScorer",
     "linear_cross_entropy",
     "LogProbScorer",
+    "TokenStats",
     "linear_log_probs",
     "TopKDistillScorer",
     "linear_topk_distill_loss",

@@ -2,7 +2,8 @@
 
 ``linear_cross_entropy`` drops ignored tokens, then hands the kept rows to the chunked engine
 (:mod:`leanloss._fused.engine`) with :class:`CrossEntropyScorer`, whose per-block math is the
-row kernel :func:`ce_block` (compiled or eager, :mod:`leanloss._fused.kernels`).
+row kernel :func:`leanloss._fused.ce_rows.ce_block` (compiled or eager,
+:mod:`leanloss._fused.kernels`).
 """
 from __future__ import annotations
 
@@ -11,109 +12,98 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .. import _checks, _docs, _heuristics
+from .. import _checks, _docs
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands, compute_dtype
+from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
-from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.kernels import RowKernel, row_logsumexp
-from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_cross_entropy, routes_dtensor
+from .._fused.ce_rows import CE_GRAD_KERNEL, CE_KERNEL, CE_PARTIALS_KERNEL, ce_finish, transform
+from .._fused.engine import PointGradient, ScoreResult, at_cols
+from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
+from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
-__all__ = ["linear_cross_entropy", "CrossEntropyScorer", "ce_block"]
+__all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
 
 _FN = "linear_cross_entropy"
 
 
-def _transform(x: Tensor, scale: float, softcap: Optional[float]) -> Tensor:
-    """``softcap * tanh(scale * x / softcap)``, or ``scale * x`` without softcap."""
-    if softcap is not None:
-        return (x * (scale / softcap)).tanh() * softcap
-    return x * scale if scale != 1.0 else x
-
-
-def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
-             class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
-             num_classes: int, w_total: float, z_loss: float):
-    """Cross entropy of one block of raw logits ``z`` (rows: tokens), row-wise.
-
-    ``x_t``: each row's raw target logit (compute dtype); ``w_t``: its class weight (``None``:
-    ones); ``g``: the per-row gradient scale, or ``None`` for the loss alone. With
-    ``y = softcap(scale * z)`` (:func:`_transform`) the row loss and its gradient are those of
-    :mod:`leanloss._fused.ce_rows`. Returns ``(loss, lse)``; with ``g``, also overwrites ``z``
-    with the dense part of ``g * dloss/dz`` (the softmax and smoothing terms, chain rule of
-    the transform included) and returns ``(loss, lse, coef, dense_t)``: the point term at the
-    target (``-b`` times the chain rule) and the dense part's value there.
-    """
-    y = _transform(z.to(x_t.dtype), scale, softcap)
-    lse = row_logsumexp(y)
-    y_t = _transform(x_t, scale, softcap)
-    smooth_sum = None
-    if smoothing > 0.0:
-        smooth_sum = y.sum(1) if class_weight is None else (y * class_weight).sum(1)
-    stats = dict(smoothing=smoothing, w_total=w_total, num_classes=num_classes, z_loss=z_loss)
-    loss = ce_row_loss(lse - y_t, lse, w_t, smooth_sum, **stats)
-    if g is None:
-        return loss, lse
-    a, b, s = ce_grad_coefficients(g * scale, lse, w_t, **stats)
-    grad = (y - lse.unsqueeze(1)).exp() * a.unsqueeze(1)
-    dense_t = (y_t - lse).exp() * a
-    if smoothing > 0.0:
-        grad = grad - s.unsqueeze(1) * (1.0 if class_weight is None else class_weight)
-        dense_t = dense_t - s * (1.0 if w_t is None else w_t)
-    coef = -b
-    if softcap is not None:
-        grad = grad * (1.0 - (y * (1.0 / softcap)).square())
-        chain_t = 1.0 - (y_t * (1.0 / softcap)).square()
-        dense_t = dense_t * chain_t
-        coef = coef * chain_t
-    z.copy_(grad)
-    return loss, lse, coef, dense_t
-
-
-_CE_KERNEL = RowKernel(ce_block, "cross-entropy")
-
-
 class CrossEntropyScorer:
-    """Per-block cross entropy (class weights, smoothing, z-loss, softcap, logit scale).
+    """Per-block cross entropy (class weights, smoothing, z-loss, softcap, logit scale), on one
+    device or vocab-parallel: the row math of :mod:`leanloss._fused.ce_rows`.
 
-    Scores blocks in the matmul dtype (``low_precision_blocks``): the row kernel
-    :func:`ce_block` reads the raw logits, accumulates in the compute dtype and writes the
-    gradient over the block; the target's point term is set by a scatter and reported to the
-    engine (:class:`~leanloss._fused.engine.PointGradient`).
+    ``target``: the ``(M,)`` global class of each row the engine walks; ``vocab``: the reduce
+    hook. On one device (:class:`~leanloss._fused.reduce_hook.LocalVocab`) blocks are scored
+    in the matmul dtype by one row kernel, :func:`~leanloss._fused.ce_rows.ce_block`
+    (statistics, loss and gradient composed). Over a vocab shard the per-slice partials are
+    all-reduced, the loss finished from them, and the gradient written from the global
+    ``lse`` (kept as the block's saved statistics, so the ``'none'`` recompute communicates
+    nothing). The target's point term is reported to the engine
+    (:class:`~leanloss._fused.engine.PointGradient`), which writes it. ``lse_out``: an
+    ``(M,)`` buffer that receives each row's ``lse``.
     """
 
-    low_precision_blocks = True
+    outputs = 1
 
     def __init__(self, target: Tensor, class_weight: Optional[Tensor], label_smoothing: float,
-                 z_loss: float, softcap: Optional[float], logit_scale: float, num_classes: int,
-                 dtype: torch.dtype, lse_out: Optional[Tensor] = None) -> None:
-        self.target = target
+                 z_loss: float, softcap: Optional[float], logit_scale: float, dtype: torch.dtype,
+                 vocab: VocabSlice, lse_out: Optional[Tensor] = None) -> None:
+        self.vocab = vocab
+        self.local_target, self.owned = vocab.local_target(target)
         self.dtype = dtype
-        self.cw = None if class_weight is None else class_weight.to(dtype)
-        self.w_target = None if self.cw is None else self.cw[target]
+        self.low_precision_blocks = vocab.identity
+        cw = None if class_weight is None else class_weight.to(dtype)
+        self.w_target = None if cw is None else cw[target]
+        self.stats = dict(smoothing=float(label_smoothing), num_classes=vocab.vocab,
+                          w_total=float(vocab.vocab) if cw is None else float(cw.sum()),
+                          z_loss=float(z_loss))
         self.options = dict(
-            class_weight=self.cw, scale=float(logit_scale),
-            softcap=None if softcap is None else float(softcap), smoothing=float(label_smoothing),
-            num_classes=num_classes,
-            w_total=float(num_classes) if self.cw is None else float(self.cw.sum()),
-            z_loss=float(z_loss))
+            self.stats, scale=float(logit_scale), softcap=None if softcap is None else float(softcap),
+            class_weight=cw if cw is None or vocab.size == cw.shape[0] else cw[vocab.start: vocab.start + vocab.size])
         self.lse_out = lse_out
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        t_col = self.target[rows].unsqueeze(1)
-        x_t = z.gather(1, t_col).squeeze(1).to(self.dtype)
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        t = self.local_target[rows]
         w_t = None if self.w_target is None else self.w_target[rows]
-        g = None if grad_scale is None else grad_scale.reshape(-1)
-        out = _CE_KERNEL(z, x_t, w_t, g, **self.options)
+        g = None if upstream is None else upstream.reshape(-1)
+        point = keep = None
+        if self.vocab.identity:
+            out = CE_KERNEL(z, at_cols(z, t, self.dtype), w_t, g, **self.options)
+            loss, lse = out[0], out[1]
+            if g is not None:
+                point = PointGradient(t, out[2], out[3])
+        else:
+            owned = None if self.owned is None else self.owned[rows]
+            if saved is None:
+                loss, lse = self._statistics(z, t, owned, w_t)
+            else:
+                loss, lse = saved[:, 0].contiguous(), saved[:, 1].contiguous()
+            keep = torch.stack((loss, lse), 1)
+            if g is not None and self.vocab.size > 0 and z.shape[0] > 0:
+                coef, _ = CE_GRAD_KERNEL(z, at_cols(z, t, self.dtype), lse, w_t, g, **self.options)
+                point = PointGradient(t, owned_only(coef, owned), at_cols(z, t, self.dtype))
         if self.lse_out is not None:
-            self.lse_out[rows] = out[1]
-        if g is None:
-            return ScoreResult(out[0])
-        loss, _, coef, dense_t = out
-        set_at_cols(z, t_col.squeeze(1), dense_t + coef)
-        return ScoreResult(loss, None, PointGradient(t_col.squeeze(1), coef, dense_t))
+            self.lse_out[rows] = lse
+        return ScoreResult(loss, point, keep)
+
+    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor], w_t: Optional[Tensor]):
+        """``(loss, lse)`` of the block's rows over every slice of the vocabulary."""
+        n, smoothing = z.shape[0], self.stats["smoothing"]
+        if n == 0:  # the same on every rank: no rank skips a collective the others run
+            return z.new_zeros(0), z.new_zeros(0)
+        y = transform(z.to(self.dtype), self.options["scale"], self.options["softcap"])
+        m = global_row_max(y, self.vocab)
+        sums = y.new_zeros(n, 3 if smoothing > 0.0 else 2)
+        if self.vocab.size > 0:
+            parts = CE_PARTIALS_KERNEL(y, m, class_weight=self.options["class_weight"],
+                                       smoothing=smoothing)
+            sums[:, 0] = parts[0]
+            sums[:, 1] = owned_only(at_cols(y, t, self.dtype), owned)
+            if smoothing > 0.0:
+                sums[:, 2] = parts[1]
+        self.vocab.sum_(sums)
+        return ce_finish(m, sums[:, 0], sums[:, 1], sums[:, 2] if smoothing > 0.0 else None, w_t,
+                         **self.stats)
 
 
 def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
@@ -121,10 +111,8 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
     vocab = _checks.check_linear_shapes(_FN, hidden, weight, bias, target)
     if not _checks.shapes_enabled():
         return
-    if bias is not None and bias.dtype != weight.dtype:
-        raise _checks.LeanlossTypeError(
-            f"{_FN}: argument 'bias' must have the dtype of 'weight' ({weight.dtype}), got "
-            f"{bias.dtype}")
+    if bias is not None:
+        _checks.check_same_dtype(_FN, "bias", bias, "weight", weight)
     _checks.check_same_device(_FN, hidden=hidden, class_weight=class_weight)
     _checks.check_class_weight(_FN, "class_weight", class_weight, vocab)
     _checks.check_label_smoothing(_FN, label_smoothing)
@@ -137,7 +125,7 @@ def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, 
 
 @_docs.fill
 @graph_break
-@routes_dtensor(route_linear_cross_entropy)  # a vocab-sharded DTensor weight: vocab-parallel path
+@routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -192,29 +180,28 @@ def linear_cross_entropy(
     Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
     ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
     """
-    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
     reduction = resolve_reduction(reduction)
-    _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
-           logit_scale, ignore_index)
-    lead_shape = target.shape
-    d = hidden.shape[-1]
-    dtype = compute_dtype(hidden.dtype)
-    h_all = hidden.reshape(-1, d)
-    t_all = target.reshape(-1).long()
-    n = t_all.shape[0]
-    idx, t, h = select_kept(t_all, ignore_index, h_all)
-    lse_out = torch.zeros(t.shape[0], dtype=dtype, device=hidden.device) if return_lse else None
-    scorer = CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
-                                weight.shape[0], dtype, lse_out)
-    if reduction == "mean" and num_items is None:
-        divisor = t.shape[0] if scorer.w_target is None else scorer.w_target.sum()
-    else:
-        divisor = num_items
-    loss = fused_linear_loss(h, weight, bias, scorer, reduction=reduction, divisor=divisor,
-                             chunk_size=chunk_size)
-    if reduction == "none":
-        loss = scatter_rows(loss, idx, n).reshape(lead_shape)
-    loss = _heuristics.finite_or_warn("linear_cross_entropy", loss, hidden=hidden, weight=weight, bias=bias)
-    if not return_lse:
-        return loss
-    return loss, scatter_rows(lse_out, idx, n).reshape(lead_shape)
+    lse = []
+
+    def setup(head: Head, _):
+        _check(head.hidden, head.weight, target, head.bias, class_weight, label_smoothing, z_loss,
+               softcap, logit_scale, ignore_index)
+        dtype, vocab = compute_dtype(head.hidden.dtype), LocalVocab(head.weight.shape[0])
+
+        def make_scorer(t):
+            lse.append(torch.zeros(t.shape[0], dtype=dtype, device=t.device) if return_lse else None)
+            return CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
+                                      dtype, vocab, lse[0])
+
+        return vocab, make_scorer, (
+            ce_divisor if reduction == "mean" and num_items is None else num_items)
+
+    loss, batch = run_fused(_FN, Head(hidden, weight, bias), target, setup, ignore_index=ignore_index,
+                            reduction=reduction, chunk_size=chunk_size)
+    return (loss, batch.scatter(lse[0])) if return_lse else loss
+
+
+def ce_divisor(scorer: CrossEntropyScorer):
+    """``'mean'``'s divisor: the summed class weights of the kept rows (their count without
+    weights)."""
+    return scorer.local_target.shape[0] if scorer.w_target is None else scorer.w_target.sum()

@@ -7,35 +7,14 @@ by :func:`leanloss._fused.engine.fused_linear_loss` with a :class:`DistillScorer
 block of student logits the scorer computes the teacher logits of the same rows (without
 autograd), the per-row loss and, in place, the gradient with respect to the student logits.
 
-Per-block math, with :math:`a = z_s / T`, :math:`b = z_t / T`, :math:`q = \mathrm{softmax}(a)`,
-:math:`p = \mathrm{softmax}(b)`, :math:`A = \mathrm{lse}(a)`, :math:`B = \mathrm{lse}(b)`:
-
-* forward: :math:`D = \langle p, b - a\rangle + A - B`, :math:`\partial D/\partial a = q - p`;
-* reverse: :math:`D = \langle q, a - b\rangle - A + B`,
-  :math:`\partial D/\partial a = q \odot (e - \langle q, e\rangle)` with :math:`e = a - b`;
-* jsd: :math:`\lambda = \log(q + \tfrac{\beta}{1-\beta} p)` (so :math:`\log m = \lambda + \log(1-\beta)`)
-  and :math:`s = \lambda - \log q = \log(1 + \tfrac{\beta}{1-\beta} p / q)`:
-  :math:`D = \beta\langle p, \log p - \lambda\rangle - (1-\beta)\langle q, s\rangle - \log(1-\beta)`,
-  :math:`\partial D/\partial a = (1-\beta)\, q \odot (\langle q, s\rangle - s)`. Written with
-  :math:`s`, a row's common offset (its log-sum-exp, and its rounding) cancels before any
-  product, so float32 gradients are as accurate as the log-softmax form's (the form
-  :math:`q \odot (r - \langle q, r\rangle)`, :math:`r = a - \lambda`, loses the digits of
-  :math:`|a|`);
-* hard term: :math:`\mathrm{CE} = \mathrm{lse}(z_s) - z_{s,y}`, gradient
-  :math:`\mathrm{softmax}(z_s) - \mathrm{onehot}(y)`;
-
-and the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`. :func:`linear_distill_loss` folds
-:math:`1/T` into the student's hidden states and bias (an ``(N, D)`` operation), so the engine's
-block is :math:`a` itself, and the scorer writes the gradient with respect to :math:`a` over
-the block: :math:`a_h T(\mathrm{softmax}(z_s) - \mathrm{onehot}(y)) + (1-a_h) T^2
-\partial D/\partial a`, the per-block math being the row kernel :func:`distill_block`
-(compiled or eager, :mod:`leanloss._fused.kernels`). The jsd mixture is formed in probability
-space and floored at the smallest normal float before its log; the terms this can affect weigh
-less than ``1e-35``.
+The row math (each divergence, its gradient, the hard term) is stated once in
+:mod:`leanloss._fused.distill_rows`; the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`.
+:func:`linear_distill_loss` folds :math:`1/T` into the student's hidden states and bias (an
+``(N, D)`` operation), so the engine's block is :math:`a = z_s / T` itself, and the scorer
+writes the gradient with respect to :math:`a` over the block.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -43,13 +22,14 @@ from torch import Tensor
 
 from .. import _checks
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
-from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.kernels import RowKernel, row_logsumexp
-from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_distill_loss, routes_dtensor
+from .._fused.distill_rows import (DISTILL_GRAD_KERNEL, DISTILL_KERNEL, EXP_SUMS_KERNEL, divergence_finish,
+                                   divergence_sums, hard_loss, resolve_kind)
+from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, at_cols
+from .._fused.reduce_hook import LocalVocab, VocabSlice, local_row_max, owned_only, row_max_shift
+from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
 __all__ = ["DistillScorer", "linear_distill_loss"]
 
@@ -62,85 +42,40 @@ _TEACHER_BYTES = 128 * 2**20
 _TEACHER_MIN_ROWS = MIN_CHUNK
 
 
-def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *,
-                  kind: str, beta: float, temperature: float, hard_weight: float,
-                  dtype: torch.dtype):
-    """Distillation loss of one block, row-wise (the math of the module docstring).
-
-    ``a``: student logits divided by ``T`` (overwritten with the dense part of ``g * dloss/da``
-    when ``g`` is given); ``b``: teacher logits divided by ``T`` (``None`` when
-    ``hard_weight == 1``); ``a_y``: the student's ``a`` at each row's target (``None`` without
-    a hard term). Returns ``(loss,)``; the hard term's point term (``-g * hard_weight * T`` at
-    the target) is left to the caller.
-    """
-    hw, temp = hard_weight, temperature
-    x = a.to(dtype)
-    loss = None
-    grad = None
-    lse_a = q = None
-    if b is not None or temp == 1.0:  # the student's softmax q (also the hard term's at T = 1)
-        lse_a = row_logsumexp(x).unsqueeze(1)
-        q = (x - lse_a).exp()
-    if b is not None:
-        y = b.to(dtype)
-        lse_b = row_logsumexp(y).unsqueeze(1)
-        p = (y - lse_b).exp()
-        if kind == "forward":
-            div = (p * (y - x)).sum(1) + (lse_a - lse_b).squeeze(1)
-            d_div = q - p
-        elif kind == "reverse":
-            e = x - y
-            r = (q * e).sum(1, keepdim=True)
-            div = (r - lse_a + lse_b).squeeze(1)
-            d_div = q * (e - r)
-        else:
-            lam = (q + p * (beta / (1.0 - beta))).clamp_min(torch.finfo(dtype).tiny).log()
-            s = lam - (x - lse_a)
-            qs = (q * s).sum(1, keepdim=True)
-            div = (beta * (p * (y - lse_b - lam)).sum(1) - (1.0 - beta) * qs.squeeze(1)
-                   - math.log1p(-beta))
-            d_div = q * (qs - s) * (1.0 - beta)
-        soft = (1.0 - hw) * temp * temp
-        loss = div * soft
-        grad = d_div * soft
-    if a_y is not None:
-        if temp == 1.0:  # softmax(z) is q
-            lse_z, probs = lse_a, q * hw
-        else:
-            z = x * temp
-            lse_z = row_logsumexp(z).unsqueeze(1)
-            probs = (z - lse_z).exp() * (hw * temp)
-        hard = hw * (lse_z.squeeze(1) - a_y * temp)
-        loss = hard if loss is None else loss + hard
-        grad = probs if grad is None else grad + probs
-    if g is not None:
-        a.copy_(grad * g.unsqueeze(1))
-    return (loss,)
-
-
-_DISTILL_KERNEL = RowKernel(distill_block, "distillation", tiled=True)
-
-
 class DistillScorer:
-    """The per-block distillation math of :func:`linear_distill_loss` (see the module docstring).
+    """The per-block distillation math of :mod:`leanloss._fused.distill_rows`, on one device or
+    vocab-parallel.
 
     The engine's blocks must be the student logits divided by ``temperature``;
-    ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` (or ``None``) are aligned with the
-    rows the engine walks; the teacher tensors must not require grad. Blocks are scored in the
-    matmul dtype by the row kernel :func:`distill_block`; the teacher logits of the same rows
-    are computed (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least
-    ``_TEACHER_MIN_ROWS`` rows).
+    ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` global ids (or ``None``) are aligned
+    with the rows the engine walks; the teacher tensors must not require grad (this rank's
+    slice of the head, vocab-parallel). The teacher logits of the same rows are computed
+    (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least ``_TEACHER_MIN_ROWS``
+    rows, sized from the largest slice so every rank walks the same pieces).
+
+    ``vocab``: the reduce hook. On one device 16-bit blocks are scored in place by the
+    composed row kernel :func:`~leanloss._fused.distill_rows.distill_block`. Over a vocab
+    shard each piece all-reduces its row maxima, its sums of exponentials with the target's
+    logit, and the divergence's row sums; those statistics are the block's saved ones, so
+    the ``'none'`` recompute communicates nothing. The hard term's ``-1`` at the target is
+    reported to the engine as a point term.
     """
 
-    low_precision_blocks = True
+    outputs = 1
 
     def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                  target: Optional[Tensor], *, kind: str, beta: float, temperature: float,
-                 hard_weight: float) -> None:
+                 hard_weight: float, vocab: VocabSlice) -> None:
         self.teacher_hidden, self.teacher_weight, self.teacher_bias = teacher_hidden, teacher_weight, teacher_bias
-        self.target = target
-        self.kind = {0.0: "forward", 1.0: "reverse"}.get(beta, kind) if kind == "jsd" else kind
+        self.vocab = vocab
+        self.low_precision_blocks = vocab.identity
+        self.local_target = self.owned = None
+        if target is not None and hard_weight > 0.0:
+            self.local_target, self.owned = vocab.local_target(target)
+        self.kind = resolve_kind(kind, beta)
         self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
+        self.options = dict(kind=self.kind, beta=self.beta, temperature=self.temperature,
+                            hard_weight=self.hard_weight)
         self._teacher_buf: Optional[Tensor] = None
 
     def teacher_logits(self, rows: slice) -> Tensor:
@@ -159,39 +94,97 @@ class DistillScorer:
                 torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
         return out
 
-    def score(self, a: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        """Per-row losses of block ``a`` (student logits / T); with ``grad_scale`` the gradient
-        with respect to ``a`` is written over it and the hard term's target reported as a
-        :class:`~leanloss._fused.engine.PointGradient`."""
+    def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        """Per-row losses of block ``a`` (student logits / T); with ``upstream`` the dense part
+        of the gradient with respect to ``a`` is written over it and the hard term's target
+        reported as a :class:`~leanloss._fused.engine.PointGradient`."""
         dtype = compute_dtype(a.dtype)
         soft = self.hard_weight < 1.0
-        y = None if self.hard_weight == 0.0 else self.target[rows]
-        g = None if grad_scale is None else grad_scale.reshape(-1)
+        g = None if upstream is None else upstream.reshape(-1)
         n = a.shape[0]
-        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
-            self.teacher_hidden.element_size() * max(a.shape[1], 1)))
-        losses = []
-        for start in range(0, n, step):
+        step = max(n, 1) if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
+            self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
+        losses, saveds = [], []
+        for start in range(0, max(n, 1), step):
             sub = slice(start, min(start + step, n))
-            b = None if not soft else self.teacher_logits(slice(rows.start + sub.start, rows.start + sub.stop))
-            a_y = None if y is None else a[sub].gather(1, y[sub].unsqueeze(1)).squeeze(1).to(dtype)
-            losses.append(_DISTILL_KERNEL(a[sub], b, a_y, None if g is None else g[sub],
-                                          kind=self.kind, beta=self.beta, temperature=self.temperature,
-                                          hard_weight=self.hard_weight, dtype=dtype)[0])
+            part = slice(rows.start + sub.start, rows.start + sub.stop)
+            b = self.teacher_logits(part) if soft else None
+            if self.vocab.identity:
+                t = None if self.local_target is None else self.local_target[part]
+                a_y = None if t is None else at_cols(a[sub], t, dtype)
+                losses.append(DISTILL_KERNEL(a[sub], b, a_y, None if g is None else g[sub], dtype=dtype,
+                                             **self.options)[0])
+            else:
+                loss, keep = self._score_slice(a[sub], b, part, None if saved is None else saved[sub],
+                                               None if g is None else g[sub])
+                losses.append(loss)
+                saveds.append(keep)
         if rows.stop >= self.teacher_hidden.shape[0]:
             self._teacher_buf = None  # last block of this pass
         loss = losses[0] if len(losses) == 1 else torch.cat(losses)
-        if g is None or y is None:
-            return ScoreResult(loss)
+        keep = None if not saveds else saveds[0] if len(saveds) == 1 else torch.cat(saveds)
+        if g is None or self.local_target is None or self.vocab.size == 0:
+            return ScoreResult(loss, None, keep)
+        t = self.local_target[rows]
         coef = g * (-self.hard_weight * self.temperature)
-        dense = a.gather(1, y.unsqueeze(1)).squeeze(1).to(dtype)
-        set_at_cols(a, y, dense + coef)
-        return ScoreResult(loss, None, PointGradient(y, coef, dense))
+        coef = coef if self.owned is None else owned_only(coef, self.owned[rows])
+        return ScoreResult(loss, PointGradient(t, coef, at_cols(a, t, dtype)), keep)
 
+    def _score_slice(self, a: Tensor, b: Optional[Tensor], rows: slice, saved: Optional[Tensor],
+                     g: Optional[Tensor]):
+        """``(loss, saved)`` of a compute-dtype piece ``a`` over this rank's vocabulary slice
+        (collectives on its first scoring only); with ``g`` writes the gradient's dense part.
+        ``saved`` columns: ``loss, lse_a, lse_b, lse_z`` and the divergence's row sums."""
+        n, vocab = a.shape[0], self.vocab
+        if saved is None:
+            saved = self._statistics(a, b, rows) if n > 0 else a.new_zeros(0, 6)
+        if g is not None and vocab.size > 0 and n > 0:
+            lse_b = saved[:, 2].contiguous() if b is not None else None
+            lse_z = saved[:, 3].contiguous() if self.local_target is not None else None
+            DISTILL_GRAD_KERNEL(a, b, saved[:, 1].contiguous(), lse_b, lse_z,
+                                saved[:, 4:].contiguous() if b is not None else None, g, **self.options)
+        return saved[:, 0], saved
 
-def _as_matrix(t: Tensor) -> Tensor:
-    """``(..., D)`` -> ``(N, D)``."""
-    return t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    def _statistics(self, a: Tensor, b: Optional[Tensor], rows: slice) -> Tensor:
+        """The saved statistics of :meth:`_score_slice`, over every rank's slice."""
+        vocab, temp, hw = self.vocab, self.temperature, self.hard_weight
+        x = a
+        y = None if b is None else b.to(x.dtype)
+        hard = self.local_target is not None
+        maxes = [local_row_max(x, vocab)] + ([local_row_max(y, vocab)] if y is not None else [])
+        m = row_max_shift(torch.stack(maxes, 1), vocab)
+        m_a, m_b = m[:, 0], (m[:, 1] if y is not None else None)
+        width = 1 + (y is not None) + 2 * hard
+        sums = x.new_zeros(x.shape[0], width)
+        if vocab.size > 0:
+            for j, column in enumerate(EXP_SUMS_KERNEL(x, y, m_a, m_b, temperature=temp, hard=hard)):
+                sums[:, j] = column
+            if hard:
+                t = self.local_target[rows]
+                owned = None if self.owned is None else self.owned[rows]
+                sums[:, -1] = owned_only(at_cols(x, t, x.dtype) * temp, owned)
+        vocab.sum_(sums)
+        saved = x.new_zeros(x.shape[0], 6)
+        saved[:, 1] = lse_a = m_a + sums[:, 0].log()
+        loss = saved[:, 0]
+        if y is not None:
+            saved[:, 2] = lse_b = m_b + sums[:, 1].log()
+            div_sums = x.new_zeros(x.shape[0], 2)
+            if vocab.size > 0:
+                q = (x - lse_a.unsqueeze(1)).exp()
+                p = (y - lse_b.unsqueeze(1)).exp()
+                columns, _ = divergence_sums(x, y, q, p, lse_a.unsqueeze(1), lse_b.unsqueeze(1),
+                                             kind=self.kind, beta=self.beta)
+                for j, column in enumerate(columns):
+                    div_sums[:, j] = column
+            saved[:, 4:] = vocab.sum_(div_sums)
+            loss += divergence_finish(list(div_sums.unbind(1)), lse_a, lse_b, kind=self.kind,
+                                      beta=self.beta) * ((1.0 - hw) * temp * temp)
+        if hard:
+            saved[:, 3] = lse_z = temp * m_a + sums[:, -2].log()
+            loss += hard_loss(lse_z, sums[:, -1], hw)
+        return saved
 
 
 def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
@@ -218,7 +211,7 @@ def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teache
 
 
 @graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
-@routes_dtensor(route_linear_distill_loss)  # DTensor arguments: local, or a clear refusal
+@routes_dtensor  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -262,34 +255,28 @@ def linear_distill_loss(
     that compute dtype.
     """
     fn = "linear_distill_loss"
-    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias) = \
-        autocast_matmul_operands(student_hidden, student_weight, student_bias,
-                                 teacher_hidden, teacher_weight, teacher_bias)
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
-    _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
-                        teacher_weight, teacher_bias)
-    lead = tuple(student_hidden.shape[:-1])
-    _checks.check_distill_target(fn, target, lead, student_weight.shape[0], ignore_index, hard_weight)
-    if target is not None:
-        _checks.check_same_device(fn, student_hidden=student_hidden, target=target)
-    hs = _as_matrix(student_hidden)
-    ht = _as_matrix(teacher_hidden).detach()
-    kept = tgt = None
-    if target is not None:
-        kept, tgt, hs, ht = select_kept(target.reshape(-1), ignore_index, hs, ht)
-        tgt = tgt.long()
-    if temperature != 1.0:  # the engine's blocks become z_s / T: no (N, V) scaling pass
-        hs = hs * (1.0 / temperature)
-        student_bias = None if student_bias is None else student_bias * (1.0 / temperature)
-    scorer = DistillScorer(
-        ht, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), tgt,
-        kind=kind, beta=beta, temperature=temperature, hard_weight=hard_weight,
-    )
-    loss = fused_linear_loss(hs, student_weight, student_bias, scorer, reduction=reduction,
-                             divisor=hs.shape[0], chunk_size=chunk_size)
-    if reduction != "none":
-        return loss
-    if kept is not None:
-        loss = scatter_rows(loss, kept, target.numel())
-    return loss.reshape(lead)
+
+    def setup(student: Head, teacher: Head):
+        _check_fused_inputs(fn, *student, *teacher)
+        _checks.check_distill_target(fn, target, tuple(student.hidden.shape[:-1]), student.weight.shape[0],
+                                     ignore_index, hard_weight)
+        if target is not None:
+            _checks.check_same_device(fn, student_hidden=student.hidden, target=target)
+        vocab = LocalVocab(student.weight.shape[0])
+        return vocab, distill_scorer(teacher, vocab, kind=kind, beta=beta, temperature=temperature,
+                                     hard_weight=hard_weight), None
+
+    loss, _ = run_fused(fn, Head(student_hidden, student_weight, student_bias), target, setup,
+                        teacher=Head(teacher_hidden, teacher_weight, teacher_bias), ignore_index=ignore_index,
+                        reduction=reduction, chunk_size=chunk_size, input_scale=1.0 / temperature,
+                        names=("student_hidden", "student_weight", "student_bias"))
+    return loss
+
+
+def distill_scorer(teacher: Head, vocab: VocabSlice, **options):
+    """``make_scorer(kept_target, kept_teacher_hidden)`` of :func:`run_fused` for a
+    :class:`DistillScorer` of ``teacher``'s head (detached) over ``vocab``."""
+    weight, bias = teacher.weight.detach(), None if teacher.bias is None else teacher.bias.detach()
+    return lambda t, ht: DistillScorer(ht, weight, bias, t, vocab=vocab, **options)

@@ -1,91 +1,177 @@
-"""Per-token log-probabilities and entropies of an LM head without the ``(tokens, vocab)`` logits.
+"""Per-token log-probabilities and statistics of an LM head without the ``(tokens, vocab)`` logits.
 
 The input of every policy-gradient loss (GRPO, PPO, DPO): ``log p(target)`` under
-``softmax(z / T)`` and the entropy of that distribution, per token, with gradients through both.
+``softmax(y)``, ``y`` the head's logits scaled, softcapped and divided by the temperature, and
+on request the per-token statistics trainers log (entropy, log-sum of squared probabilities,
+mean logit, whether the target is the argmax), with gradients through each differentiable one.
 :func:`linear_log_probs` drops ignored tokens and hands the rest to the chunked engine
-(:mod:`leanloss._fused.engine`) with :class:`LogProbScorer`, a scorer of two outputs per row
-(``logp`` and ``H``) whose upstream gradients arrive in backward, so backward recomputes each
-block (four matmuls in all). Forward records each row's ``lse`` and ``H``; backward writes the
-gradient from them in one pass over the block. The formulas are those of
-:mod:`leanloss._fused.logp_rows`.
+(:mod:`leanloss._fused.engine`) with :class:`LogProbScorer`, a scorer of one output per row and
+per differentiable statistic, whose upstream gradients arrive in backward, so backward
+recomputes each block (four matmuls in all). Forward records each row's ``lse`` and
+statistics; backward writes the gradient from them in one pass over the block. The formulas
+are those of :mod:`leanloss._fused.logp_rows`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks, _heuristics
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.logp_rows import LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, target_coef
-from .._fused.rows import scatter_rows, select_kept
-from ..parallel._dtensor import route_linear_log_probs, routes_dtensor
+from .. import _checks
+from .._dtypes import compute_dtype
+from .._fused.ce_rows import transform
+from .._fused.engine import PointGradient, ScoreResult, at_cols
+from .._fused.logp_rows import (LOGP_GRAD_KERNEL, LOGP_STATS_KERNEL, STAT_NAMES, LogProbStats,
+                                finish_stats, is_top1, max_before_target, row_sums)
+from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max_with, owned_only
+from .._dtensor import routes_dtensor
+from ._pipeline import Head, run_fused
 
-__all__ = ["linear_log_probs", "LogProbScorer"]
+__all__ = ["linear_log_probs", "LogProbScorer", "TokenStats"]
 
 _FN = "linear_log_probs"
 
 
-class LogProbScorer:
-    """Scorer of ``(logp, H)`` per row (``outputs = 2``) on 16-bit or float blocks.
+class TokenStats(NamedTuple):
+    """Per-token outputs of :func:`linear_log_probs` with ``return_stats``: each shaped like
+    ``target`` (``None`` for a statistic not asked for); see
+    :mod:`leanloss._fused.logp_rows` for the formulas."""
 
-    ``target``: the ``(M,)`` class of each row the engine walks; ``scale = 1 / temperature``.
-    The first ``score`` of a block records ``logp``, ``H`` and ``lse``; a ``score`` with a
-    ``grad_scale`` ``(n, 2)`` = ``(a, b)`` (the upstream gradients of ``logp`` and ``H``) writes
-    ``d(a logp + b H)/dz`` over the block from the recorded statistics, the ``s a`` at the target
-    as a :class:`~leanloss._fused.engine.PointGradient`.
+    logp: Tensor
+    entropy: Optional[Tensor] = None
+    log_sum_sq_probs: Optional[Tensor] = None
+    mean_logit: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
+
+
+class LogProbScorer:
+    """Scorer of ``logp`` and the asked-for statistics per row, on one device or vocab-parallel.
+
+    ``target``: the ``(M,)`` global class of each row the engine walks; ``scale``, ``softcap``:
+    the transform of :mod:`leanloss._fused.logp_rows` (temperature folded in); ``vocab``: the
+    reduce hook (:class:`~leanloss._fused.reduce_hook.LocalVocab` on one device: one compiled
+    statistics kernel reads the 16-bit block; a vocab shard: per-slice sums all-reduced, on
+    compute-dtype blocks); ``stats``: which statistics besides ``logp``. ``outputs`` is the
+    number of differentiable ones (``stats.outputs``, ``logp`` first); ``is_top1`` has no
+    gradient and is written to :attr:`top1` ``(M,)`` on a block's first scoring. That scoring
+    returns the outputs and ``lse`` as its saved statistics; a ``score`` with the upstream
+    gradients ``(n, outputs)`` writes the gradient over the block from them (no collective),
+    the target's ``a dy/dz`` as a point term.
     """
 
-    low_precision_blocks = True
-    outputs = 2
-
-    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype) -> None:
+    def __init__(self, target: Tensor, scale: float, dtype: torch.dtype, vocab: VocabSlice, *,
+                 softcap: Optional[float] = None, stats: Optional[LogProbStats] = None) -> None:
+        self.vocab = vocab
         self.target = target
-        self.scale = float(scale)
+        self.local_target, self.owned = vocab.local_target(target)
+        self.options = dict(scale=float(scale), softcap=None if softcap is None else float(softcap),
+                            num_classes=vocab.vocab)
         self.dtype = dtype
-        self.stats = torch.empty((target.shape[0], 3), dtype=dtype, device=target.device)
-        self._scored = set()
+        self.stats = stats = stats or LogProbStats()
+        self.names = stats.outputs
+        self.outputs = len(self.names)
+        self.top1 = torch.zeros(target.shape, dtype=torch.bool, device=target.device) if stats.top1 else None
+        self.low_precision_blocks = vocab.identity
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        t = self.target[rows]
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(self.dtype)
-        stats = self.stats[rows]
-        key = (rows.start, rows.stop)
-        if key not in self._scored:
-            for j, column in enumerate(LOGP_STATS_KERNEL(z, x_t, scale=self.scale)):
-                stats[:, j] = column
-            self._scored.add(key)
-        out = stats[:, :2]
-        if grad_scale is None:
-            return ScoreResult(out)
-        a, b = grad_scale[:, 0].contiguous(), grad_scale[:, 1].contiguous()
-        (dense_t,) = LOGP_GRAD_KERNEL(z, x_t, stats[:, 2].contiguous(), stats[:, 1].contiguous(), a, b,
-                                      scale=self.scale)
-        coef = target_coef(a, self.scale)
-        set_at_cols(z, t, dense_t + coef)
-        return ScoreResult(out, None, PointGradient(t, coef, dense_t))
+    def _column(self, t: Optional[Tensor], name: str) -> Optional[Tensor]:
+        return t[:, self.names.index(name)].contiguous() if t is not None and name in self.names else None
+
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        t = self.local_target[rows]
+        owned = None if self.owned is None else self.owned[rows]
+        if saved is None:
+            saved = self._statistics(z, t, owned, rows)
+        k = self.outputs
+        values = saved[:, :k] if k > 1 else saved[:, 0]
+        if upstream is None or self.vocab.size == 0 or z.shape[0] == 0:
+            return ScoreResult(values, saved=saved)
+        dense_t, coef = LOGP_GRAD_KERNEL(
+            z, at_cols(z, t, self.dtype), saved[:, k].contiguous(),
+            self._column(saved, "entropy"), self._column(saved, "log_sum_sq_probs"),
+            upstream[:, 0].contiguous(), self._column(upstream, "entropy"),
+            self._column(upstream, "log_sum_sq_probs"), self._column(upstream, "mean_logit"),
+            **self.options)
+        return ScoreResult(values, PointGradient(t, owned_only(coef, owned), dense_t), saved)
+
+    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor], rows: slice) -> Tensor:
+        """``(n, outputs + 1)``: the outputs and ``lse`` of the block's rows over the whole
+        vocabulary; ``is_top1`` into :attr:`top1`."""
+        if self.vocab.identity:
+            out = LOGP_STATS_KERNEL(z, at_cols(z, t, self.dtype), t if self.stats.top1 else None,
+                                    **self.options, **self.stats._asdict())
+        else:
+            out = self._shard_statistics(z, t, owned, rows)
+        if self.top1 is not None and out:
+            self.top1[rows] = out[-1]
+            out = out[:-1]
+        return torch.stack(out, 1) if out else z.new_zeros(0, self.outputs + 1, dtype=self.dtype)
+
+    def _shard_statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor],
+                          rows: slice) -> Tuple[Tensor, ...]:
+        """The statistics of a vocabulary slice: per-slice maxima and sums, reduced."""
+        n = z.shape[0]
+        if n == 0:  # the same on every rank: no rank skips a collective the others run
+            return ()
+        y = transform(z, self.options["scale"], self.options["softcap"])
+        vocab = self.vocab
+        partial_before: Tuple[Tensor, ...] = ()
+        if self.stats.top1:
+            partial_before = ((max_before_target(y, self.target[rows], vocab.start) if vocab.size > 0
+                               else y.new_full((n,), float("-inf"))),)
+        m, *before = global_row_max_with(y, vocab, *partial_before)
+        width = 1 + self.outputs
+        sums = y.new_zeros(n, width)
+        if vocab.size > 0:
+            for i, partial in enumerate(row_sums(y, m, self.stats)):
+                sums[:, i] = partial
+            sums[:, -1] = owned_only(at_cols(y, t, y.dtype), owned)
+        vocab.sum_(sums)
+        y_t = sums[:, -1]
+        out = finish_stats(m, list(sums[:, :-1].unbind(1)), y_t, self.stats, vocab.vocab)
+        if self.stats.top1:
+            out.append(is_top1(y_t, m, before[0]))
+        return tuple(out)
 
 
-def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, target: Tensor,
-                          bias: Optional[Tensor], temperature, ignore_index: int, *,
-                          check_range: bool = True, weight_name: str = "weight") -> float:
-    """Shapes, dtypes, temperature and (with ``check_range``) target range of the log-prob
-    functions; returns the temperature as a float. A vocab-parallel caller checks the range
+def stat_options(fn: str, return_entropy: bool, return_stats: Sequence[str]) -> LogProbStats:
+    """The statistics asked for by ``return_entropy`` and ``return_stats`` (checked)."""
+    if isinstance(return_stats, str) or not isinstance(return_stats, (tuple, list)):
+        raise _checks.LeanlossTypeError(
+            f"{fn}: argument 'return_stats' must be a tuple or list of names from {STAT_NAMES}, "
+            f"got {return_stats!r}")
+    unknown = [name for name in return_stats if name not in STAT_NAMES]
+    if unknown:
+        raise _checks.LeanlossValueError(
+            f"{fn}: argument 'return_stats' has unknown names {unknown}; valid names: {STAT_NAMES}")
+    entropy, log_sum_sq, mean, top1 = (name in return_stats for name in STAT_NAMES)
+    return LogProbStats(entropy or bool(return_entropy), log_sum_sq, mean, top1)
+
+
+def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          target: Tensor, temperature, ignore_index: int, *,
+                          softcap=None, logit_scale=1.0, check_range: bool = True,
+                          weight_name: str = "weight") -> Tuple[float, Optional[float]]:
+    """Shapes, dtypes, temperature, softcap, logit scale and (with ``check_range``) target range
+    of the log-prob functions; returns the transform's ``(scale, softcap)`` with the temperature
+    folded in (:mod:`leanloss._fused.logp_rows`). A vocab-parallel caller checks the range
     against the global vocabulary itself (``check_range=False``)."""
     local = _checks.check_linear_shapes(fn, hidden, weight, bias, target, weight_name=weight_name)
     temperature = _checks.check_positive(fn, "temperature", temperature)
+    logit_scale = _checks.check_positive(fn, "logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = _checks.check_positive(fn, "softcap", softcap) / temperature
     if _checks.shapes_enabled() and bias is not None:
         _checks.check_same_dtype(fn, "bias", bias, weight_name, weight)
     if check_range:
         _checks.check_index_target_range(fn, target, local, ignore_index)
-    return temperature
+    return logit_scale / temperature, softcap
 
 
 @graph_break
-@routes_dtensor(route_linear_log_probs)  # a vocab-sharded DTensor weight: vocab-parallel path
+@routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_log_probs(
     hidden: Tensor,
     weight: Tensor,
@@ -96,53 +182,88 @@ def linear_log_probs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_stats: Sequence[str] = (),
 ):
-    r"""Per-token ``log p(target)`` (and entropy) of ``softmax((hidden @ weight.T + bias) / T)``.
+    r"""Per-token ``log p(target)`` (and statistics) of ``softmax(y)``, ``y`` the LM head's
+    logits ``z = hidden @ weight.T + bias`` scaled, softcapped and divided by the temperature.
 
     Same values and gradients as the dense reference::
 
-        z = (hidden @ weight.T + bias) / temperature
-        logp    = torch.log_softmax(z, -1).gather(-1, target[..., None])[..., 0]
-        entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+        z = logit_scale * (hidden @ weight.T + bias)
+        y = (softcap * torch.tanh(z / softcap) if softcap else z) / temperature
+        logp    = torch.log_softmax(y, -1).gather(-1, target[..., None])[..., 0]
+        entropy = -(y.softmax(-1) * y.log_softmax(-1)).sum(-1)
 
-    without materializing ``z``: per token, with ``p = softmax(z)``,
-    ``logp = z_t - logsumexp(z)`` and ``entropy = -sum_c p_c log p_c``.
+    without materializing ``y``: per token, with ``p = softmax(y)``,
+    ``logp = y_t - logsumexp(y)`` and ``entropy = -sum_c p_c log p_c``. The statistics of
+    ``return_stats`` and their gradients are stated in :mod:`leanloss._fused.logp_rows`.
 
     Args:
         hidden: ``(..., D)`` floating; weight: ``(V, D)`` (same dtype); target: ``(...)`` int64
             class indices; bias: ``(V,)`` or ``None``.
         temperature: ``T > 0`` (a Python number; sampling temperature of the rollout).
         return_entropy: also return the entropy per token.
-        ignore_index: tokens with this target are dropped before any matmul; both outputs are
-            ``0`` there (and get no gradient).
+        ignore_index: tokens with this target are dropped before any matmul; every output is
+            ``0`` there (``False`` for ``is_top1``) and gets no gradient.
         chunk_size: rows per block (default: the engine's plan).
+        softcap: ``c > 0`` or ``None``: the logits become ``c * tanh(z / c)`` before the
+            temperature (Gemma-style final logit softcapping).
+        logit_scale: a positive factor on the logits before the softcap.
+        return_stats: a tuple of names from ``("entropy", "log_sum_sq_probs", "mean_logit",
+            "is_top1")``: per token, the entropy, ``log sum_c p_c^2``, the mean of ``y`` over
+            the ``V`` classes, and whether the target is ``y``'s argmax (the first index among
+            ties, as ``torch.argmax``). Each costs nothing when not asked for.
 
-    Returns ``logp``, or ``(logp, entropy)``, each shaped like ``target``, in float32 for
-    bfloat16/float16/float32 inputs (float64 for float64). Differentiable with respect to
-    ``hidden``, ``weight`` and ``bias`` for any upstream gradients of both outputs together
-    (the exact entropy gradient ``-p_c (log p_c + H) / T``). The upstream gradients arrive in
-    backward, so backward recomputes each block of logits: four matmuls for forward and
-    backward. Under ``torch.no_grad()`` (rollout scoring) only the forward matmul runs.
+    Returns ``logp``, or ``(logp, entropy)`` with ``return_entropy=True``; with ``return_stats``
+    a :class:`TokenStats` ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1)`` whose
+    fields not asked for are ``None`` (``entropy`` is there when asked for either way). Each is
+    shaped like ``target``, in float32 for bfloat16/float16/float32 inputs (float64 for
+    float64); ``is_top1`` is bool. ``logp``, ``entropy``, ``log_sum_sq_probs`` and
+    ``mean_logit`` are differentiable with respect to ``hidden``, ``weight`` and ``bias`` for
+    any upstream gradients of all of them together (``is_top1`` is not). The upstream
+    gradients arrive in backward, so backward recomputes each block of logits: four matmuls
+    for forward and backward. Under ``torch.no_grad()`` (rollout scoring) only the forward
+    matmul runs.
     """
-    hidden, weight, bias = autocast_matmul_operands(hidden, weight, bias)
-    temperature = check_log_prob_inputs(_FN, hidden, weight, target, bias, temperature, ignore_index)
-    lead_shape = target.shape
-    h_all = hidden.reshape(-1, hidden.shape[-1])
-    t_all = target.reshape(-1)
-    n = t_all.shape[0]
-    idx, t, h = select_kept(t_all, ignore_index, h_all)
-    scorer = LogProbScorer(t, 1.0 / temperature, compute_dtype(hidden.dtype))
-    out = fused_linear_loss(h, weight, bias, scorer, reduction="none", chunk_size=chunk_size)
-    return finish_log_probs(_FN, out, idx, n, lead_shape, return_entropy, hidden=hidden,
-                            weight=weight, bias=bias)
+    return run_log_probs(_FN, Head(hidden, weight, bias), target,
+                         lambda head: LocalVocab(head.weight.shape[0]), temperature=temperature,
+                         return_entropy=return_entropy, return_stats=return_stats,
+                         softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,
+                         chunk_size=chunk_size)
 
 
-def finish_log_probs(fn: str, out: Tensor, idx: Optional[Tensor], n: int, lead_shape,
-                     return_entropy: bool, **inputs):
-    """The engine's ``(M, 2)`` output -> ``logp`` (and ``entropy``) in the batch shape, ``0`` at
-    the dropped rows; warns when a value is not finite."""
-    logp = scatter_rows(out[:, 0], idx, n).reshape(lead_shape)
-    logp = _heuristics.finite_or_warn(fn, logp, **inputs)
-    if not return_entropy:
-        return logp
-    return logp, scatter_rows(out[:, 1], idx, n).reshape(lead_shape)
+def run_log_probs(fn: str, head: Head, target: Tensor, vocab_of: Callable[[Head], VocabSlice], *,
+                  temperature, return_entropy: bool, return_stats: Sequence[str], softcap,
+                  logit_scale, ignore_index: int, chunk_size: Optional[int],
+                  check_range: bool = True, names: Sequence[str] = ("hidden", "weight", "bias")):
+    """The log-prob functions on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`):
+    their checks, :class:`LogProbScorer` with the reduce hook ``vocab_of(head)`` (the autocast
+    head), and the engine's columns (and the scorer's ``is_top1``) -> the public result in the
+    batch shape, ``0`` at the dropped rows."""
+    stats = stat_options(fn, return_entropy, return_stats)
+    scorers: List[LogProbScorer] = []
+
+    def setup(head: Head, _):
+        scale, cap = check_log_prob_inputs(fn, *head, target, temperature, ignore_index,
+                                           softcap=softcap, logit_scale=logit_scale,
+                                           check_range=check_range, weight_name=names[1])
+        vocab = vocab_of(head)
+
+        def make_scorer(t: Tensor) -> LogProbScorer:
+            scorers.append(LogProbScorer(t, scale, compute_dtype(head.hidden.dtype), vocab,
+                                         softcap=cap, stats=stats))
+            return scorers[-1]
+        return vocab, make_scorer, None
+
+    out, batch = run_fused(fn, head, target, setup, ignore_index=ignore_index, reduction="none",
+                           chunk_size=chunk_size, names=names)
+    (scorer,) = scorers
+    columns = [out] if scorer.outputs == 1 else list(out.unbind(-1))
+    by_name = dict(zip(scorer.names, columns))
+    logp, entropy = by_name["logp"], by_name.get("entropy")
+    if not return_stats:
+        return (logp, entropy) if return_entropy else logp
+    return TokenStats(logp, entropy, by_name.get("log_sum_sq_probs"), by_name.get("mean_logit"),
+                      None if scorer.top1 is None else batch.scatter(scorer.top1))

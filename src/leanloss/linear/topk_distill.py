@@ -1,71 +1,30 @@
 r"""Top-k distillation of a linear LM head: :func:`leanloss.topk_distill_loss` without the logits.
 
 The teacher is stored data (its top-k ids and log-probabilities per token), so the only
-``(tokens, vocab)`` array is the student's, and the engine walks it in blocks. Per row, with
-``y = z / T``, ``q = softmax(y)``, the teacher's tempered distribution ``p`` over its ids
-(``P = sum_i p_i``: 1, or 0 for a row of padding only) and ``a`` = ``hard_weight``::
-
-    soft = T^2 (sum_i p_i log p_i - sum_i p_i (y_{id_i} - lse(y)))
-    loss = a (lse(z) - z_t) + (1 - a) soft
-    dloss/dz_c = (1 - a) T (P q_c - sum_i p_i [c == id_i]) + a (softmax(z)_c - [c == t])
-
-The row kernel :func:`topk_block` computes the loss and writes the dense part of the gradient
-(the two softmax terms) over the block; the point terms at the ``k`` ids and at the target are
-added after it (the target's reported to the engine as a
-:class:`~leanloss._fused.engine.PointGradient`).
+``(tokens, vocab)`` array is the student's, and the engine walks it in blocks. The row math
+(loss and gradient) is stated in :mod:`leanloss._fused.topk_rows`; its row kernel
+:func:`~leanloss._fused.topk_rows.topk_block` computes the loss and writes the dense part of
+the gradient over the block; the point terms at the ``k`` ids are added after it, and the hard
+term's at the target is reported to the engine as a
+:class:`~leanloss._fused.engine.PointGradient`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .._compile import graph_break
 from .. import _checks, _heuristics
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, add_at_cols, fused_linear_loss
-from .._fused.kernels import RowKernel, row_logsumexp
-from .._fused.rows import scatter_rows, select_kept
+from .._dtypes import compute_dtype
+from .._fused.engine import PointGradient, ScoreResult, add_at_cols, at_cols
+from .._fused.reduce_hook import LocalVocab
+from .._fused.topk_rows import TOPK_KERNEL
 from .._reduce import resolve_reduction
-from ..losses.distill import check_topk_options, topk_teacher
+from ..losses.distill import topk_teacher
+from ._pipeline import Head, run_fused
 
-__all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "topk_block"]
-
-
-def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tensor,
-               x_t: Optional[Tensor], g: Optional[Tensor], *, scale: float, temperature: float,
-               hard_weight: float):
-    """Row kernel of the module docstring on a block of raw logits ``z``.
-
-    ``x_ids``: ``(n, k)`` raw student logits at the teacher's ids (compute dtype); ``p``: the
-    teacher's probabilities (0 at padding); ``p_sum``, ``p_logp``: ``sum_i p_i`` and
-    ``sum_i p_i log p_i``; ``x_t``: the raw target logit (``None`` without the hard term);
-    ``g``: the per-row gradient scale, or ``None``. Returns ``(loss,)``; with ``g`` it also
-    overwrites ``z`` with the dense part of ``g * dloss/dz``.
-    """
-    a = hard_weight
-    y = z.to(p.dtype)
-    if scale != 1.0:
-        y = y * scale
-    lse = row_logsumexp(y)
-    log_q = x_ids * scale - lse.unsqueeze(1)
-    cross = torch.where(p > 0, p * log_q, torch.zeros_like(p)).sum(1)
-    loss = (p_logp - cross) * ((1.0 - a) * temperature * temperature)
-    lse1 = None
-    if a > 0.0:
-        lse1 = lse if scale == 1.0 else row_logsumexp(z.to(p.dtype))
-        loss = loss + (lse1 - x_t) * a
-    if g is None:
-        return (loss,)
-    grad = (y - lse.unsqueeze(1)).exp() * (p_sum * g * ((1.0 - a) * temperature)).unsqueeze(1)
-    if a > 0.0:
-        grad = grad + (z.to(p.dtype) - lse1.unsqueeze(1)).exp() * (g * a).unsqueeze(1)
-    z.copy_(grad)
-    return (loss,)
-
-
-_TOPK_KERNEL = RowKernel(topk_block, "top-k distillation")
+__all__ = ["linear_topk_distill_loss", "TopKDistillScorer"]
 
 
 class TopKDistillScorer:
@@ -76,6 +35,7 @@ class TopKDistillScorer:
     """
 
     low_precision_blocks = True
+    outputs = 1
 
     def __init__(self, ids: Tensor, p: Tensor, log_p: Tensor, target: Optional[Tensor], *,
                  temperature: float, hard_weight: float) -> None:
@@ -84,15 +44,16 @@ class TopKDistillScorer:
         self.p_logp = (p * log_p).sum(1)  # log_p is 0 where p is
         self.options = dict(scale=1.0 / temperature, temperature=temperature, hard_weight=hard_weight)
 
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
         dtype = self.p.dtype
         ids = self.ids[rows]
         hard = self.options["hard_weight"] > 0.0
         t = self.target[rows] if hard else None
         x_ids = z.gather(1, ids).to(dtype)
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype) if hard else None
-        g = None if grad_scale is None else grad_scale.reshape(-1)
-        (loss,) = _TOPK_KERNEL(z, x_ids, self.p[rows], self.p_sum[rows], self.p_logp[rows], x_t, g,
+        x_t = at_cols(z, t, dtype) if hard else None
+        g = None if upstream is None else upstream.reshape(-1)
+        (loss,) = TOPK_KERNEL(z, x_ids, self.p[rows], self.p_sum[rows], self.p_logp[rows], x_t, g,
                                **self.options)
         if g is None:
             return ScoreResult(loss)
@@ -101,10 +62,7 @@ class TopKDistillScorer:
             add_at_cols(z, ids, self.p[rows] * (g * (-(1.0 - a) * temp)).unsqueeze(1))
         if not hard:
             return ScoreResult(loss)
-        coef = g * (-a)
-        dense_t = z.gather(1, t.unsqueeze(1)).squeeze(1).to(dtype)
-        add_at_cols(z, t.unsqueeze(1), coef.unsqueeze(1))
-        return ScoreResult(loss, None, PointGradient(t, coef, dense_t))
+        return ScoreResult(loss, PointGradient(t, g * (-a), at_cols(z, t, dtype)))
 
 
 @graph_break
@@ -142,32 +100,28 @@ def linear_topk_distill_loss(
     Matmuls run in the inputs' dtype; softmax statistics and accumulation in float32 (float64
     stays float64); the loss is returned in that compute dtype.
     """
-    student_hidden, student_weight, student_bias = autocast_matmul_operands(student_hidden, student_weight, student_bias)
     fn = "linear_topk_distill_loss"
     reduction = resolve_reduction(reduction)
-    vocab = _checks.check_linear_shapes(fn, student_hidden, student_weight, student_bias, None,
-                                        hidden_name="student_hidden", weight_name="student_weight",
-                                        bias_name="student_bias")
-    if _checks.shapes_enabled() and student_bias is not None:
-        _checks.check_same_dtype(fn, "student_bias", student_bias, "student_weight", student_weight)
-    lead = tuple(student_hidden.shape[:-1])
-    temperature, hard_weight = check_topk_options(fn, topk_ids, topk_logprobs, lead, vocab, target,
-                                                  ignore_index, temperature, hard_weight)
-    if _checks.shapes_enabled():
-        _checks.check_same_device(fn, student_hidden=student_hidden, topk_ids=topk_ids, target=target)
-    k = topk_ids.shape[-1]
-    h = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ids, lps = topk_ids.reshape(-1, k), topk_logprobs.reshape(-1, k)
-    rows = h.shape[0]
-    tgt = kept = None
-    if target is not None:
-        kept, tgt, h, ids, lps = select_kept(target.reshape(-1), ignore_index, h, ids, lps)
-    dtype = compute_dtype(student_hidden.dtype)
-    ids, p, log_p = topk_teacher(ids, lps, temperature, dtype)
-    scorer = TopKDistillScorer(ids, p, log_p, tgt, temperature=temperature, hard_weight=hard_weight)
-    loss = fused_linear_loss(h, student_weight, student_bias, scorer, reduction=reduction,
-                             divisor=h.shape[0], chunk_size=chunk_size)
-    if reduction == "none":
-        loss = scatter_rows(loss, kept, rows).reshape(lead)
-    return _heuristics.finite_or_warn(fn, loss, student_hidden=student_hidden,
-                                      student_weight=student_weight, student_bias=student_bias)
+
+    def setup(student: Head, _):
+        vocab = _checks.check_linear_shapes(fn, *student, None, hidden_name="student_hidden",
+                                            weight_name="student_weight", bias_name="student_bias")
+        if _checks.shapes_enabled() and student.bias is not None:
+            _checks.check_same_dtype(fn, "student_bias", student.bias, "student_weight", student.weight)
+        temp, hard = _checks.check_topk_options(fn, topk_ids, topk_logprobs, tuple(student.hidden.shape[:-1]),
+                                                vocab, target, ignore_index, temperature, hard_weight)
+        _heuristics.warn_if_topk_probabilities(fn, "topk_logprobs", topk_logprobs, topk_ids)
+        if _checks.shapes_enabled():
+            _checks.check_same_device(fn, student_hidden=student.hidden, topk_ids=topk_ids, target=target)
+        dtype = compute_dtype(student.hidden.dtype)
+
+        def make_scorer(t, ids, lps):
+            ids, p, log_p = topk_teacher(ids, lps, temp, dtype)
+            return TopKDistillScorer(ids, p, log_p, t, temperature=temp, hard_weight=hard)
+
+        return LocalVocab(vocab), make_scorer, None
+
+    loss, _ = run_fused(fn, Head(student_hidden, student_weight, student_bias), target, setup,
+                        rows=(topk_ids, topk_logprobs), ignore_index=ignore_index, reduction=reduction,
+                        chunk_size=chunk_size, names=("student_hidden", "student_weight", "student_bias"))
+    return loss

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .. import _checks, _heuristics
 from .._dtypes import autocast_loss_inputs, compute_dtype, upcast
-from .._reduce import reduce_kept_rows, reduce_loss, resolve_reduction
+from .._fused.distill_rows import resolve_kind
+from .._reduce import mix_hard_and_reduce, reduce_loss, resolve_reduction
 
 __all__ = ["distill_loss", "jsd", "topk_distill_loss", "divergence_terms", "topk_teacher", "KINDS"]
 
@@ -63,10 +64,7 @@ def divergence_terms(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5)
     :math:`0<\beta<1`, the forward terms at :math:`\beta=0` and the reverse terms at
     :math:`\beta=1`.
     """
-    if kind == "jsd" and beta == 0.0:
-        kind = "forward"
-    if kind == "jsd" and beta == 1.0:
-        kind = "reverse"
+    kind = resolve_kind(kind, beta)
     p, q = log_p.exp(), log_q.exp()
     if kind == "forward":
         return _xlogratio(p, log_p, log_q)
@@ -145,28 +143,9 @@ def distill_loss(
     log_q = torch.log_softmax(s / temperature if inv_t != 1.0 else s, dim=-1)
     log_p = torch.log_softmax(t / temperature if inv_t != 1.0 else t, dim=-1)
     loss = divergence_terms(log_p, log_q, kind, beta).sum(-1)
-    loss = _mix_hard_and_reduce(loss, s, log_q, target, temperature=temperature,
+    loss = mix_hard_and_reduce(loss, s, log_q, target, temperature=temperature,
                                 ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction)
     return _heuristics.finite_or_warn(fn, loss, student_logits=student_logits, teacher_logits=teacher_logits)
-
-
-def _mix_hard_and_reduce(soft: Tensor, s: Tensor, log_q: Tensor, target: Optional[Tensor], *,
-                         temperature: float, ignore_index: int, hard_weight: float,
-                         reduction: str) -> Tensor:
-    """``a CE(s, y) + (1 - a) T^2 soft`` per row (``s``: the untempered student logits,
-    ``log_q``: ``log_softmax(s / T)``), rows with ``y == ignore_index`` zeroed, then reduced over
-    the kept rows (:func:`leanloss._reduce.reduce_kept_rows`)."""
-    loss = soft * ((1.0 - hard_weight) * temperature**2)
-    keep = None
-    if target is not None:
-        keep = target != ignore_index
-        if hard_weight > 0:
-            log_q1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
-            safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
-            ce = -log_q1.gather(-1, safe.long().unsqueeze(-1)).squeeze(-1)
-            loss = loss + hard_weight * ce
-        loss = torch.where(keep, loss, loss.new_zeros(()))
-    return reduce_kept_rows(loss, keep, reduction)
 
 
 def topk_teacher(topk_ids: Tensor, topk_logprobs: Tensor, temperature: float,
@@ -185,18 +164,6 @@ def topk_teacher(topk_ids: Tensor, topk_logprobs: Tensor, temperature: float,
     lp = torch.where(pad, torch.zeros((), dtype=dtype, device=lp.device), lp)  # all-padding rows: nan -> 0
     p = torch.where(pad, torch.zeros((), dtype=dtype, device=lp.device), lp.exp())
     return topk_ids.clamp_min(0), p, lp
-
-
-def check_topk_options(fn: str, topk_ids, topk_logprobs, rows_shape, num_classes: int, target,
-                       ignore_index: int, temperature, hard_weight):
-    """Argument checks shared by the dense and fused top-k losses; returns
-    ``(temperature, hard_weight)`` as floats."""
-    temperature = _checks.check_positive(fn, "temperature", temperature)
-    hard_weight = _checks.check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0)
-    _checks.check_topk(fn, topk_ids, topk_logprobs, rows_shape, num_classes)
-    _checks.check_distill_target(fn, target, rows_shape, num_classes, ignore_index, hard_weight)
-    _heuristics.warn_if_topk_probabilities(fn, "topk_logprobs", topk_logprobs, topk_ids)
-    return temperature, hard_weight
 
 
 def topk_distill_loss(
@@ -250,15 +217,16 @@ def topk_distill_loss(
             raise _checks.LeanlossValueError(
                 f"{fn}: argument 'student_logits' must have shape (..., V), got a 0-dim tensor")
     rows_shape = student_logits.shape[:-1]
-    temperature, hard_weight = check_topk_options(
+    temperature, hard_weight = _checks.check_topk_options(
         fn, topk_ids, topk_logprobs, rows_shape, student_logits.shape[-1], target, ignore_index,
         temperature, hard_weight)
+    _heuristics.warn_if_topk_probabilities(fn, "topk_logprobs", topk_logprobs, topk_ids)
     dtype = compute_dtype(student_logits.dtype)
     s = student_logits.to(dtype)
     log_q = torch.log_softmax(s / temperature if temperature != 1.0 else s, dim=-1)
     ids, p, log_p = topk_teacher(topk_ids, topk_logprobs, temperature, dtype)
     soft = _xlogratio(p, log_p, log_q.gather(-1, ids)).sum(-1)
-    loss = _mix_hard_and_reduce(soft, s, log_q, target, temperature=temperature,
+    loss = mix_hard_and_reduce(soft, s, log_q, target, temperature=temperature,
                                 ignore_index=ignore_index, hard_weight=hard_weight, reduction=reduction)
     return _heuristics.finite_or_warn(fn, loss, student_logits=student_logits)
 

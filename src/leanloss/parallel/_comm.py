@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _checks
+from .._fused.reduce_hook import VocabSlice, global_row_max
 
 __all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "global_row_max",
            "copy_to_vocab_parallel"]
@@ -51,8 +52,10 @@ def all_reduce_(t: Tensor, op, group, world_size: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class VocabShard:
-    """This rank's slice ``[start, start + size)`` of a vocabulary of ``vocab`` classes."""
+class VocabShard(VocabSlice):
+    """This rank's slice ``[start, start + size)`` of a vocabulary of ``vocab`` classes: the
+    reduce hook of a scorer over a vocab-sharded head (its ``max_``/``sum_`` all-reduce over
+    ``group``)."""
 
     group: object
     world_size: int
@@ -61,16 +64,14 @@ class VocabShard:
     vocab: int
     max_size: int
 
+    def max_(self, t: Tensor) -> Tensor:
+        return all_reduce_(t, dist.ReduceOp.MAX, self.group, self.world_size)
 
-def global_row_max(y: Tensor, shard: "VocabShard") -> Tensor:
-    """Each row's maximum over every rank's slice of ``y`` ``(n, V_local)`` (a rank with an
-    empty slice contributes ``-inf``), as the shift of a softmax: a row that is ``-inf``
-    everywhere gets ``0``, so shifting keeps it ``nan`` (as torch's softmax) instead of
-    ``-inf - -inf``. One all-reduce MAX, run on every rank."""
-    n = y.shape[0]
-    m = y.amax(1) if shard.size > 0 else y.new_full((n,), float("-inf"))
-    all_reduce_(m, dist.ReduceOp.MAX, shard.group, shard.world_size)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    def sum_(self, t: Tensor) -> Tensor:
+        return all_reduce_(t, dist.ReduceOp.SUM, self.group, self.world_size)
+
+    def replicated(self, x: Tensor) -> Tensor:
+        return copy_to_vocab_parallel(x, self)
 
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,

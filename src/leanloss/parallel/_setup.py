@@ -1,28 +1,14 @@
-"""What both vocab-parallel losses do around the scorer: checks, ignored rows, the divisor."""
+"""The shard setup of the vocab-parallel losses: this rank's slice, with the targets checked on every rank."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from .. import _checks
-from .._dtypes import compute_dtype
-from .._fused.rows import scatter_rows, select_kept
 from ._comm import VocabShard, resolve_group, vocab_shard
-from ._scorer import VocabParallelScorer
 
-__all__ = ["RowSetup", "find_shard", "shard_rows", "prepare_rows", "to_batch_shape"]
-
-
-@dataclass
-class RowSetup:
-    shard: VocabShard
-    scorer: VocabParallelScorer
-    keep: Optional[Tensor]  # indices of the rows that count in the flattened batch; None: all
-    batch_shape: torch.Size
-    divisor: object  # the 'mean' divisor: num_items, else sum of w[target] over kept rows
+__all__ = ["find_shard", "shard_of", "ce_shard"]
 
 
 def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], group,
@@ -47,55 +33,30 @@ def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], grou
     return shard
 
 
-def shard_rows(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start,
-               ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None):
-    """Check ``target`` against the batch (``like.shape[:-1]``), find the shard
-    (:func:`find_shard`) and drop ignored rows: ``(shard, keep, kept_target, batch_shape)``.
-    ``check_vocab(V)`` runs metadata checks that need the global vocabulary."""
-    batch_shape = like.shape[:-1]
-    _checks.check_tensor(fn, "target", target)
-    if _checks.shapes_enabled():
-        _checks.check_row_targets(fn, target, batch_shape, "the input (all but its last dimension)")
+def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
+             ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
+    """Check ``target`` against the batch (``like.shape[:-1]``; ``None``: no target) and find
+    the shard (:func:`find_shard`). ``check_vocab(V)`` runs metadata checks that need the
+    global vocabulary."""
+    if target is not None:
+        _checks.check_tensor(fn, "target", target)
+        if _checks.shapes_enabled():
+            _checks.check_row_targets(fn, target, like.shape[:-1], "the input (all but its last dimension)")
     shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
-    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
-    return shard, keep, kept_target.long(), batch_shape
+    return shard
 
 
-def prepare_rows(
-    fn: str,
-    like: Tensor,
-    local_vocab: int,
-    target: Tensor,
-    group,
-    vocab_start: Optional[int],
-    ignore_index: int,
-    label_smoothing: float,
-    class_weight: Optional[Tensor],
-    z_loss: float,
-    num_items,
-    sizes: Optional[Sequence[int]] = None,
-) -> RowSetup:
-    """Validate the shared arguments, find the shard (:func:`find_shard`), drop ignored rows.
-
-    ``like`` is ``(..., X)`` whose leading shape is the batch (the logits or the hidden states);
-    it gives the batch shape, the compute dtype and the device.
-    """
+def ce_shard(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start: Optional[int],
+             ignore_index: int, label_smoothing: float, class_weight: Optional[Tensor], z_loss: float,
+             sizes: Optional[Sequence[int]] = None):
+    """The vocab-parallel cross entropies' checks and shard: ``(shard, label_smoothing, z_loss)``
+    (``like`` is ``(..., X)`` whose leading shape is the batch: the logits or the hidden states)."""
     if _checks.shapes_enabled():
         _checks.check_same_device(fn, target=target, class_weight=class_weight)
     label_smoothing = _checks.check_label_smoothing(fn, label_smoothing)
     z_loss = _checks.check_in_closed_interval(fn, "z_loss", z_loss, 0.0, float("inf"))
-    shard, keep, kept_target, batch_shape = shard_rows(
-        fn, like, local_vocab, target, group, vocab_start, ignore_index,
-        lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
-    scorer = VocabParallelScorer(
-        shard, kept_target, class_weight, label_smoothing, z_loss, compute_dtype(like.dtype)
-    )
-    divisor = num_items if num_items is not None else scorer.w_target.sum()
-    return RowSetup(shard, scorer, keep, torch.Size(batch_shape), divisor)
-
-
-def to_batch_shape(losses: Tensor, setup: RowSetup) -> Tensor:
-    """Per-row losses of the kept rows -> the batch shape, zeros at ignored positions."""
-    return scatter_rows(losses, setup.keep, setup.batch_shape.numel()).reshape(setup.batch_shape)
+    shard = shard_of(fn, like, local_vocab, target, group, vocab_start, ignore_index,
+                     lambda vocab: _checks.check_class_weight(fn, "class_weight", class_weight, vocab), sizes)
+    return shard, label_smoothing, z_loss

@@ -1,6 +1,7 @@
 """Cross entropy on vocab-sharded logits: each rank holds a slice of the vocabulary dimension."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -8,10 +9,14 @@ from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
-from .._dtypes import autocast_loss_inputs
+from .._dtensor import has_dtensor, unwrap
+from .._dtypes import autocast_loss_inputs, compute_dtype
+from .._fused.engine import write_points
+from .._fused.rows import select_kept
 from .._reduce import reduce_loss, resolve_reduction
-from ._dtensor import has_dtensor, unwrap
-from ._setup import prepare_rows, to_batch_shape
+from ..linear._pipeline import Batch
+from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
+from ._setup import ce_shard
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -26,24 +31,26 @@ def _kept_block(logits: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> T
 class _LocalLogitsLoss(torch.autograd.Function):
     """Per-row losses of the kept rows; backward = ``g_r * dloss_r/dz`` from the recorded lse.
 
-    The gradient with respect to the local logits is local (see ``_scorer``), so backward
-    communicates nothing and never gathers logits.
+    The gradient with respect to the local logits is local (the scorer's saved ``lse``), so
+    backward communicates nothing and never gathers logits.
     """
 
     @staticmethod
     def forward(ctx, logits, scorer, keep):
-        z = _kept_block(logits, keep, scorer.lse.dtype)
-        losses = scorer.score(z, slice(0, z.shape[0]), None).loss.clone()
+        z = _kept_block(logits, keep, scorer.dtype)
+        res = scorer.score(z, slice(0, z.shape[0]), None, None)
+        losses = res.values.clone()
         ctx.save_for_backward(logits)
-        ctx.scorer, ctx.keep = scorer, keep
+        ctx.scorer, ctx.keep, ctx.saved = scorer, keep, res.saved
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         (logits,) = ctx.saved_tensors
         scorer, keep = ctx.scorer, ctx.keep
-        z = _kept_block(logits, keep, scorer.lse.dtype)
-        scorer.score(z, slice(0, z.shape[0]), grad_losses.to(z.dtype).unsqueeze(1))
+        z = _kept_block(logits, keep, scorer.dtype)
+        res = scorer.score(z, slice(0, z.shape[0]), ctx.saved, grad_losses.to(z.dtype).unsqueeze(1))
+        write_points(z, res.point)
         if keep is not None:
             z = z.new_zeros(logits.shape).index_copy_(0, keep, z)
         return z.to(logits.dtype), None, None
@@ -121,13 +128,17 @@ def vocab_parallel_cross_entropy(
             )
         _checks.check_same_device(fn, local_logits=local_logits, target=target)
     local_vocab = local_logits.shape[-1]
-    setup = prepare_rows(fn, local_logits, local_vocab, target, group, vocab_start, ignore_index,
-                         label_smoothing, class_weight, z_loss, num_items, sizes)
-    flat = local_logits.reshape(setup.batch_shape.numel(), local_vocab)
-    losses = _LocalLogitsLoss.apply(flat, setup.scorer, setup.keep)
+    shard, smoothing, zl = ce_shard(fn, local_logits, local_vocab, target, group, vocab_start, ignore_index,
+                                    label_smoothing, class_weight, z_loss, sizes)
+    keep, kept_target = select_kept(target.reshape(-1), ignore_index)
+    scorer = CrossEntropyScorer(kept_target.long(), class_weight, smoothing, zl, None, 1.0,
+                                compute_dtype(local_logits.dtype), shard)
+    lead = tuple(local_logits.shape[:-1])
+    batch = Batch(keep, math.prod(lead), lead)
+    losses = _LocalLogitsLoss.apply(local_logits.reshape(batch.n, local_vocab), scorer, keep)
     if reduction == "none":
-        out = to_batch_shape(losses, setup)
+        out = batch.scatter(losses)
     else:
-        out = reduce_loss(losses, reduction, weight_sum=setup.divisor)
+        out = reduce_loss(losses, reduction, weight_sum=num_items if num_items is not None else ce_divisor(scorer))
     return _heuristics.finite_or_warn("vocab_parallel_cross_entropy", out.to(local_logits.dtype),
                                       local_logits=local_logits)

@@ -5,14 +5,14 @@ from typing import Optional
 
 from torch import Tensor
 
-from .. import _checks, _docs, _heuristics
+from .. import _checks, _docs
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands
+from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
-from .._fused.engine import fused_linear_loss
-from ._comm import copy_to_vocab_parallel
-from ._dtensor import has_dtensor, unwrap
-from ._setup import prepare_rows, to_batch_shape
+from ..linear._pipeline import Head, run_fused
+from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
+from .._dtensor import has_dtensor, unwrap
+from ._setup import ce_shard
 
 __all__ = ["vocab_parallel_linear_cross_entropy"]
 
@@ -73,7 +73,6 @@ def vocab_parallel_linear_cross_entropy(
     shape. Every rank of ``group`` must call this function together (and its backward).
     """
     fn = "vocab_parallel_linear_cross_entropy"
-    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     reduction = resolve_reduction(reduction)
     sizes = None
     if has_dtensor(hidden, local_weight, bias, target, class_weight):
@@ -83,16 +82,18 @@ def vocab_parallel_linear_cross_entropy(
             group, vocab_start, dim=0)
         local_weight, bias = sharded["local_weight"], sharded["bias"]
         hidden, target, class_weight = whole["hidden"], whole["target"], whole["class_weight"]
-    _checks.check_linear_shapes(fn, hidden, local_weight, bias, target, weight_name="local_weight")
-    setup = prepare_rows(fn, hidden, local_weight.shape[0], target, group, vocab_start, ignore_index,
-                         label_smoothing, class_weight, z_loss, num_items, sizes)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    if setup.keep is not None:
-        h = h.index_select(0, setup.keep)
-    h = copy_to_vocab_parallel(h, setup.shard)
-    out = fused_linear_loss(h, local_weight, bias, setup.scorer, reduction=reduction,
-                            divisor=setup.divisor, chunk_size=chunk_size,
-                            policy_vocab=setup.shard.max_size)
-    out = to_batch_shape(out, setup) if reduction == "none" else out
-    return _heuristics.finite_or_warn("vocab_parallel_linear_cross_entropy", out, hidden=hidden,
-                                      local_weight=local_weight, bias=bias)
+
+    def setup(head: Head, _):
+        _checks.check_linear_shapes(fn, *head, target, weight_name="local_weight")
+        shard, smoothing, zl = ce_shard(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
+                                        ignore_index, label_smoothing, class_weight, z_loss, sizes)
+
+        def make_scorer(t):
+            return CrossEntropyScorer(t, class_weight, smoothing, zl, None, 1.0,
+                                      compute_dtype(head.hidden.dtype), shard)
+
+        return shard, make_scorer, ce_divisor if num_items is None else num_items
+
+    out, _ = run_fused(fn, Head(hidden, local_weight, bias), target, setup, ignore_index=ignore_index,
+                       reduction=reduction, chunk_size=chunk_size, names=("hidden", "local_weight", "bias"))
+    return out

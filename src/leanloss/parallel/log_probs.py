@@ -1,84 +1,29 @@
 """Per-token log-probabilities and entropies with the LM head's rows split across ranks.
 
-The statistics of :mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
+The scorer is :class:`leanloss.linear.log_probs.LogProbScorer` with this rank's
+:class:`~leanloss.parallel._comm.VocabShard` as its reduce hook. The statistics of
+:mod:`leanloss._fused.logp_rows` are sums over the vocabulary, so each rank
 sums over its slice with a shift every rank shares: per block one all-reduce MAX of the row
 maxima ``m``, then one stacked all-reduce SUM of ``(S, U, y_t)`` (the target logit is counted by
-the rank that owns the target). ``logp``, ``H`` and ``lse`` follow on every rank, and the
-gradient with respect to this rank's logits is local (the formula needs only ``lse``, ``H`` and
-the upstream gradients), so backward communicates nothing but the all-reduce of the hidden
-states' gradient.
+the rank that owns the target); the statistics of ``return_stats`` add their sums to the SUM
+and ``is_top1`` its "maximum before the target" to the MAX. ``logp``, ``H`` and ``lse`` follow
+on every rank, and the gradient with respect to this rank's logits is local (the formula needs
+only ``lse``, ``H`` and the upstream gradients), so backward communicates nothing but the
+all-reduce of the hidden states' gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
-import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .._compile import graph_break
-from .._dtypes import autocast_matmul_operands, compute_dtype
-from .._fused.engine import PointGradient, ScoreResult, fused_linear_loss, set_at_cols
-from .._fused.logp_rows import LOGP_GRAD_KERNEL, logp_entropy, shifted_sums, target_coef
-from ..linear.log_probs import check_log_prob_inputs, finish_log_probs
-from ._comm import VocabShard, all_reduce_, copy_to_vocab_parallel, global_row_max
-from ._dtensor import has_dtensor, unwrap
-from ._setup import shard_rows
+from ..linear._pipeline import Head
+from ..linear.log_probs import run_log_probs
+from .._dtensor import has_dtensor, unwrap
+from ._setup import shard_of
 
-__all__ = ["vocab_parallel_linear_log_probs", "VocabParallelLogProbScorer"]
-
-
-class VocabParallelLogProbScorer:
-    """Scorer of ``(logp, H)`` per row over a vocabulary slice (float32/float64 blocks).
-
-    The first ``score`` of a block runs the collectives and records ``logp``, ``H`` and
-    ``lse``; a ``score`` with the upstream gradients ``(n, 2)`` reuses them.
-    """
-
-    low_precision_blocks = False
-    outputs = 2
-
-    def __init__(self, shard: VocabShard, target: Tensor, scale: float, dtype: torch.dtype) -> None:
-        self.shard, self.scale = shard, float(scale)
-        local = target - shard.start
-        self.owned = (local >= 0) & (local < shard.size)
-        self.local_target = torch.where(self.owned, local, torch.zeros_like(local))
-        self.stats = torch.zeros((target.shape[0], 3), dtype=dtype, device=target.device)
-        self._scored = set()
-
-    def score(self, z: Tensor, rows: slice, grad_scale: Optional[Tensor]) -> ScoreResult:
-        stats = self.stats[rows]
-        key = (rows.start, rows.stop)
-        if key not in self._scored:
-            self._statistics(z, rows, stats)
-            self._scored.add(key)
-        out = stats[:, :2]
-        if grad_scale is None or self.shard.size == 0 or z.shape[0] == 0:
-            return ScoreResult(out)
-        t = self.local_target[rows]
-        x_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
-        a, b = grad_scale[:, 0].contiguous(), grad_scale[:, 1].contiguous()
-        (dense_t,) = LOGP_GRAD_KERNEL(z, x_t, stats[:, 2].contiguous(), stats[:, 1].contiguous(), a, b,
-                                      scale=self.scale)
-        coef = target_coef(a, self.scale, self.owned[rows])
-        set_at_cols(z, t, dense_t + coef)
-        return ScoreResult(out, None, PointGradient(t, coef, dense_t))
-
-    def _statistics(self, z: Tensor, rows: slice, stats: Tensor) -> None:
-        """Global ``(logp, H, lse)`` of the block's rows into ``stats`` (``z`` is left intact)."""
-        shard, n = self.shard, z.shape[0]
-        if n == 0:  # the same on every rank: no rank skips a collective the others run
-            return
-        y = z * self.scale if self.scale != 1.0 else z
-        m = global_row_max(y, shard)
-        sums = y.new_zeros(n, 3)
-        if shard.size > 0:
-            sums[:, 0], sums[:, 1] = shifted_sums(y, m)
-            picked = y.gather(1, self.local_target[rows].unsqueeze(1)).squeeze(1)
-            sums[:, 2] = torch.where(self.owned[rows], picked, torch.zeros_like(picked))
-        all_reduce_(sums, dist.ReduceOp.SUM, shard.group, shard.world_size)
-        for j, column in enumerate(logp_entropy(m, sums[:, 0], sums[:, 1], sums[:, 2])):
-            stats[:, j] = column
+__all__ = ["vocab_parallel_linear_log_probs"]
 
 
 @graph_break  # collectives and a data-dependent row selection: run eagerly
@@ -94,6 +39,9 @@ def vocab_parallel_linear_log_probs(
     return_entropy: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_stats: Sequence[str] = (),
 ):
     r""":func:`leanloss.linear_log_probs` with each rank holding rows of the LM head.
 
@@ -101,7 +49,8 @@ def vocab_parallel_linear_log_probs(
     every rank's ``local_weight``/``bias``, in value (on every rank) and gradient: ``local_weight``
     and ``bias`` get this rank's slice of the full gradient, ``hidden`` the FULL gradient on
     every rank (one all-reduce in backward). Only per-token statistics cross ranks (O(tokens)
-    per block: one MAX and one stacked SUM of three numbers per row, in forward).
+    per block: one MAX and one SUM, each of a few numbers per row stacked, in forward; the
+    statistics of ``return_stats`` add a column to one of them each).
 
     Args:
         hidden: ``(..., D)``, the same on every rank of ``group``.
@@ -109,14 +58,14 @@ def vocab_parallel_linear_log_probs(
         target: ``(...)`` GLOBAL class ids, identical on every rank.
         group, vocab_start: as in :func:`vocab_parallel_linear_cross_entropy`.
         bias: this rank's ``(V_local,)`` slice of the bias, or ``None``.
-        temperature, return_entropy, ignore_index: as in :func:`leanloss.linear_log_probs`.
+        temperature, return_entropy, ignore_index, softcap, logit_scale, return_stats: as in
+            :func:`leanloss.linear_log_probs`.
         chunk_size: rows per block, the same on every rank (default: planned from the largest
             slice).
 
-    Returns ``logp`` or ``(logp, entropy)`` shaped like ``target`` (float32 for 16-bit
-    inputs). Every rank of ``group`` must call this function (and its backward) together.
+    Returns what :func:`leanloss.linear_log_probs` returns, shaped like ``target`` (float32 for
+    16-bit inputs). Every rank of ``group`` must call this function (and its backward) together.
     """
-    hidden, local_weight, bias = autocast_matmul_operands(hidden, local_weight, bias)
     fn = "vocab_parallel_linear_log_probs"
     sizes = None
     if has_dtensor(hidden, local_weight, bias, target):
@@ -124,17 +73,13 @@ def vocab_parallel_linear_log_probs(
                                               {"hidden": hidden, "target": target}, group, vocab_start, dim=0)
         local_weight, bias = sharded["local_weight"], sharded["bias"]
         hidden, target = whole["hidden"], whole["target"]
-    temperature = check_log_prob_inputs(fn, hidden, local_weight, target, bias, temperature,
-                                        ignore_index, check_range=False, weight_name="local_weight")
-    shard, keep, kept_target, batch_shape = shard_rows(fn, hidden, local_weight.shape[0], target,
-                                                       group, vocab_start, ignore_index, sizes=sizes)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    n = h.shape[0]
-    if keep is not None:
-        h = h.index_select(0, keep)
-    h = copy_to_vocab_parallel(h, shard)
-    scorer = VocabParallelLogProbScorer(shard, kept_target, 1.0 / temperature, compute_dtype(hidden.dtype))
-    out = fused_linear_loss(h, local_weight, bias, scorer, reduction="none", chunk_size=chunk_size,
-                            policy_vocab=shard.max_size)
-    return finish_log_probs(fn, out, keep, n, batch_shape, return_entropy, hidden=hidden,
-                            local_weight=local_weight, bias=bias)
+
+    def vocab_of(head: Head):
+        return shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
+                        ignore_index, sizes=sizes)
+
+    return run_log_probs(fn, Head(hidden, local_weight, bias), target, vocab_of,
+                         temperature=temperature, return_entropy=return_entropy,
+                         return_stats=return_stats, softcap=softcap, logit_scale=logit_scale,
+                         ignore_index=ignore_index, chunk_size=chunk_size, check_range=False,
+                         names=("hidden", "local_weight", "bias"))

@@ -27,13 +27,13 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 
-from .. import _checks
+from . import _checks
 
 __all__ = ["VocabLayout", "has_dtensor", "vocab_layout", "replicated_local", "unwrap", "routes_dtensor",
-           "route_linear_cross_entropy", "route_linear_distill_loss"]
+           "register_router"]
 
 
 def _dtensor_class():
@@ -70,19 +70,19 @@ def chunk_sizes(total: int, parts: int) -> List[int]:
     return [max(0, min(total, (r + 1) * c) - min(total, r * c)) for r in range(parts)]
 
 
-def _placement_types():
+def placement_types():
     from torch.distributed.tensor import Replicate, Shard
     return Replicate, Shard
 
 
-def _describe(t) -> str:
+def describe_placement(t) -> str:
     return f"placements {tuple(t.placements)} on {t.device_mesh}"
 
 
 def vocab_layout(fn: str, name: str, t, dim: int) -> Optional[VocabLayout]:
     """The vocabulary layout of DTensor ``t`` whose dimension ``dim`` holds the classes; ``None``
     when every placement is ``Replicate`` (nothing is sharded)."""
-    Replicate, Shard = _placement_types()
+    Replicate, Shard = placement_types()
     dim = dim % t.dim()
     sharding = []
     for mesh_dim, p in enumerate(t.placements):
@@ -90,7 +90,7 @@ def vocab_layout(fn: str, name: str, t, dim: int) -> Optional[VocabLayout]:
             sharding.append(mesh_dim)
         elif not isinstance(p, Replicate):
             raise _checks.LeanlossValueError(
-                f"{fn}: argument '{name}' is a DTensor with {_describe(t)}; the vocab-parallel "
+                f"{fn}: argument '{name}' is a DTensor with {describe_placement(t)}; the vocab-parallel "
                 f"path takes its dimension {dim} (the vocabulary) sharded with Shard({dim}) on "
                 f"one mesh dimension and Replicate on the others (as ColwiseParallel leaves an "
                 f"LM head); redistribute it, or pass its local shard with a process group"
@@ -99,7 +99,7 @@ def vocab_layout(fn: str, name: str, t, dim: int) -> Optional[VocabLayout]:
         return None
     if len(sharding) > 1:
         raise _checks.LeanlossValueError(
-            f"{fn}: argument '{name}' is a DTensor with {_describe(t)}: its vocabulary dimension "
+            f"{fn}: argument '{name}' is a DTensor with {describe_placement(t)}: its vocabulary dimension "
             f"is sharded on several mesh dimensions; shard it on one"
         )
     mesh_dim, mesh = sharding[0], t.device_mesh
@@ -121,7 +121,7 @@ def replicated_local(fn: str, name: str, t, mesh=None):
     ``mesh``: the mesh ``t`` must live on, when one is required."""
     if not has_dtensor(t):
         return t
-    Replicate, _ = _placement_types()
+    Replicate, _ = placement_types()
     if mesh is not None and t.device_mesh != mesh:
         raise _checks.LeanlossValueError(
             f"{fn}: argument '{name}' is a DTensor on {t.device_mesh}, but the vocabulary is "
@@ -148,7 +148,7 @@ def unwrap(fn: str, sharded: dict, replicated: dict, group, vocab_start, dim: in
         layout = vocab_layout(fn, main_name, main, dim)
         if layout is None:
             raise _checks.LeanlossValueError(
-                f"{fn}: argument '{main_name}' is a DTensor with {_describe(main)}: every rank "
+                f"{fn}: argument '{main_name}' is a DTensor with {describe_placement(main)}: every rank "
                 f"holds the whole vocabulary; use the single-device loss on its to_local()"
             )
         for arg, value in (("group", group), ("vocab_start", vocab_start)):
@@ -178,99 +178,28 @@ def unwrap(fn: str, sharded: dict, replicated: dict, group, vocab_start, dim: in
 # the routing of the single-device fused losses
 
 
-def routes_dtensor(router: Callable) -> Callable:
-    """Decorator: calls with any DTensor argument go to ``router(fn, **arguments)`` (every
-    argument bound by name, defaults applied); all others run ``fn`` untouched."""
-
-    def wrap(fn: Callable) -> Callable:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            if has_dtensor(*args, *kwargs.values()):
-                bound = signature.bind(*args, **kwargs)
-                bound.apply_defaults()
-                return router(fn, **bound.arguments)
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    return wrap
+_ROUTERS: Dict[str, Callable] = {}
 
 
-def _all_local(fn_name: str, arguments: dict, weights: tuple) -> dict:
-    """Every DTensor argument as its local tensor, replicated first; the LM-head tensors named
-    in ``weights`` must already be ``Replicate`` (making them so would gather a weight)."""
-    Replicate, _ = _placement_types()
-    out = {}
-    for name, value in arguments.items():
-        if (name in weights and has_dtensor(value)
-                and any(not isinstance(p, Replicate) for p in value.placements)):
-            raise _checks.LeanlossValueError(
-                f"{fn_name}: argument '{name}' is a DTensor with {_describe(value)}; a head "
-                f"weight must be Replicate or sharded on the vocabulary (Shard(0), with its "
-                f"bias sharded alike)"
-            )
-        out[name] = replicated_local(fn_name, name, value)
-    return out
+def routes_dtensor(fn: Callable) -> Callable:
+    """Decorator of a single-device fused loss: calls with any DTensor argument go to the
+    router registered under ``fn``'s name (:func:`register_router`), as
+    ``router(fn, **arguments)`` (every argument bound by name, defaults applied); all others
+    run ``fn`` untouched."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if has_dtensor(*args, *kwargs.values()):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return _ROUTERS[fn.__name__](fn, **bound.arguments)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
-def _vocab_sharded(fn_name: str, name: str, weight) -> bool:
-    return has_dtensor(weight) and weight.dim() == 2 and vocab_layout(fn_name, name, weight, 0) is not None
-
-
-def route_linear_cross_entropy(fn: Callable, hidden, weight, target, bias=None, *, softcap=None,
-                               logit_scale=1.0, return_lse=False, **options):
-    """``linear_cross_entropy`` with DTensor arguments: a vocab-sharded ``weight`` (and
-    ``bias``) runs :func:`~leanloss.parallel.vocab_parallel_linear_cross_entropy` over the
-    mesh's group; replicated DTensors run ``fn`` on their local tensors."""
-    name = "linear_cross_entropy"
-    if not _vocab_sharded(name, "weight", weight):
-        args = _all_local(name, dict(hidden=hidden, weight=weight, target=target, bias=bias,
-                                     class_weight=options.pop("class_weight")), ("weight", "bias"))
-        return fn(args.pop("hidden"), args.pop("weight"), args.pop("target"), args.pop("bias"),
-                  softcap=softcap, logit_scale=logit_scale, return_lse=return_lse, **args, **options)
-    for arg, value, default in (("softcap", softcap, None), ("return_lse", return_lse, False)):
-        if value != default:
-            raise _checks.LeanlossValueError(
-                f"{name}: argument '{arg}' is not supported with a vocab-sharded DTensor "
-                f"'weight' (the vocab-parallel path); got {arg}={value!r}"
-            )
-    logit_scale = _checks.check_positive(name, "logit_scale", logit_scale)
-    if logit_scale != 1.0:  # s * (h @ W.T + b) = (s h) @ W.T + s b
-        hidden = hidden * logit_scale
-        bias = None if bias is None else bias * logit_scale
-    from .linear import vocab_parallel_linear_cross_entropy
-    return vocab_parallel_linear_cross_entropy(hidden, weight, target, bias=bias, **options)
-
-
-def route_linear_log_probs(fn: Callable, hidden, weight, target, bias=None, **options):
-    """``linear_log_probs`` with DTensor arguments: a vocab-sharded ``weight`` (and ``bias``)
-    runs :func:`~leanloss.parallel.vocab_parallel_linear_log_probs` over the mesh's group;
-    replicated DTensors run ``fn`` on their local tensors."""
-    name = "linear_log_probs"
-    if _vocab_sharded(name, "weight", weight):
-        from .log_probs import vocab_parallel_linear_log_probs
-        return vocab_parallel_linear_log_probs(hidden, weight, target, bias=bias, **options)
-    args = _all_local(name, dict(hidden=hidden, weight=weight, target=target, bias=bias), ("weight", "bias"))
-    return fn(args.pop("hidden"), args.pop("weight"), args.pop("target"), args.pop("bias"), **options)
-
-
-def route_linear_distill_loss(fn: Callable, student_hidden, student_weight, teacher_hidden,
-                              teacher_weight, target=None, *, student_bias=None, teacher_bias=None,
-                              **options):
-    """``linear_distill_loss`` with DTensor arguments: vocab-sharded heads (both, sharded alike)
-    run :func:`~leanloss.parallel.vocab_parallel_linear_distill_loss` over the mesh's group;
-    replicated DTensors run ``fn`` on their local tensors."""
-    name = "linear_distill_loss"
-    if _vocab_sharded(name, "student_weight", student_weight) or _vocab_sharded(name, "teacher_weight", teacher_weight):
-        from .distill import vocab_parallel_linear_distill_loss
-        return vocab_parallel_linear_distill_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, target,
-            student_bias=student_bias, teacher_bias=teacher_bias, **options)
-    args = _all_local(name, dict(student_hidden=student_hidden, student_weight=student_weight,
-                                 teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-                                 target=target, student_bias=student_bias, teacher_bias=teacher_bias),
-                      ("student_weight", "teacher_weight", "student_bias", "teacher_bias"))
-    return fn(args.pop("student_hidden"), args.pop("student_weight"), args.pop("teacher_hidden"),
-              args.pop("teacher_weight"), args.pop("target"), **args, **options)
+def register_router(name: str, router: Callable) -> None:
+    """``router(fn, **arguments)`` runs the DTensor calls of the fused loss ``name``
+    (:mod:`leanloss._dispatch` registers the vocab-parallel routes)."""
+    _ROUTERS[name] = router
