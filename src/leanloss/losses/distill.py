@@ -62,7 +62,11 @@ def divergence_terms(log_p: Tensor, log_q: Tensor, kind: str, beta: float = 0.5)
     ``kind='forward'``: :math:`p(\log p - \log q)`; ``'reverse'``: :math:`q(\log q - \log p)`;
     ``'jsd'``: :math:`\beta p(\log p - \log m) + (1-\beta) q(\log q - \log m)` for
     :math:`0<\beta<1`, the forward terms at :math:`\beta=0` and the reverse terms at
-    :math:`\beta=1`.
+    :math:`\beta=1` (:func:`leanloss._fused.distill_rows.resolve_kind`).
+
+    This log-space form, differentiated by autograd, is the reference statement of the
+    divergences; the fused losses state the same divergences once, from row sums, in
+    :mod:`leanloss._fused.distill_rows`, and are tested against this one.
     """
     kind = resolve_kind(kind, beta)
     p, q = log_p.exp(), log_q.exp()
