@@ -335,7 +335,8 @@ def _fused_outputs(model: nn.Module, settings: _HeadSettings, backbone_attr: str
                                is_top1=got.is_top1, label_mask=mask, aux_loss=aux_loss)
 
 
-def _install(model: nn.Module, settings: _HeadSettings) -> None:
+def _fused_forward_function(model: nn.Module, settings: _HeadSettings):
+    """The ``forward`` (a function of ``self``) that a fused head installs on ``model``."""
     text_config = model.config.get_text_config()
     # before transformers 5, vision-language models expose their language backbone as `model`
     backbone_attr = "base_model"
@@ -355,8 +356,8 @@ def _install(model: nn.Module, settings: _HeadSettings) -> None:
         return _fused_outputs(self, settings, backbone_attr, text_config, args, labels, shift_labels,
                               num_items_in_batch, kwargs)
 
-    model.__dict__[_STATE_ATTR] = settings
-    model.forward = types.MethodType(forward, model)
+    forward._leanloss_settings = settings
+    return forward
 
 
 def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -383,24 +384,81 @@ def add_fused_lm_head(model: nn.Module, temperature: float = 1.0, cast_lm_head_t
     previous = model.__dict__.get(_STATE_ATTR)
     if previous is not None:  # patching twice: wrap the first original, not our forward
         original = previous.original_forward
-    _install(model, _HeadSettings(temperature, bool(cast_lm_head_to_fp32), outputs, original))
+    settings = _HeadSettings(temperature, bool(cast_lm_head_to_fp32), outputs, original)
+    model.__dict__[_STATE_ATTR] = settings
+    model.forward = types.MethodType(_fused_forward_function(model, settings), model)
 
 
 # ----------------------------------------------------------------------------------------------
 # apply_leanloss(trainer)
 
 
-def _trl_head_settings(model: nn.Module) -> Optional[_HeadSettings]:
-    """The arguments TRL's ``add_fused_lm_head`` gave ``model``, read from the closure of the
-    forward it installed (``None`` when the forward is not TRL's fused one)."""
-    ours = model.__dict__.get(_STATE_ATTR)
-    if ours is not None:
-        return ours
-    fn = getattr(model.__dict__.get("forward"), "__func__", None)
-    code = getattr(fn, "__code__", None)
-    if code is None or code.co_name != "_fused_forward" or fn.__closure__ is None:
+def _is_trl_fused(fn) -> bool:
+    """Whether ``fn`` (a function or bound method) is the forward TRL's ``add_fused_lm_head`` installs."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return (code is not None and code.co_name == "_fused_forward"
+            and code.co_filename.replace("\\", "/").endswith("trl/trainer/utils.py"))
+
+
+def _find_trl_forward(model: nn.Module, node, depth: int = 0):
+    """``(TRL's fused forward, a function that replaces it)`` found in ``node`` (the model's
+    ``forward``) or in the wrappers around it (accelerate wraps a prepared model's forward in
+    autocast and a float32 output conversion: closures and wrapper objects); ``None`` if absent."""
+    if depth == 0 and _is_trl_fused(node):
+        return node, lambda new: setattr(model, "forward", types.MethodType(new, model))
+    if depth > 6 or node is None or isinstance(node, (nn.Module, Tensor, type)):
         return None
-    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    func = getattr(node, "__func__", node)
+    slots = []
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            slots.append((cell.cell_contents, cell, None))
+        except ValueError:  # an empty cell
+            continue
+    if not isinstance(func, types.FunctionType):
+        slots += [(value, None, name) for name, value in vars(func).items()] if hasattr(func, "__dict__") else []
+    for value, cell, name in slots:
+        if _is_trl_fused(value):
+            def replace(new, value=value, cell=cell, name=name):
+                new = types.MethodType(new, model) if isinstance(value, types.MethodType) else new
+                if cell is not None:
+                    cell.cell_contents = new
+                else:
+                    setattr(func, name, new)
+                if getattr(func, "__wrapped__", None) is value:  # accelerate unwraps through __wrapped__
+                    func.__wrapped__ = new
+            return value, replace
+        if callable(value):
+            found = _find_trl_forward(model, value, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _repatch(model: nn.Module) -> bool:
+    """Replace the fused forward TRL installed on ``model`` (wherever wrappers put it) by
+    leanloss's with the same settings; ``False`` when ``model`` has none."""
+    if _STATE_ATTR in model.__dict__:  # already leanloss's
+        return True
+    found = _find_trl_forward(model, model.__dict__.get("forward"))
+    if found is None:
+        return False
+    trl_forward, replace = found
+    settings = _trl_head_settings(model, trl_forward)
+    ours = _fused_forward_function(model, settings)
+    replace(ours)
+    if _is_trl_fused(model.__dict__.get("_original_forward")):  # what accelerate restores on unwrap
+        model._original_forward = types.MethodType(ours, model)
+    model.__dict__[_STATE_ATTR] = settings
+    return True
+
+
+def _trl_head_settings(model: nn.Module, trl_forward) -> _HeadSettings:
+    """The arguments TRL's ``add_fused_lm_head`` gave ``model``, read from the closure of the
+    forward it installed."""
+    fn = getattr(trl_forward, "__func__", trl_forward)
+    code = fn.__code__
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
     needed = ("temperature", "cast_lm_head_to_fp32", "outputs", "original_forward")
     if any(name not in cells for name in needed):
         raise UnsupportedTrainerError(
@@ -477,10 +535,12 @@ def apply_leanloss(trainer):
     if kind == "DistillationTrainer":
         _route_divergence(trainer)
         return trainer
-    for model in _patched_models(trainer):
-        settings = _trl_head_settings(model)
-        if settings is not None:
-            _install(model, settings)
+    patched = [_repatch(model) for model in _patched_models(trainer)]
+    if not patched or not patched[0]:
+        raise UnsupportedTrainerError(
+            f"apply_leanloss: {type(trainer).__name__} (TRL {_trl_version()}): its model has no fused "
+            "LM head from TRL's add_fused_lm_head to replace"
+        )
     return trainer
 
 
