@@ -33,7 +33,7 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,transformers,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,transformers,trl,dev]"
 	touch $@
 
 demo: $(VENV)/.demo-installed
