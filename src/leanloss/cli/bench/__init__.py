@@ -7,4 +7,4 @@ child process, ``python -m leanloss.cli.bench.<suite> --case JSON``, and returns
 :mod:`.import_cost` measures what ``import leanloss`` costs.
 """
 
-SUITES = ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step")
+SUITES = ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "trl")
