@@ -477,3 +477,17 @@ def test_a_head_inside_accelerate_wrappers_is_replaced():
         torch.testing.assert_close(got.log_probs, want.log_probs, rtol=0.02, atol=0.02)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_grpo_example_runs():
+    """examples/trl_grpo.py, one step on a smaller model: it trains and logs a reward in [0, 1]."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "trl_grpo.py")
+    spec = importlib.util.spec_from_file_location("trl_grpo_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with _counting_calls() as counts:
+        rewards = example.main(["--steps", "1", "--vocab", "64", "--hidden", "32"])
+    assert len(rewards) == 1 and 0.0 <= rewards[0] <= 1.0
+    assert counts["leanloss"] > 0 and counts["trl"] == 0
