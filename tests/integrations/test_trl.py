@@ -404,6 +404,13 @@ def test_refuses_other_trainers_naming_class_and_version():
         apply_leanloss(trainer)
 
 
+def test_refuses_gkd_which_reads_full_logits():
+    from trl.experimental.gkd import GKDTrainer
+    trainer = GKDTrainer.__new__(GKDTrainer)  # the class decides; no model needed
+    with pytest.raises(UnsupportedTrainerError, match="GKDTrainer .*is not supported"):
+        apply_leanloss(trainer)
+
+
 def test_refuses_an_unsupported_trl_version(monkeypatch):
     trainer = _sft(False)
     monkeypatch.setattr(trl, "__version__", "1.15.0")

@@ -487,9 +487,14 @@ def _patched_models(trainer) -> list:
     return found
 
 
+#: TRL trainers built on a supported one whose losses read full logits, not the fused head
+_FULL_LOGIT_TRAINERS = ("GKDTrainer", "GOLDTrainer")
+
+
 def _trainer_kind(trainer) -> str:
     names = ("SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "DistillationTrainer")
-    for name in names:
+    full_logits = [c.__name__ for c in type(trainer).__mro__ if c.__name__ in _FULL_LOGIT_TRAINERS]
+    for name in names if not full_logits else ():
         cls = getattr(trl, name, None)
         if isinstance(cls, type) and isinstance(trainer, cls):
             return name
