@@ -245,7 +245,7 @@ def _is_fsdp_managed(model: nn.Module) -> bool:
     return fsdp is not None and any(isinstance(m, fsdp) for m in (model, *model.children()))
 
 
-def _head_tensors(model: nn.Module, head: nn.Module) -> tuple[Tensor, Optional[Tensor]]:
+def _head_tensors(model: nn.Module, head: nn.Module) -> tuple[Any, Any]:
     """The head's weight and bias for the fused scorers: a DTensor sharded by tensor parallelism
     stays sharded (the vocab-parallel path); one an FSDP2 model holds sharded outside its
     forward is gathered (``full_tensor``), as TRL does."""
@@ -280,7 +280,7 @@ def _check_outputs(outputs) -> tuple:
     return outputs
 
 
-def _router_loss(model: nn.Module, text_config, backbone_outputs, attention_mask) -> Tensor:
+def _router_loss(model: nn.Module, text_config, backbone_outputs, attention_mask) -> Any:
     """The MoE load-balancing loss of the router logits (Mixtral's, which every MoE family uses)."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 

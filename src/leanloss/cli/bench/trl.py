@@ -130,12 +130,12 @@ def _kernel_case(case: Dict[str, Any]) -> Dict[str, Any]:
 
     losses: List[float] = []
 
-    def step() -> None:
+    def jsd_step() -> None:
         value = loss()
         value.backward()
         losses.append(float(value))
 
-    result = harness.measure(case, step, leaves=(h, w), reference=_four_matmuls(h, w, ht, wt))
+    result = harness.measure(case, jsd_step, leaves=(h, w), reference=_four_matmuls(h, w, ht, wt))
     result["loss"] = losses[-1]
     return result
 
