@@ -411,6 +411,14 @@ def test_refuses_gkd_which_reads_full_logits():
         apply_leanloss(trainer)
 
 
+def test_refuses_deepspeed_zero3(monkeypatch):
+    import transformers.integrations.deepspeed as ds
+    trainer = _sft(False)
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(UnsupportedTrainerError, match="SFTTrainer .*ZeRO-3"):
+        apply_leanloss(trainer)
+
+
 def test_refuses_an_unsupported_trl_version(monkeypatch):
     trainer = _sft(False)
     monkeypatch.setattr(trl, "__version__", "1.15.0")
