@@ -145,7 +145,17 @@ def _distill(bf16, beta=0.5, temperature=0.9):
                                    train_dataset=ds, processing_class=tiny_tokenizer())
 
 
-TRAINERS = {"sft": _sft, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "distill": _distill}
+def _sft_lora(bf16):
+    """SFT of a LoRA adapter: TRL patches the PEFT model's base model."""
+    peft = pytest.importorskip("peft")
+    ds = Dataset.from_dict({"text": _sentences(8, 4, 14, 1)})
+    args = _common(trl.SFTConfig, bf16, per_device_train_batch_size=4)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return trl.SFTTrainer(model=tiny_llama(), args=args, train_dataset=ds, processing_class=tiny_tokenizer(),
+                          peft_config=lora)
+
+
+TRAINERS = {"sft": _sft, "sft_lora": _sft_lora, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "distill": _distill}
 
 
 @contextlib.contextmanager
