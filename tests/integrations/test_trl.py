@@ -516,3 +516,12 @@ def test_grpo_example_runs():
         rewards = example.main(["--steps", "1", "--vocab", "64", "--hidden", "32"])
     assert len(rewards) == 1 and 0.0 <= rewards[0] <= 1.0
     assert counts["leanloss"] > 0 and counts["trl"] == 0
+
+
+def test_without_trl_the_import_error_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+    monkeypatch.setitem(sys.modules, "trl", None)  # what an environment without TRL gives
+    monkeypatch.delitem(sys.modules, "leanloss.integrations.trl")
+    with pytest.raises(ImportError, match=r"pip install 'leanloss\[trl\]'"):
+        importlib.import_module("leanloss.integrations.trl")

@@ -184,9 +184,6 @@ def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
     ``softcap`` or ``logit_scale <= 0`` compute ``logp``/``entropy`` on checkpointed pieces.
     """
     want = set(return_stats)
-    rows_t = target.reshape(-1)
-    keep = (rows_t != -100).nonzero().squeeze(1)
-    n = rows_t.shape[0]
     if softcap is None and logit_scale > 0:  # s z / T = z / (T / s)
         out = linear_log_probs(hidden, weight, target, bias, temperature=temperature / logit_scale,
                                return_entropy="entropy" in want)
@@ -198,6 +195,9 @@ def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
         grad_pieces = []
     if not extras and grad_pieces is None:
         return TokenStats(logp, entropy, None, None, None)
+    rows_t = target.reshape(-1)
+    keep = (rows_t != -100).nonzero().squeeze(1)
+    n = rows_t.shape[0]
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     t = rows_t.index_select(0, keep)
     w, b = weight, bias
