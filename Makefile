@@ -49,7 +49,9 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,transformers,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test,bench,transformers,trl,dev]"
+	# peft: the TRL tests train a LoRA adapter too (the trl extra itself does not need it)
+	$(BIN)/python -m pip install --quiet peft
 	touch $@
 
 # the API reference imports every public module, transformers' integration included

@@ -398,9 +398,14 @@ def test_bench_merge_refuses_other_machines_and_unreadable_files(tmp_path, capsy
 
 
 def test_shipped_suites_list_the_benchmark_shapes():
-    from leanloss.cli.bench import SUITES, distill, first_call, linear_ce, log_probs
+    from leanloss.cli.bench import SUITES, distill, first_call, linear_ce, log_probs, trl
 
-    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "first_call")
+    assert SUITES == ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "trl", "first_call")
+    rows = {(c["impl"], c["N"], c["D"], c["V"], c["dtype"]) for c in trl.cases(quick=False)}
+    assert rows == {(f"{side}_{kernel}", 2048, 1024, v, dt) for side in ("leanloss", "trl")
+                    for kernel, v in (("logp", 131072), ("jsd", 32000)) for dt in ("float32", "bfloat16")} | {
+        (f"{t}_{side}", 512, 512, 128256, dt) for t in ("sft", "grpo", "distill") for side in ("leanloss", "trl")
+        for dt in ("float32", "bfloat16")}
     full = linear_ce.cases(quick=False)
     assert {(c["N"], c["D"], c["V"]) for c in full} == {(4096, 4096, 128256), (8192, 1024, 131072), (2048, 1024, 32000)}
     assert {c["dtype"] for c in full} == {"float32", "bfloat16"}
@@ -451,6 +456,18 @@ def test_bench_shipped_linear_ce_from_a_temporary_directory(tmp_path):
         assert chunked["loss"] == pytest.approx(rows["torch_eager"]["loss"], rel=1e-5)
     else:
         assert "no chunked F.linear_cross_entropy" in chunked["skipped"]
+
+
+def test_bench_trl_kernels_agree_with_trl(tmp_path):
+    """The trl suite's JSD rows, tiny: leanloss and TRL's kernel compute the same loss."""
+    pytest.importorskip("trl")
+    out = tmp_path / "trl"
+    result = _leanloss("bench", "--quick", "--out", str(out), "--only", "trl,leanloss_jsd,trl_jsd", "--vocab", "300",
+                       "--tokens", "24", "--hidden", "16", "--dtype", "float32", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["impl"]: r for r in _check_outputs(out)["results"]}
+    assert set(rows) == {"leanloss_jsd", "trl_jsd"}
+    assert rows["leanloss_jsd"]["loss"] == pytest.approx(rows["trl_jsd"]["loss"], rel=1e-5)
 
 
 def test_device_check_measures_each_impl_or_reports_why_not(monkeypatch):

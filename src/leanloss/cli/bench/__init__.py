@@ -8,4 +8,4 @@ child process, ``python -m leanloss.cli.bench.<suite> --case JSON``, and returns
 first fused call of a process costs beyond a warm one.
 """
 
-SUITES = ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "first_call")
+SUITES = ("linear_ce", "distill", "log_probs", "checks_cost", "hf_step", "trl", "first_call")
