@@ -57,7 +57,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 # the API reference imports every public module, transformers' integration included
 $(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[docs,transformers]"
+	$(BIN)/python -m pip install --quiet -e ".[docs,transformers,trl]"
 	touch $@
 
 demo: $(VENV)/.demo-installed

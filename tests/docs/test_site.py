@@ -150,17 +150,19 @@ def test_api_reference_renders_signatures_and_filled_docstrings(browser, site_ur
 
 def test_api_reference_documents_every_public_name(site):
     """Every name in the ``__all__`` of ``leanloss``, ``leanloss.functional``, ``leanloss.parallel``
-    and ``leanloss.integrations.transformers`` has an entry (an anchor) in the API reference."""
+    ``leanloss.integrations.transformers`` and ``leanloss.integrations.trl`` has an entry (an
+    anchor) in the API reference."""
     transformers_api = pytest.importorskip("leanloss.integrations.transformers")
+    trl_api = pytest.importorskip("leanloss.integrations.trl")
     pages = {page: (site / "api" / page / "index.html").read_text() for page in
-             ("leanloss", "functional", "parallel", "transformers")}
+             ("leanloss", "functional", "parallel", "transformers", "trl")}
     missing = []
     for name in leanloss.__all__:  # the functions are documented once, under leanloss.functional
         anchors = {f'id="leanloss.{name}"', f'id="leanloss.functional.{name}"'}
         if not any(a in pages["leanloss"] or a in pages["functional"] for a in anchors):
             missing.append(f"leanloss.{name}")
     for module, page in ((leanloss.functional, "functional"), (leanloss.parallel, "parallel"),
-                         (transformers_api, "transformers")):
+                         (transformers_api, "transformers"), (trl_api, "trl")):
         missing += [f"{module.__name__}.{name}" for name in module.__all__
                     if f'id="{module.__name__}.{name}"' not in pages[page]]
     assert not missing, f"public names without an API reference entry: {missing}"

@@ -23,8 +23,7 @@ from _spawn import init_gloo, spawn  # noqa: E402
 
 CONFIG = dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4, max_position_embeddings=32)
-# name -> the fields asked for: GRPO's (no gather at all), and every field (the extra statistics
-# still come from a gathered head until linear_log_probs computes them)
+# name -> the fields asked for: GRPO's, and every field (none of them gathers the head)
 CASES = {"grpo": ("log_probs", "entropy"), "all": lt.OUTPUT_FIELDS}
 TEMPERATURE = 0.7
 
@@ -146,8 +145,8 @@ def test_vocab_sharded_head_equals_one_process(tmp_path):
         want = {"fields": _fused_step(model, inp, outputs), "grads": _grads(model)}
         for rank, res in enumerate(results):
             got = res[name]
-            # GRPO's fields never gather the head; the extra statistics do (weight and bias, per call)
-            assert got["gathers"] == (0 if name == "grpo" else 2 * 2), (name, rank, got["gathers"])
+            # no field gathers the head: every statistic is reduced over the vocabulary group
+            assert got["gathers"] == 0, (name, rank, got["gathers"])
             assert got["fields"].keys() == want["fields"].keys()
             for field, value in want["fields"].items():
                 if value.dtype == torch.bool:

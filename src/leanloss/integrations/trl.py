@@ -33,10 +33,9 @@ import contextvars
 import dataclasses
 import functools
 import importlib
-import math
 import types
 from contextlib import nullcontext
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,13 +53,13 @@ from packaging.version import Version
 
 from .. import _checks
 from .._checks import LeanlossTypeError, LeanlossValueError
+from .._dtensor import has_dtensor
 from ..functional import linear_distill_loss, linear_log_probs
-from ..parallel._dtensor import has_dtensor
+from ..linear import TokenStats
 from .transformers import _check_head_not_sharded_alone, _fsdp_module_class
 
 __all__ = [
     "UnsupportedTrainerError",
-    "TokenStats",
     "SUPPORTED_TRL",
     "OUTPUT_FIELDS",
     "add_fused_lm_head",
@@ -129,40 +128,11 @@ def head_transform(config) -> tuple[Optional[float], float]:
 # the per-token statistics
 
 
-class TokenStats(NamedTuple):
-    """Per-token statistics of ``p = softmax(z)``; ``None`` where not asked for."""
-
-    logp: Tensor
-    entropy: Optional[Tensor]
-    log_sum_sq_probs: Optional[Tensor]
-    mean_logit: Optional[Tensor]
-    is_top1: Optional[Tensor]
-
-
-#: ``outputs`` names (TRL's) -> ``token_stats`` names
+#: ``outputs`` names (TRL's) -> :class:`leanloss.TokenStats` field names
 _STAT_NAMES = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "mean_logits": "mean_logit",
                "is_top1": "is_top1"}
-# rows of dense logits per piece in the fallback below
-_FALLBACK_BYTES = 64 * 2**20
-
-
-def _dense_stats(h: Tensor, weight: Tensor, bias: Optional[Tensor], t: Tensor, *, temperature: float,
-                 softcap: Optional[float], logit_scale: float) -> tuple[Tensor, ...]:
-    """``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1)`` of rows ``h`` from their
-    materialized logits ``z = softcap(s * (h @ W.T + b)) / T`` in float32 (float64 stays)."""
-    z = torch.nn.functional.linear(h, weight, bias)
-    z = z.to(torch.promote_types(z.dtype, torch.float32)) * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    logq = z.log_softmax(-1)
-    z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
-    entropy = -(logq.exp() * logq).sum(-1)
-    log_sum_sq = torch.logsumexp(2 * logq, -1)
-    before = torch.arange(z.shape[1], device=z.device) < t.unsqueeze(1)
-    first_max = z.masked_fill(~before, -math.inf).amax(-1)
-    is_top1 = (z_t >= z.amax(-1)) & (z_t > first_max)
-    return logq.gather(1, t.unsqueeze(1)).squeeze(1), entropy, log_sum_sq, z.mean(-1), is_top1
+#: the fields TRL returns without a gradient (``ChunkedLogProbFunction`` marks them so)
+_NO_GRAD = ("log_sum_sq_probs", "mean_logit", "is_top1")
 
 
 def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -172,68 +142,22 @@ def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
 
     With ``y`` the target and ``V`` the vocabulary size: ``logp = log p_y``; ``entropy =
     -sum_v p_v log p_v``; ``log_sum_sq_probs = log sum_v p_v^2``; ``mean_logit = sum_v z_v / V``;
-    ``is_top1 = y`` is the first index of ``max_v z_v`` (a tie with an earlier class does not
-    count). ``logp`` and ``entropy`` are differentiable; the other three carry no gradient.
-    Rows whose target is -100 are dropped before any matmul and give 0 (``False``).
-
-    TEMPORARY: this is the one place that computes what ``linear_log_probs`` does not compute
-    yet (``softcap``, a non-positive ``logit_scale`` and the three extra statistics). Once
-    ``linear_log_probs(..., softcap=, logit_scale=, return_stats=)`` exists, its body becomes
-    that single call. Until then the extra statistics come from a no-grad pass over pieces of
-    materialized logits (``_dense_stats``; a vocab-sharded head is gathered for it), and
-    ``softcap`` or ``logit_scale <= 0`` compute ``logp``/``entropy`` on checkpointed pieces.
+    ``is_top1``: ``y`` is the first index of ``max_v z_v`` (a tie with an earlier class does not
+    count). These are :func:`leanloss.linear_log_probs`' statistics (``return_stats``; its
+    docstring states the math); as in TRL, ``logp`` and ``entropy`` carry a gradient and the
+    other three do not. Rows whose target is -100 are dropped before any matmul and give 0
+    (``False``).
     """
-    want = set(return_stats)
-    if softcap is None and logit_scale > 0:  # s z / T = z / (T / s)
-        out = linear_log_probs(hidden, weight, target, bias, temperature=temperature / logit_scale,
-                               return_entropy="entropy" in want)
-        logp, entropy = out if "entropy" in want else (out, None)
-        extras = want - {"entropy"}
-        grad_pieces = None
-    else:
-        extras = want
-        grad_pieces = []
-    if not extras and grad_pieces is None:
-        return TokenStats(logp, entropy, None, None, None)
-    rows_t = target.reshape(-1)
-    keep = (rows_t != -100).nonzero().squeeze(1)
-    n = rows_t.shape[0]
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    t = rows_t.index_select(0, keep)
-    w, b = weight, bias
-    if has_dtensor(w, b):  # a sharded head is gathered here (removed with this fallback)
-        w = w.full_tensor() if has_dtensor(w) else w
-        b = b.full_tensor() if has_dtensor(b) else b
-        h = h.full_tensor() if has_dtensor(h) else h
-    step = max(1, _FALLBACK_BYTES // (4 * max(w.shape[0], 1)))
-    opts = dict(temperature=temperature, softcap=softcap, logit_scale=logit_scale)
-    pieces = []
-    for start in range(0, h.shape[0], step):
-        rows = slice(start, start + step)
-        if grad_pieces is not None and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-            got = checkpoint(lambda hh, tt: _dense_stats(hh, w, b, tt, **opts)[:2], h[rows], t[rows],
-                             use_reentrant=False)
-            grad_pieces.append(got)
-        with torch.no_grad():
-            pieces.append(_dense_stats(h[rows], w, b, t[rows], **opts))
-
-    def scatter(values, dtype):
-        full = torch.zeros(n, dtype=dtype, device=rows_t.device)
-        if values:
-            full = full.index_put((keep,), torch.cat(values))
-        return full.reshape(target.shape)
-
-    float_dtype = torch.promote_types(h.dtype, torch.float32)
-    if grad_pieces is not None:
-        src = grad_pieces if torch.is_grad_enabled() else [p[:2] for p in pieces]
-        logp = scatter([p[0] for p in src], float_dtype)
-        entropy = scatter([p[1] for p in src], float_dtype) if "entropy" in want else None
-    fields = {name: None for name in ("log_sum_sq_probs", "mean_logit", "is_top1")}
-    for j, name in ((2, "log_sum_sq_probs"), (3, "mean_logit"), (4, "is_top1")):
-        if name in extras:
-            fields[name] = scatter([p[j] for p in pieces], torch.bool if name == "is_top1" else float_dtype)
-    return TokenStats(logp, entropy, **fields)
+    if logit_scale <= 0:  # linear_log_probs takes a positive scale: s (h W^T + b) = (s h) W^T + s b
+        hidden = hidden * logit_scale
+        bias = None if bias is None else bias * logit_scale
+        logit_scale = 1.0
+    got = linear_log_probs(hidden, weight, target, bias, temperature=temperature, softcap=softcap,
+                           logit_scale=logit_scale, return_stats=tuple(return_stats))
+    if not return_stats:
+        return TokenStats(got, None, None, None, None)
+    return TokenStats(**{name: (None if value is None else value.detach() if name in _NO_GRAD else value)
+                         for name, value in got._asdict().items()})
 
 
 # ----------------------------------------------------------------------------------------------
