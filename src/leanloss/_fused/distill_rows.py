@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .kernels import RowKernel, row_logsumexp
+from .kernels import RowKernel, row_logsumexp, row_softmax
 
 __all__ = ["resolve_kind", "divergence_sums", "divergence_finish", "divergence_grad", "hard_loss",
            "distill_block", "exp_sums_block", "distill_grad_block", "DISTILL_KERNEL",
@@ -113,12 +113,10 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
     grad = None
     lse_a = q = None
     if b is not None or temp == 1.0:  # the student's softmax q (also the hard term's at T = 1)
-        lse_a = row_logsumexp(x).unsqueeze(1)
-        q = (x - lse_a).exp()
+        q, lse_a = row_softmax(x)
     if b is not None:
         y = b.to(dtype)
-        lse_b = row_logsumexp(y).unsqueeze(1)
-        p = (y - lse_b).exp()
+        p, lse_b = row_softmax(y)
         sums, term = divergence_sums(x, y, q, p, lse_a, lse_b, kind=kind, beta=beta)
         div = divergence_finish(sums, lse_a.squeeze(1), lse_b.squeeze(1), kind=kind, beta=beta)
         soft = (1.0 - hw) * temp * temp
