@@ -112,15 +112,18 @@ def distill_block(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Opti
     loss = None
     grad = None
     lse_a = q = None
-    # Each softmax from one exponential per element (row_softmax): inductor keeps exp(x - m) in
-    # float32 from the sum pass to the loss pass, so the kernel evaluates 3 transcendentals per
-    # element (2 exp, the mixture's log) instead of 5 (three calls on a bf16 32 x 32000 block,
-    # AVX2 build under callgrind: 185M -> 158M instructions, those in exp halved).
+    # The student's softmax from one exponential per element (row_softmax: inductor keeps
+    # exp(a - m) in float32 from the sum pass to the loss pass), the teacher's from two: 4
+    # transcendentals per element instead of 5 (three calls on a bf16 32 x 32000 block, AVX2
+    # build under callgrind: 185M -> 168M instructions). Keeping the teacher's exponentials too
+    # (3 per element, 158M) adds a third tile-sized float32 buffer per call, and glibc's heap
+    # then kept 125-250 MB more resident between steps (bench extra MB 187 -> 312).
     if b is not None or temp == 1.0:  # the student's softmax q (also the hard term's at T = 1)
         q, lse_a = row_softmax(x)
     if b is not None:
         y = b.to(dtype)
-        p, lse_b = row_softmax(y)
+        lse_b = row_logsumexp(y).unsqueeze(1)
+        p = (y - lse_b).exp()
         sums, term = divergence_sums(x, y, q, p, lse_a, lse_b, kind=kind, beta=beta)
         div = divergence_finish(sums, lse_a.squeeze(1), lse_b.squeeze(1), kind=kind, beta=beta)
         soft = (1.0 - hw) * temp * temp
