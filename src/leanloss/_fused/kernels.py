@@ -61,7 +61,7 @@ from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Seq
 import torch
 from torch import Tensor
 
-__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "row_logsumexp"]
+__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "row_logsumexp", "row_softmax"]
 
 _MODES = ("auto", "compiled", "eager")
 _mode = os.environ.get("LEANLOSS_KERNELS", "auto")
@@ -115,6 +115,16 @@ def row_logsumexp(x: Tensor) -> Tensor:
     statistic the block kernels share, written as plain ops so inductor fuses it into them."""
     m = x.amax(1, keepdim=True)
     return (m + (x - m).exp().sum(1, keepdim=True).log()).squeeze(1)
+
+
+def row_softmax(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(softmax(x), logsumexp(x))`` of each row (``lse`` as an ``(n, 1)`` column), with one
+    exponential per element: ``e = exp(x - m)`` feeds both the row sum ``S`` and
+    ``softmax = e / S``, and ``lse = m + log S``."""
+    m = x.amax(1, keepdim=True)
+    e = (x - m).exp()
+    total = e.sum(1, keepdim=True)
+    return e / total, m + total.log()
 
 
 def _sub_rows(vocab: int) -> int:
