@@ -52,15 +52,32 @@ def spawn(child, world: int, *args) -> None:
                        start_method="forkserver")
 
 
+def close_gloo(completed: bool = True) -> None:
+    """Leave the gloo world at the end of a spawned rank.
+
+    torch < 2.7 can deadlock destroying a gloo process group: its destructor waits, holding the
+    GIL, for a mutex that gloo's worker thread holds while it waits for the GIL to free the last
+    collective's tensors (seen on 2.6 in ``~ProcessGroupGloo``). There a rank that completed its
+    work meets the others at a barrier and leaves the group to the process exit (the spawned
+    ranks end in ``os._exit``, which frees everything); newer torch destroys it."""
+    if torch.__version__ < (2, 7):
+        if completed:
+            dist.barrier()
+        return
+    dist.destroy_process_group()
+
+
 def _run_rank(rank: int, world: int, port: int, work: Callable, inputs_path: str, out_dir: str,
               timeout_s: float) -> None:
     init_gloo(rank, world, port, timeout_s)
+    completed = False
     try:
         torch.set_num_threads(1)
         results = work(rank, world, torch.load(inputs_path, weights_only=False))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        completed = True
     finally:
-        dist.destroy_process_group()
+        close_gloo(completed)
 
 
 def run_ranks(work: Callable[[int, int, Any], Any], world: int, inputs: Any, out_dir,

@@ -12,14 +12,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 pytest.importorskip("trl", reason="the TRL integration tests need the 'trl' extra")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import leanloss.integrations.trl as lt  # noqa: E402
-from _spawn import init_gloo, spawn  # noqa: E402
+from _spawn import close_gloo, init_gloo, spawn  # noqa: E402
 
 CONFIG = dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4, max_position_embeddings=32)
@@ -93,6 +92,7 @@ def _divergence(d: dict, shard=None) -> dict:
 
 def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> None:
     init_gloo(rank, world, port, timeout_s=60)
+    completed = False
     try:
         torch.set_num_threads(1)
         from torch.distributed.device_mesh import init_device_mesh
@@ -126,8 +126,9 @@ def _child(rank: int, world: int, port: int, inputs_path: str, out_dir: str) -> 
 
         results["divergence"] = _divergence(inp["distill"], shard)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        completed = True
     finally:
-        dist.destroy_process_group()
+        close_gloo(completed)
 
 
 def _assert_close(got, want, what):
