@@ -314,11 +314,13 @@ _running = 0  # jobs taken by the worker and not finished
 # why no job is started any more: the process exits, or it was forked while a job ran
 _background_off: Optional[str] = None
 _unreported: Optional[str] = None  # a kernel whose background compile failed, to warn about
+_submitted = 0  # background compile jobs submitted in this process
 
 
 def _submit(job: _Job) -> None:
-    global _worker
+    global _worker, _submitted
     with _lock:
+        _submitted += 1
         _jobs.append(job)
         if _worker is None:
             _worker = threading.Thread(target=_work, name="leanloss-compile", daemon=True)
@@ -340,6 +342,11 @@ def _work() -> None:
             with _lock:
                 _running -= 1
                 _changed.notify_all()
+
+
+def background_compiles_submitted() -> int:
+    """How many row-kernel signatures this process has handed to the background compiler."""
+    return _submitted
 
 
 def wait_for_compiles(timeout: Optional[float] = None) -> bool:

@@ -161,9 +161,8 @@ def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warm
         clear()
         step()
     kernels = sys.modules.get("leanloss._fused.kernels")
-    wait = getattr(kernels, "wait_for_compiles", None)
-    if wait is not None and kernels.get_kernel_mode() == "auto":
-        wait()
+    if kernels is not None and kernels.background_compiles_submitted():
+        kernels.wait_for_compiles()
         clear()
         step()
     return rss_bytes()
