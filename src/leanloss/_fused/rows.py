@@ -32,7 +32,8 @@ def select_kept(flat_target: Tensor, ignore_index: int, *rows: Tensor) -> Tuple[
 
 
 def scatter_rows(values: Tensor, idx: Optional[Tensor], n: int) -> Tensor:
-    """Per-kept-row values back to all ``n`` rows, ``0`` at the dropped ones (differentiable)."""
+    """Per-kept-row values ``(M, ...)`` back to all ``n`` rows, ``0`` at the dropped ones
+    (differentiable)."""
     if idx is None:
         return values
-    return values.new_zeros(n).index_copy(0, idx, values)
+    return values.new_zeros((n, *values.shape[1:])).index_copy(0, idx, values)

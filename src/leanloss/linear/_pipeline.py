@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
-import torch
 from torch import Tensor
 
 from .. import _heuristics
@@ -42,10 +41,7 @@ class Batch(NamedTuple):
     def scatter(self, values: Tensor) -> Tensor:
         """Per-kept-row ``values`` ``(M,)`` or ``(M, k)`` -> ``(*lead)`` or ``(*lead, k)``,
         ``0`` at dropped rows."""
-        if values.dim() == 1 or self.idx is None:
-            return scatter_rows(values, self.idx, self.n).reshape((*self.lead, *values.shape[1:]))
-        columns = [scatter_rows(values[:, j], self.idx, self.n) for j in range(values.shape[1])]
-        return torch.stack(columns, -1).reshape((*self.lead, values.shape[1]))
+        return scatter_rows(values, self.idx, self.n).reshape((*self.lead, *values.shape[1:]))
 
 
 Setup = Callable[[Head, Optional[Head]], Tuple[VocabSlice, Callable[..., Scorer], object]]
