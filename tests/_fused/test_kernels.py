@@ -200,10 +200,21 @@ def _expected(factor):
     return (block * w.unsqueeze(1)).sum(1) * factor, block * 2
 
 
-def test_auto_serves_calls_eagerly_until_the_background_compile_is_ready(monkeypatch, auto):
+def test_auto_compiles_a_signature_met_again_in_a_later_loss_call(monkeypatch, auto):
+    """Tiered: the first loss call that meets a signature runs it eagerly and queues nothing
+    (however often it calls the kernel); a later loss call queues one background compile and
+    stays eager until it is ready; then calls run compiled on the calling thread."""
     fake = FakeCompile(monkeypatch)
     kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
-    for _ in range(2):  # the compile is still running: both calls eager, one job
+    kernels.new_loss_call()
+    for _ in range(2):  # one loss call, two blocks: eager, nothing queued
+        block, w = _inputs()
+        (out,) = kernel(block, w, factor=3.0)
+        torch.testing.assert_close(out, _expected(3.0)[0])
+        torch.testing.assert_close(block, _expected(3.0)[1])
+        assert fake.compiles == 0 and not kernel._queued and not kernel._ready
+    for _ in range(2):  # later loss calls: one job, eager while it runs
+        kernels.new_loss_call()
         block, w = _inputs()
         (out,) = kernel(block, w, factor=3.0)
         torch.testing.assert_close(out, _expected(3.0)[0])
@@ -221,10 +232,32 @@ def test_auto_serves_calls_eagerly_until_the_background_compile_is_ready(monkeyp
     torch.testing.assert_close(block, _expected(3.0)[1])
     before = len(fake.calls)
     block, w = _inputs()
-    (out,) = kernel(block, w, factor=0.5)  # a new option value: eager again, compiled in the background
-    assert len(fake.calls) == before or not all(fake.calls[before:])
+    (out,) = kernel(block, w, factor=0.5)  # a new option value: eager again, nothing queued yet
+    assert len(fake.calls) == before and len(kernel._ready) == 1 and not kernel._queued
     torch.testing.assert_close(out, _expected(0.5)[0])
+    kernels.new_loss_call()
+    kernel(*_inputs(), factor=0.5)
     assert kernels.wait_for_compiles(timeout=30) and len(kernel._ready) == 2
+
+
+def test_background_compile_lowers_the_switch_interval_while_it_runs(monkeypatch, auto):
+    """A thread waiting for the interpreter lock gets it back sooner while a job runs, and the
+    caller's interval is restored after."""
+    seen = []
+
+    def compiling(fn, **kwargs):
+        seen.append(sys.getswitchinterval())
+        return fn
+
+    monkeypatch.setattr(torch, "compile", compiling)
+    before = sys.getswitchinterval()
+    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    for _ in range(2):
+        kernels.new_loss_call()
+        kernel(*_inputs(), factor=1.0)
+    assert kernels.wait_for_compiles(timeout=30)
+    assert seen == [pytest.approx(kernels._SWITCH_INTERVAL_S)] and kernels._SWITCH_INTERVAL_S < before
+    assert sys.getswitchinterval() == before
 
 
 def test_auto_compiles_on_cpu_only_where_it_pays(monkeypatch, auto):
@@ -276,8 +309,9 @@ def test_background_compile_of_the_distill_kernel_equals_eager(mode):
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "_MIN_COMPILED_NUMEL", 1)
         mp.setattr(kernels, "_compile_broken", None)
-        for i in range(2):  # eager while compiling, then compiled
-            if i == 1:
+        for i in range(3):  # eager (first loss call), eager while compiling, then compiled
+            kernels.new_loss_call()
+            if i == 2:
                 graphs = counters["stats"]["unique_graphs"]
                 assert _DISTILL_KERNEL._ready
             z = a.clone()
@@ -299,6 +333,7 @@ def test_background_compile_failure_falls_back_to_eager_with_one_warning(monkeyp
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
+            kernels.new_loss_call()
             block, w = _inputs()
             outs.append(kernel(block, w, factor=1.0)[0])
             assert kernels.wait_for_compiles(timeout=30)
@@ -321,7 +356,10 @@ def test_process_exits_and_forks_while_compiling(tmp_path):
         torch.compile = lambda fn, **kw: (lambda *a, **k: gate.wait() or fn(*a, **k))
         kernels._MIN_COMPILED_NUMEL = 1
         kernel = kernels.RowKernel(lambda z: (z.sum(1),), "test", tiled=True)
-        assert kernel(torch.ones(4, 3))[0].tolist() == [3.0] * 4
+        for _ in range(2):  # the second loss call queues the compile
+            kernels.new_loss_call()
+            assert kernel(torch.ones(4, 3))[0].tolist() == [3.0] * 4
+        kernels.new_loss_call()
         pid = os.fork()
         if pid == 0:
             ok = kernel(torch.ones(4, 2, dtype=torch.bfloat16))[0].tolist() == [2.0] * 4

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .._dtypes import compute_dtype
 from .._reduce import reduce_loss
-from .kernels import RowKernel
+from .kernels import RowKernel, new_loss_call
 
 __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
            "plan_chunk", "at_cols", "set_at_cols", "add_at_cols", "write_points"]
@@ -469,6 +469,7 @@ def fused_linear_loss(
     Returns the loss in the compute dtype (float32 for 16-bit inputs). Differentiable with
     respect to ``hidden``, ``weight`` and ``bias`` (first order only).
     """
+    new_loss_call()
     m = hidden.shape[0]
     if scorer.outputs > 1 and reduction != "none":
         raise ValueError(f"fused_linear_loss: a scorer with several outputs per row needs "

@@ -22,23 +22,28 @@ Mode ``'auto'`` (the default) compiles where it pays and never makes a call wait
 * CUDA: every kernel compiled, from the first call (eager 16-bit blocks cost float32
   temporaries, memory and time there).
 * CPU: only kernels for which :meth:`RowKernel.compile_pays` (the tiled ones: distillation),
-  and OFF the critical path. Measured at N=2048 D=1024 V=32000 on a 2-core EPYC: cross entropy
-  is as fast eager on sub-blocks as compiled (bf16 0.61-0.74 s a step either way, float32
-  2.24 s both), while compiling it cost the first call of every process 4.8 s (15.8 s with an
-  empty inductor cache) and each new option set 2.4-3.3 s more; the distillation kernel gains
-  (JSD 0.82-0.93 s compiled against 1.0-2.1 s eager). So the first call with a new signature
-  (dtypes, strides and size classes, option values, grad/autocast state: what dynamo guards
-  on) runs eagerly and hands a copy of a few of its rows to one background thread, which
-  compiles the function and runs it on them; calls with that signature run compiled once that
-  is done (:func:`wait_for_compiles` waits for it). The background thread is a daemon: a
-  process that exits while it compiles does not wait for it; a child forked while it compiles
-  stays eager for the signatures not compiled yet. Caveat, measured on the same machine under
-  heavy contention (load 16 on its 2 cores), interleaved in one process: eager cross entropy
-  took 1.5x (float32) to 6x (bfloat16) the compiled time, and eager JSD 25-90x, because its
-  many small OpenMP regions each wait for descheduled threads; there the first JSD call, eager
-  while the compiler thread competes, is no faster than compiling it first, and
-  ``LEANLOSS_KERNELS=compiled`` gives the compiled steady state back to cross entropy.
-  ``leanloss bench --only first_call`` measures the first against a warm call of each loss.
+  and tiered, like a JIT: a signature (dtypes, strides and size classes, option values,
+  grad/autocast state: what dynamo guards on) runs eagerly in the first loss call that meets
+  it; when a LATER loss call (:func:`new_loss_call`, which the engine calls) meets it again, a
+  copy of a few of its rows goes to one background thread, which compiles the function and runs
+  it on them, and calls with that signature run compiled once that is done
+  (:func:`wait_for_compiles` waits for it). Why: a process that calls a loss once (a notebook
+  cell, a test, an evaluation) never compiles, and the first call of every process costs what
+  an eager call costs. The compile does not leave the cores to the caller: on a 2-core EPYC a
+  busy Python thread beside a loop of small eager ops made each op wait for the interpreter
+  lock (an eager JSD block 0.5-1.3 s alone, 6.5-9.7 s beside it), so while a job runs the
+  interpreter's switch interval is lowered to :data:`_SWITCH_INTERVAL_S` and restored after.
+  Measured at N=2048 D=1024 V=32000: cross entropy is as fast eager on sub-blocks as compiled
+  (bf16 0.61-0.74 s a step either way, float32 2.24 s both), so it is never compiled on CPU;
+  the distillation kernel gains (JSD 0.82-0.93 s compiled against 1.0-2.1 s eager). The
+  background thread is a daemon: a process that exits while it compiles does not wait for it;
+  a child forked while it compiles stays eager for the signatures not compiled yet. Caveat,
+  measured on the same machine under heavy contention (load 16 on its 2 cores), interleaved in
+  one process: eager cross entropy took 1.5x (float32) to 6x (bfloat16) the compiled time,
+  and eager JSD 25-90x, because its many small OpenMP regions each wait for descheduled
+  threads; there ``LEANLOSS_KERNELS=compiled`` gives the compiled steady state back to cross
+  entropy. ``leanloss bench --only first_call`` measures the first and second calls against a
+  warm one for each loss.
 * eager everywhere else: where compiling is unavailable (``TORCHDYNAMO_DISABLE=1``, no C++
   compiler, a compile error), under a Python dispatch mode, for float64, for devices other
   than CPU/CUDA, and for blocks too small to repay a kernel launch.
@@ -54,6 +59,7 @@ import atexit
 import collections
 import contextlib
 import os
+import sys
 import threading
 import warnings
 from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Sequence, Set, Tuple
@@ -61,7 +67,8 @@ from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Seq
 import torch
 from torch import Tensor
 
-__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "row_logsumexp", "row_softmax"]
+__all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "new_loss_call", "wait_for_compiles",
+           "background_compiles_submitted", "row_logsumexp", "row_softmax"]
 
 _MODES = ("auto", "compiled", "eager")
 _mode = os.environ.get("LEANLOSS_KERNELS", "auto")
@@ -80,6 +87,18 @@ _RECOMPILE_LIMIT = 64
 _WARM_ROWS, _WARM_TILE = 6, 2
 # Signatures remembered per kernel (a schedule of option values makes a new one per value).
 _MAX_SIGNATURES = 1024
+# The interpreter's switch interval while a background compile runs (Python's default: 5 ms):
+# a thread that waits for the interpreter lock gets it back after this long.
+_SWITCH_INTERVAL_S = 1e-4
+# Loss calls so far in this process (see new_loss_call).
+_loss_calls = 0
+
+
+def new_loss_call() -> None:
+    """Mark the start of a loss call: in ``'auto'`` on CPU a kernel signature met again in a
+    later loss call than its first is compiled in the background (the module docstring)."""
+    global _loss_calls
+    _loss_calls += 1
 
 
 def set_kernel_mode(mode: str) -> None:
@@ -97,7 +116,7 @@ def get_kernel_mode() -> str:
 def _dynamo_disabled() -> bool:
     if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
         return True
-    dynamo = __import__("sys").modules.get("torch._dynamo")  # maybe half imported by the compiler thread
+    dynamo = sys.modules.get("torch._dynamo")  # maybe half imported by the compiler thread
     config = getattr(dynamo, "config", None)
     return bool(config is not None and config.disable)
 
@@ -151,6 +170,8 @@ class RowKernel:
         # signatures (see _signature) compiled in the background / handed to it
         self._ready: Set[Hashable] = set()
         self._queued: Set[Hashable] = set()
+        # signature -> the loss call that first met it (not compiled yet)
+        self._first_seen: Dict[Hashable, int] = {}
 
     def compile_pays(self, block: Tensor) -> bool:
         """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``).
@@ -185,8 +206,9 @@ class RowKernel:
         return self._run_eager(block, row_args, options)
 
     def _ready_or_queue(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options) -> bool:
-        """True where this call's signature is compiled; otherwise hand a copy of a few of its
-        rows to the background compiler (once per signature) and return False."""
+        """True where this call's signature is compiled; otherwise False, and where a later loss
+        call than the first meets the signature, hand a copy of a few of its rows to the
+        background compiler (once per signature)."""
         state = _caller_state()
         key = _signature(block, row_args, options, state)
         with _lock:
@@ -194,6 +216,12 @@ class RowKernel:
                 return True
             if key in self._queued or _background_off is not None:
                 return False
+            first = self._first_seen.setdefault(key, _loss_calls)
+            if first == _loss_calls:  # the first loss call that meets it: eager, nothing more
+                if len(self._first_seen) > _MAX_SIGNATURES:
+                    self._first_seen.clear()
+                return False
+            del self._first_seen[key]
             self._queued.add(key)
         rows = block.shape[0] if block.shape[0] < 4 else (4 if block.shape[0] < _WARM_ROWS else _WARM_ROWS)
         _submit(_Job(self, key, _copy_rows(block, rows), tuple(None if a is None else _copy_rows(a, rows)
@@ -336,9 +364,12 @@ def _work() -> None:
                 _changed.wait()
             job = _jobs.popleft()
             _running += 1
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, _SWITCH_INTERVAL_S))
         try:
             job.run()
         finally:
+            sys.setswitchinterval(interval)
             with _lock:
                 _running -= 1
                 _changed.notify_all()

@@ -151,13 +151,13 @@ def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warm
     """Untimed calls: the reference once (one-time kernel setup), then ``warmup`` steps, whose
     gradients stay set. Returns the RSS then: the inputs and one step's gradients.
 
-    leanloss serves a row kernel's first calls eagerly while a background thread compiles it
-    (:mod:`leanloss._fused.kernels`): the warm-up then waits for those compiles and runs one more
-    step, so that the timed and measured steps are the steady state (the first call's cost is
-    the ``first_call`` suite's)."""
+    leanloss serves a row kernel's first calls eagerly and compiles it in a background thread
+    from its second loss call on (:mod:`leanloss._fused.kernels`): the warm-up runs at least two
+    steps, then waits for those compiles and runs one more step, so that the timed and measured
+    steps are the steady state (the first calls' cost is the ``first_call`` suite's)."""
     if reference is not None:
         reference()
-    for _ in range(max(1, warmup)):
+    for _ in range(max(2, warmup)):
         clear()
         step()
     kernels = sys.modules.get("leanloss._fused.kernels")
