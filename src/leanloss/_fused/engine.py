@@ -101,6 +101,13 @@ class PointGradient(NamedTuple):
     add_cols: Optional[Tensor] = None
     add_coef: Optional[Tensor] = None
 
+    def added(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(add_cols, add_coef)`` with each column ``< 0`` made a ``0`` at column ``0``, or ``None``."""
+        if self.add_cols is None or self.add_coef is None:
+            return None
+        keep = self.add_cols >= 0
+        return torch.where(keep, self.add_cols, 0), torch.where(keep, self.add_coef, 0)
+
 
 class ScoreResult(NamedTuple):
     """What :meth:`Scorer.score` returns for one block.
@@ -313,9 +320,10 @@ class _Grads:
         if point is None:
             return
         h_acc = h.to(self.acc_dtype)
-        columns = [] if point.cols is None else [(point.cols, point.coef)]
-        if point.add_cols is not None:  # one (n, D) product per column of the (n, k) terms
-            columns += zip(*(t.unbind(1) for t in _kept(point.add_cols, point.add_coef)))
+        columns = [] if point.cols is None or point.coef is None else [(point.cols, point.coef)]
+        added = point.added()
+        if added is not None:  # one (n, D) product per column of the (n, k) terms
+            columns += zip(added[0].unbind(1), added[1].unbind(1))
         for cols, coef in columns:
             acc.index_put_((cols,), h_acc * coef.to(self.acc_dtype).unsqueeze(1), accumulate=True)
 
@@ -333,16 +341,11 @@ def write_points(dz: Tensor, point: Optional[PointGradient]) -> None:
     ``add_coef`` added at ``add_cols``."""
     if point is None:
         return
-    if point.cols is not None:
+    if point.cols is not None and point.coef is not None and point.dense is not None:
         set_at_cols(dz, point.cols, point.dense + point.coef)
-    if point.add_cols is not None:
-        add_at_cols(dz, *_kept(point.add_cols, point.add_coef))
-
-
-def _kept(cols: Tensor, coef: Tensor) -> Tuple[Tensor, Tensor]:
-    """Added point terms with their columns ``< 0`` made ``0``-valued terms at column ``0``."""
-    keep = cols >= 0
-    return torch.where(keep, cols, 0), torch.where(keep, coef, 0)
+    added = point.added()
+    if added is not None:
+        add_at_cols(dz, *added)
 
 
 def add_upcast(acc: Tensor, part: Tensor):
