@@ -31,7 +31,8 @@ from torch import Tensor
 from .distill_rows import hard_loss
 from .kernels import RowKernel, row_logsumexp
 
-__all__ = ["topk_block", "topk_loss", "slice_sums", "dense_grad", "tempered", "TOPK_KERNEL", "TOPK_GRAD_KERNEL"]
+__all__ = ["topk_block", "topk_grad_block", "topk_loss", "shifted_cross", "slice_sums", "dense_grad", "tempered",
+           "TOPK_KERNEL", "TOPK_GRAD_KERNEL"]
 
 
 def topk_loss(cross: Tensor, lse_over_m: Optional[Tensor], p_sum: Tensor, p_logp: Tensor,
