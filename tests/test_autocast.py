@@ -312,6 +312,24 @@ def test_linear_distill_loss_runs_both_heads_in_the_autocast_dtype(fused):
         torch.testing.assert_close(gg, gw, rtol=2e-2, atol=2e-3 * float(gw.abs().max()))
 
 
+@pytest.mark.parametrize("fused", ["linear_topk_distill_loss", "vocab_parallel_linear_topk_distill_loss"])
+def test_linear_topk_distill_loss_runs_the_head_in_the_autocast_dtype(fused):
+    fn = getattr(leanloss, fused, None) or getattr(leanloss.parallel, fused)
+    h, w, b, t = _head(seed=4)
+    g = gen(5)
+    ids = torch.stack([torch.randperm(300, generator=g)[:6] for _ in range(24)])
+    lps = torch.log_softmax(torch.randn(24, 6, generator=g), -1)
+    opts = dict(temperature=1.5, hard_weight=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fn(h, w, ids, lps, t, student_bias=b, chunk_size=5, **opts)
+        want = leanloss.topk_distill_loss(F.linear(h, w, b), ids, lps, t, **opts)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    for x, gg, gw in zip((h, w, b), _grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        assert gg.dtype == gw.dtype == x.dtype
+        torch.testing.assert_close(gg, gw, rtol=2e-2, atol=2e-3 * float(gw.abs().max()))
+
+
 def test_vocab_parallel_linear_cross_entropy_follows_autocast_single_process():
     from leanloss.parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 

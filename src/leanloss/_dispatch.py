@@ -1,7 +1,8 @@
 """DTensor dispatch of the single-device fused losses: the one layer above ``linear/`` and
 ``parallel/``.
 
-``linear_cross_entropy``, ``linear_log_probs`` and ``linear_distill_loss`` carry the
+``linear_cross_entropy``, ``linear_log_probs``, ``linear_distill_loss`` and
+``linear_topk_distill_loss`` carry the
 :func:`leanloss._dtensor.routes_dtensor` hook; the routes registered here send a call whose
 head weight is a vocab-sharded DTensor to the vocab-parallel function over the mesh's group,
 and a call with only replicated DTensors to the function on their local tensors. Imported by
@@ -14,9 +15,10 @@ from typing import Callable
 from . import _checks
 from ._dtensor import describe_placement, placement_types, has_dtensor, register_router, replicated_local, vocab_layout
 from .parallel import (vocab_parallel_linear_cross_entropy, vocab_parallel_linear_distill_loss,
-                       vocab_parallel_linear_log_probs)
+                       vocab_parallel_linear_log_probs, vocab_parallel_linear_topk_distill_loss)
 
-__all__ = ["route_linear_cross_entropy", "route_linear_log_probs", "route_linear_distill_loss"]
+__all__ = ["route_linear_cross_entropy", "route_linear_log_probs", "route_linear_distill_loss",
+           "route_linear_topk_distill_loss"]
 
 
 def _all_local(fn_name: str, arguments: dict, weights: tuple) -> dict:
@@ -94,6 +96,22 @@ def route_linear_distill_loss(fn: Callable, student_hidden, student_weight, teac
               args.pop("teacher_weight"), args.pop("target"), **args, **options)
 
 
+def route_linear_topk_distill_loss(fn: Callable, student_hidden, student_weight, topk_ids, topk_logprobs,
+                                   target=None, *, student_bias=None, **options):
+    """``linear_topk_distill_loss`` with DTensor arguments: a vocab-sharded ``student_weight``
+    (and ``student_bias``) runs :func:`~leanloss.parallel.vocab_parallel_linear_topk_distill_loss`
+    over the mesh's group; replicated DTensors run ``fn`` on their local tensors."""
+    name = "linear_topk_distill_loss"
+    if _vocab_sharded(name, "student_weight", student_weight):
+        return vocab_parallel_linear_topk_distill_loss(student_hidden, student_weight, topk_ids, topk_logprobs,
+                                                       target, student_bias=student_bias, **options)
+    args = _all_local(name, dict(student_hidden=student_hidden, student_weight=student_weight, topk_ids=topk_ids,
+                                 topk_logprobs=topk_logprobs, target=target, student_bias=student_bias),
+                      ("student_weight", "student_bias"))
+    return fn(**args, **options)
+
+
 register_router("linear_cross_entropy", route_linear_cross_entropy)
 register_router("linear_log_probs", route_linear_log_probs)
 register_router("linear_distill_loss", route_linear_distill_loss)
+register_router("linear_topk_distill_loss", route_linear_topk_distill_loss)

@@ -128,6 +128,56 @@ def test_point_gradient_is_added_exactly_in_the_accumulator():
     assert torch.equal(w.grad, exact.bfloat16())  # rounded once, whatever the block count
 
 
+class _TargetAndAddedPoints:
+    """``loss_r = z[r, t_r] + sum_i a_ri z[r, c_ri]`` over the ``c_ri >= 0``: a zero dense part,
+    the target's point term and ``k`` added point terms per row."""
+
+    low_precision_blocks = True
+    outputs = 1
+
+    def __init__(self, t, cols, coefs):
+        self.t, self.cols, self.coefs = t, cols, coefs
+
+    def score(self, z, rows, saved, upstream):
+        t, cols, a = self.t[rows], self.cols[rows], self.coefs[rows]
+        at_ids = torch.where(cols >= 0, a * z.gather(1, cols.clamp_min(0)).float(), 0.0)
+        loss = z.gather(1, t.unsqueeze(1)).squeeze(1).float() + at_ids.sum(1)
+        if upstream is None:
+            return ScoreResult(loss)
+        g = upstream.reshape(-1)
+        z.zero_()
+        return ScoreResult(loss, PointGradient(t, g, torch.zeros_like(g), cols, a * g.unsqueeze(1)))
+
+
+@pytest.mark.parametrize("dtype, chunk", [(torch.float32, 7), (torch.bfloat16, 1000), (torch.bfloat16, 7)])
+def test_added_point_terms_repeat_and_skip_negative_columns(dtype, chunk):
+    """``(n, k)`` added point terms: repeated columns add up, columns ``< 0`` contribute nothing,
+    and in the 16-bit accumulator (several blocks) they are added exactly, like the target's."""
+    g = torch.Generator().manual_seed(4)
+    n, d, v, k = 300, 8, 5, 3
+    h = (torch.randn(n, d, generator=g) * 3).to(dtype).requires_grad_()
+    w = torch.randn(v, d, generator=g).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    cols = torch.randint(0, v, (n, k), generator=g)
+    cols[:, 1] = cols[:, 0]
+    cols[::3, 2] = -1
+    coefs = torch.tensor([1.0, 0.5, -2.0]).expand(n, k)
+    up = torch.tensor([1.0, 2.0, -1.0]).repeat(n // 3)
+    loss = fused_linear_loss(h, w, None, _TargetAndAddedPoints(t, cols, coefs), reduction="none", chunk_size=chunk)
+    loss.backward(up)
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    z = hd @ wd.T
+    ref = z.gather(1, t.unsqueeze(1)).squeeze(1) + torch.where(cols >= 0, coefs.double() * z.gather(1, cols.clamp_min(0)), 0.0).sum(1)
+    tol = dict(rtol=1e-2, atol=0.25) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), ref, **tol)  # 16-bit logits
+    gh, gw = torch.autograd.grad(ref, (hd, wd), up.double())
+    if dtype == torch.bfloat16 and chunk < n:
+        assert torch.equal(w.grad, gw.bfloat16())  # rounded once, whatever the block count
+    else:
+        torch.testing.assert_close(w.grad.double(), gw, **tol)
+    torch.testing.assert_close(h.grad.double(), gh, **tol)
+
+
 def test_plan_chunk():
     mib = 2**20
     # float32: ~96 MiB blocks of at least 512 rows, as default_chunk_size

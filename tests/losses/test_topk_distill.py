@@ -181,7 +181,10 @@ def test_compiled_kernel_equals_eager():
     def run():
         block = z.clone()
         (loss,) = topk_rows.TOPK_KERNEL(block, *args, scale=1 / 1.3, temperature=1.3, hard_weight=0.4)
-        return loss, block
+        sliced = z[:, :100].clone()  # the vocab-parallel gradient of a slice, from global statistics
+        topk_rows.TOPK_GRAD_KERNEL(sliced, z.logsumexp(1) / 1.3, z.logsumexp(1), args[2], args[-1],
+                                   scale=1 / 1.3, temperature=1.3, hard_weight=0.4)
+        return loss, block, sliced
 
     eager, compiled = in_kernel_modes(run)
     for got, want in zip(compiled, eager):

@@ -212,8 +212,9 @@ def check_distill_options(fn: str, kind: str, beta, temperature, hard_weight):
 
 
 def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_classes: int,
-                         ignore_index: int, hard_weight: float) -> None:
-    """``target`` holds one class index per row (or ``ignore_index``); required when hard_weight > 0."""
+                         ignore_index: int, hard_weight: float, check_range: bool = True) -> None:
+    """``target`` holds one class index per row (or ``ignore_index``; in range unless a
+    vocab-parallel caller checked that itself, ``check_range=False``); required when hard_weight > 0."""
     if target is None:
         if hard_weight > 0:
             raise LeanlossValueError(
@@ -223,7 +224,8 @@ def check_distill_target(fn: str, target: Optional[Tensor], rows_shape, num_clas
     check_tensor(fn, "target", target)
     if shapes_enabled():
         check_row_targets(fn, target, rows_shape, "the student")
-    check_index_target_range(fn, target, num_classes, ignore_index)
+    if check_range:
+        check_index_target_range(fn, target, num_classes, ignore_index)
 
 
 def check_topk(fn: str, ids: Tensor, logprobs: Tensor, rows_shape, num_classes: int) -> None:
@@ -258,12 +260,12 @@ def check_topk(fn: str, ids: Tensor, logprobs: Tensor, rows_shape, num_classes: 
 
 
 def check_topk_options(fn: str, topk_ids, topk_logprobs, rows_shape, num_classes: int, target,
-                       ignore_index: int, temperature, hard_weight):
+                       ignore_index: int, temperature, hard_weight, check_range: bool = True):
     """Argument checks shared by the dense and fused top-k losses; returns
     ``(temperature, hard_weight)`` as floats (the callers then run the value heuristic
-    ``_heuristics.warn_if_topk_probabilities``)."""
+    ``_heuristics.warn_if_topk_probabilities``). ``check_range``: as in :func:`check_distill_target`."""
     temperature = check_positive(fn, "temperature", temperature)
     hard_weight = check_in_closed_interval(fn, "hard_weight", hard_weight, 0.0, 1.0)
     check_topk(fn, topk_ids, topk_logprobs, rows_shape, num_classes)
-    check_distill_target(fn, target, rows_shape, num_classes, ignore_index, hard_weight)
+    check_distill_target(fn, target, rows_shape, num_classes, ignore_index, hard_weight, check_range)
     return temperature, hard_weight

@@ -37,9 +37,11 @@ accumulation in the compute dtype (float32 for bfloat16/float16, else the input 
   - otherwise: blocks of ``max(MIN_CHUNK, D)`` rows into a float32 ``(V, D)`` accumulator;
     each block's product is taken in vocabulary slices of about ``_SLICE_BYTES`` and added in
     float32. A block's product is rounded to 16 bits before it is added, and a partial sum of
-    the target terms (``-1`` at each row's class) would lose digits there: scorers report those
-    point terms (:class:`PointGradient`) and the engine adds them to the accumulator exactly
-    (``index_add_`` of float32 rows), so the result is as accurate as one rounded matmul.
+    the target terms (``-1`` at each row's class; top-k distillation's ``-p_i`` at the
+    teacher's ids) would lose digits there: scorers report those point terms
+    (:class:`PointGradient`) and the engine adds them to the accumulator exactly (``index_add``
+    of float32 rows, one per point term of a row), so the result is as accurate as one rounded
+    matmul.
     Extra memory ``4 V D + 2 D V`` bytes.
 
 A scorer is any object with ``score(block, rows, saved, upstream) -> ScoreResult``; see
@@ -77,18 +79,34 @@ _SLICE_BYTES = 8 * 2**20
 
 
 class PointGradient(NamedTuple):
-    """One point term per row of a block's gradient: ``coef[r]`` at column ``cols[r]``.
+    """The point terms of a block's gradient, which the engine writes.
 
-    A scorer writes the dense part of its gradient over the block and reports the point terms;
-    the engine adds them (``dense + coef`` written at ``cols``, rounded once to the block's
-    dtype), and in a 16-bit float32 weight-gradient accumulator adds them exactly (see the
-    module docstring). ``dense[r]``: the dense part's value at ``(r, cols[r])`` in the compute
-    dtype. For a softmax loss the point term is the ``-1`` at the target class.
+    A scorer writes the dense part of its gradient over the block and reports its point terms:
+
+    * one per row, ``coef[r]`` at column ``cols[r]`` (``(n,)`` each; ``None``: none): the
+      engine writes ``dense + coef`` there, rounded once to the block's dtype; ``dense[r]`` is
+      the dense part's value at ``(r, cols[r])`` in the compute dtype. For a softmax loss the
+      ``-1`` at the target class.
+    * ``k`` per row, ``add_coef[r, i]`` added at column ``add_cols[r, i]`` (``(n, k)`` each;
+      ``None``: none), after the first kind: repeated columns add up and columns ``< 0``
+      contribute nothing. Top-k distillation's ``-p_i`` at the teacher's ids.
+
+    In a 16-bit float32 weight-gradient accumulator the engine adds them exactly (see the module
+    docstring).
     """
 
-    cols: Tensor
-    coef: Tensor
-    dense: Tensor
+    cols: Optional[Tensor]
+    coef: Optional[Tensor]
+    dense: Optional[Tensor]
+    add_cols: Optional[Tensor] = None
+    add_coef: Optional[Tensor] = None
+
+    def added(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(add_cols, add_coef)`` with each column ``< 0`` made a ``0`` at column ``0``, or ``None``."""
+        if self.add_cols is None or self.add_coef is None:
+            return None
+        keep = self.add_cols >= 0
+        return torch.where(keep, self.add_cols, 0), torch.where(keep, self.add_coef, 0)
 
 
 class ScoreResult(NamedTuple):
@@ -234,7 +252,7 @@ class _Upcast:
         values, points, saveds = zip(*results)
         point = None
         if points[0] is not None:  # a scorer reports point terms for every sub-block or none
-            point = PointGradient(*(torch.cat(parts) for parts in zip(*points)))
+            point = PointGradient(*(None if parts[0] is None else torch.cat(parts) for parts in zip(*points)))
         return ScoreResult(torch.cat(values), point,
                            None if saveds[0] is None else torch.cat(saveds))
 
@@ -299,9 +317,15 @@ class _Grads:
                 _ADD_KERNEL(acc[start:stop], part)
             else:  # the first block writes the accumulator: no zero fill
                 acc[start:stop].copy_(part)
-        if point is not None:
-            rows = h.to(self.acc_dtype) * point.coef.to(self.acc_dtype).unsqueeze(1)
-            acc.index_put_((point.cols,), rows, accumulate=True)
+        if point is None:
+            return
+        h_acc = h.to(self.acc_dtype)
+        columns = [] if point.cols is None or point.coef is None else [(point.cols, point.coef)]
+        added = point.added()
+        if added is not None:  # one (n, D) product per column of the (n, k) terms
+            columns += zip(added[0].unbind(1), added[1].unbind(1))
+        for cols, coef in columns:
+            acc.index_put_((cols,), h_acc * coef.to(self.acc_dtype).unsqueeze(1), accumulate=True)
 
     def finish(self, weight: Tensor, bias: Optional[Tensor]):
         if self.w is not None and not self.w_started:
@@ -313,9 +337,15 @@ class _Grads:
 
 
 def write_points(dz: Tensor, point: Optional[PointGradient]) -> None:
-    """The point terms into the block of dense gradients: ``dense + coef`` at ``cols``."""
-    if point is not None:
+    """The point terms into the block of dense gradients: ``dense + coef`` at ``cols``, then
+    ``add_coef`` added at ``add_cols``."""
+    if point is None:
+        return
+    if point.cols is not None and point.coef is not None and point.dense is not None:
         set_at_cols(dz, point.cols, point.dense + point.coef)
+    added = point.added()
+    if added is not None:
+        add_at_cols(dz, *added)
 
 
 def add_upcast(acc: Tensor, part: Tensor):

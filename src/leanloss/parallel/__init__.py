@@ -4,6 +4,8 @@
 * :func:`vocab_parallel_linear_cross_entropy`: each rank holds ``(V_local, D)`` rows of the LM
   head; the fused engine never materializes the logits.
 * :func:`vocab_parallel_linear_distill_loss`: the same for a student and a teacher head.
+* :func:`vocab_parallel_linear_topk_distill_loss`: top-k distillation from a teacher's stored
+  top-k log-probabilities, the student's head split the same way.
 * :func:`vocab_parallel_linear_log_probs`: per-token log-probabilities and entropies from such
   a sharded head (the input of RL losses).
 
@@ -16,10 +18,12 @@ from .cross_entropy import vocab_parallel_cross_entropy
 from .distill import vocab_parallel_linear_distill_loss
 from .linear import vocab_parallel_linear_cross_entropy
 from .log_probs import vocab_parallel_linear_log_probs
+from .topk_distill import vocab_parallel_linear_topk_distill_loss
 
 __all__ = [
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_linear_distill_loss",
     "vocab_parallel_linear_log_probs",
+    "vocab_parallel_linear_topk_distill_loss",
 ]
