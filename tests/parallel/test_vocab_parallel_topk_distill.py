@@ -136,7 +136,7 @@ def test_world_of_one_equals_linear_topk_distill_loss(reduction, temperature, ha
 
 @pytest.mark.parametrize("change, error, words", [
     ({"target": None, "hard_weight": 0.5}, LeanlossValueError, ["'target'", "hard_weight"]),
-    ({"local_student_weight": torch.randn(7, 3)}, LeanlossValueError, ["'local_student_weight'"]),
+    ({"student_local_weight": torch.randn(7, 3)}, LeanlossValueError, ["'student_local_weight'"]),
     ({"student_bias": torch.randn(7, dtype=torch.float64)}, TypeError, ["'student_bias'"]),
     ({"topk_ids": torch.tensor([[0, 7], [1, 2], [3, -1]])}, TargetOutOfRangeError, ["'topk_ids'", "7"]),
     ({"topk_ids": torch.tensor([[0, 1], [1, 2]])}, LeanlossValueError, ["'topk_ids'", "(3, 'k')"]),
@@ -149,7 +149,7 @@ def test_world_of_one_equals_linear_topk_distill_loss(reduction, temperature, ha
     ({"vocab_start": 3}, LeanlossValueError, ["'vocab_start'"]),
 ])
 def test_errors_name_the_argument(change, error, words):
-    args = {"student_hidden": torch.randn(3, 4), "local_student_weight": torch.randn(7, 4),
+    args = {"student_hidden": torch.randn(3, 4), "student_local_weight": torch.randn(7, 4),
             "topk_ids": torch.tensor([[0, 1], [1, 2], [3, -1]]), "topk_logprobs": torch.full((3, 2), -1.0),
             "target": torch.tensor([0, 6, 1]), **change}
     with pytest.raises(error) as info:

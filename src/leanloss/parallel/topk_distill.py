@@ -27,7 +27,7 @@ __all__ = ["vocab_parallel_linear_topk_distill_loss"]
 @graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_topk_distill_loss(
     student_hidden: Tensor,
-    local_student_weight: Tensor,
+    student_local_weight: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     target: Optional[Tensor] = None,
@@ -46,14 +46,14 @@ def vocab_parallel_linear_topk_distill_loss(
     Equals ``linear_topk_distill_loss`` on the head concatenated over the ranks (same
     ``temperature``, ``hard_weight``, ``ignore_index``, ``reduction``), in value and in the
     gradients of ``student_hidden`` (the full gradient on every rank, summed over the ranks in
-    backward), ``local_student_weight`` and ``student_bias`` (this rank's slice). The teacher is
+    backward), ``student_local_weight`` and ``student_bias`` (this rank's slice). The teacher is
     stored data and gets no gradient. No rank holds its ``(tokens, V_local)`` logits: the fused
     engine walks blocks of ``chunk_size`` rows and only per-row statistics cross ranks (see
     :mod:`leanloss.parallel.topk_distill`).
 
     Args:
         student_hidden: ``(..., D)``, the same on every rank.
-        local_student_weight: ``(V_local, D)``, this rank's rows of the head; slices may be
+        student_local_weight: ``(V_local, D)``, this rank's rows of the head; slices may be
             uneven. Or a DTensor sharded ``Shard(0)`` (group and offsets then come from the
             mesh, as in :func:`vocab_parallel_linear_cross_entropy`).
         topk_ids, topk_logprobs: ``(..., k)``, the teacher's top-k GLOBAL ids (``< 0``:
@@ -68,12 +68,12 @@ def vocab_parallel_linear_topk_distill_loss(
     """
     fn = "vocab_parallel_linear_topk_distill_loss"
     sizes = None
-    if has_dtensor(student_hidden, local_student_weight, student_bias, topk_ids, topk_logprobs, target):
+    if has_dtensor(student_hidden, student_local_weight, student_bias, topk_ids, topk_logprobs, target):
         sharded, whole, group, sizes = unwrap(
-            fn, {"local_student_weight": local_student_weight, "student_bias": student_bias},
+            fn, {"student_local_weight": student_local_weight, "student_bias": student_bias},
             {"student_hidden": student_hidden, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs,
              "target": target}, group, vocab_start, dim=0)
-        local_student_weight, student_bias = sharded["local_student_weight"], sharded["student_bias"]
+        student_local_weight, student_bias = sharded["student_local_weight"], sharded["student_bias"]
         student_hidden, topk_ids, topk_logprobs, target = (
             whole["student_hidden"], whole["topk_ids"], whole["topk_logprobs"], whole["target"])
 
@@ -81,7 +81,7 @@ def vocab_parallel_linear_topk_distill_loss(
         return shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start, ignore_index,
                         sizes=sizes)
 
-    return run_topk(fn, Head(student_hidden, local_student_weight, student_bias), topk_ids, topk_logprobs,
+    return run_topk(fn, Head(student_hidden, student_local_weight, student_bias), topk_ids, topk_logprobs,
                     target, vocab_of, temperature=temperature, ignore_index=ignore_index,
                     hard_weight=hard_weight, reduction=reduction, chunk_size=chunk_size, check_range=False,
-                    names=("student_hidden", "local_student_weight", "student_bias"))
+                    names=("student_hidden", "student_local_weight", "student_bias"))
