@@ -38,6 +38,55 @@ z_loss: weight of the ``lse_r**2`` penalty (PaLM's z-loss) added to each kept ro
 num_items: divisor of ``'mean'`` instead of the kept-row count, e.g. the global token count
     over data-parallel ranks and gradient-accumulation steps (transformers'
     ``num_items_in_batch``).""",
+    # The fused linear-head losses (leanloss.linear) and their vocab-parallel forms.
+    "head": """\
+hidden: ``(..., D)`` floating.
+weight: ``(V, D)``, in ``hidden``'s dtype.
+target: ``(...)`` int64 class indices.
+bias: ``(V,)`` or ``None``.""",
+    "chunk_size": """\
+chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`:
+    ~96 MiB blocks of at least 512 rows; in bf16/fp16 with a weight gradient one block over
+    all rows when ``N <= 2 D``).""",
+    "row_reduction": """\
+reduction: ``'none'`` (shape ``(...)``, ``0`` at ignored rows; backward recomputes the blocks) |
+    ``'sum'`` | ``'mean'`` (over the kept rows).""",
+    "fused_dtypes": """\
+Matmuls run in the input dtype; softmax statistics and gradient accumulation in float32 (float64
+for float64 inputs), and the result is in that compute dtype (float32 for bfloat16/float16
+inputs). The per-block math is a compiled kernel on CPU/CUDA (see :mod:`leanloss._fused.kernels`
+for when it compiles) or the same function run eagerly. Gradients are first order. Under
+``torch.compile`` this function is a graph break (``torch.compiler.disable``).""",
+    "vp_head": """\
+hidden: ``(..., D)``, the same on every rank of ``group``.
+local_weight: ``(V_local, D)``, this rank's rows of the head (or a DTensor, see below).
+target: ``(...)`` GLOBAL class ids, identical on every rank.
+bias: this rank's ``(V_local,)`` slice of the head's bias, or ``None``.""",
+    "group": """\
+group: the ``torch.distributed`` process group sharding the vocabulary; ``None`` is the default
+    group, or a single process when ``torch.distributed`` is not initialized.""",
+    "vocab_start": """\
+vocab_start: first global class id of this rank's slice; default: the sum of the slice sizes of
+    the lower ranks of ``group`` (found with one all-gather of one number).""",
+    "vp_chunk_size": """\
+chunk_size: rows per block, the same on every rank (default: planned from the largest slice, so
+    that every rank walks the same blocks and issues the same collectives).""",
+    "vp_head_contract": """\
+Each rank holds rows ``[vocab_start, vocab_start + V_local)`` of the head (weight and bias;
+slices may be uneven), and the result equals the single-device function on the head
+concatenated over the ranks: in value, on every rank, and in gradient: this rank's head tensors
+get their slice of the full gradient, the hidden states the FULL gradient on every rank (the
+ranks' partial gradients are summed by one all-reduce in backward, as for an input replicated
+over the tensor-parallel group). No rank holds its ``(tokens, V_local)`` logits: per block only
+a few numbers per row cross ranks (the docs' vocab-parallel page says which). Every rank of
+``group`` must call this function (and its backward) together.
+
+The head weight may be a DTensor sharded ``Shard(0)`` on one mesh dimension (``Replicate`` on
+any other), as ``ColwiseParallel`` leaves ``lm_head.weight``: the group, ``vocab_start`` and
+``V`` then come from its mesh and placement (``torch.chunk`` slices; ``group`` and
+``vocab_start`` must be ``None``), its bias must be sharded alike, DTensor inputs held whole
+(hidden states, targets) are made ``Replicate`` on that mesh, and every gradient is a DTensor of
+its input's placement.""",
 }
 
 _MARK = re.compile(r"^(?P<indent>[ \t]*)@doc (?P<name>\w+)[ \t]*$", re.M)

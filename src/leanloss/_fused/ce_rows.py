@@ -1,16 +1,10 @@
-"""The cross entropy of one row: its statistics, the row loss, and its gradient.
-
-This is the one statement of the row math of every cross entropy here: the fused one on one
-device (:func:`ce_block`, statistics + loss + gradient composed in one row kernel), the
-vocab-parallel ones (:func:`ce_partials_block` per vocabulary slice, the all-reduce, then
-:func:`ce_finish` and :func:`ce_grad_block`), and the dense :func:`leanloss.cross_entropy`
-(its special case ``z_loss = 0``, through :func:`ce_row_loss` and
-:func:`ce_grad_coefficients`). The public docstrings include :data:`ROW_LOSS`. The
-gradient's three coefficients are ``(a, b, s)`` everywhere.
-
-The block functions take the raw logits ``z`` and the transform ``y = softcap(scale * z)``
-(:func:`transform`); ``class_weight`` is the weights of the block's classes (a vocabulary
-slice's, on one rank), ``w_total`` and ``num_classes`` are over the whole vocabulary.
+"""The cross entropy of one row (:data:`ROW_LOSS`, in the public docstrings), stated once for the
+fused loss on one device (:func:`ce_block`: statistics, loss and gradient in one row kernel),
+the vocab-parallel ones (:func:`ce_partials_block` per slice, the all-reduce, :func:`ce_finish`,
+:func:`ce_grad_block`) and the dense :func:`leanloss.cross_entropy` (:func:`ce_row_loss`,
+:func:`ce_grad_coefficients`). The block functions take the raw logits ``z`` and the transform
+``y = softcap(scale * z)`` (:func:`transform`); ``class_weight`` holds the block's classes'
+weights, ``w_total`` and ``num_classes`` are over the whole vocabulary.
 """
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-r"""Per-token log-probability and statistics of a softmax, from row sums, and their gradient.
-
-Shared by the fused :func:`leanloss.linear_log_probs` (sums over a whole-vocabulary block) and
-its vocab-parallel form (sums over the ranks' slices, all-reduced), so the formulas live once.
+r"""Per-token log-probability and statistics of a softmax, from row sums, and their gradient: the
+formulas of :func:`leanloss.linear_log_probs` and its vocab-parallel form.
 
 The logits. From the raw ``z = hidden @ weight.T + bias`` over ``V`` classes, temperature
 ``T``, logit scale ``l`` and softcap ``c``::
@@ -40,11 +38,8 @@ for)::
 times ``dy/dz`` above. Terms with ``p_c = 0`` are ``0`` (``0 log 0 = 0``), so classes masked
 with a ``-inf`` logit are exact. ``top1`` has no gradient.
 
-Vocab-parallel, each rank holds the classes ``[start, start + size)``: ``m`` and
-``max_{c < t} y_c`` are all-reduced with MAX in one stacked call (a slice before the target's
-contributes its row maximum, the owner its maximum over the columns before the target, a slice
-after it ``-inf``: :func:`max_before_target` says all three), ``S``, ``U``, ``Q``, ``Y`` and
-``y_t`` (counted by the owner) with SUM in one. The gradient is local.
+Vocab-parallel, ``m`` and ``max_{c < t} y_c`` (:func:`max_before_target`) are all-reduced with
+MAX, ``S``, ``U``, ``Q``, ``Y`` and ``y_t`` (from its owner) with SUM; the gradient is local.
 """
 from __future__ import annotations
 

@@ -1,13 +1,7 @@
-"""The reduce hook of a scorer: where a row statistic summed over the vocabulary gets summed.
-
-A fused loss's row statistics (a row maximum, a sum of exponentials, the target's logit) are
-reductions over the classes. On one device a block holds every class, so the reduction of a
-block is the whole one and the hook is the identity (:class:`LocalVocab`). With the LM head's
-rows split across ranks, a block holds this rank's slice ``[start, start + size)`` of the
-``vocab`` classes, and the hook all-reduces each per-row partial over the vocabulary group
-(:class:`leanloss.parallel._comm.VocabShard`, same interface). A scorer takes one at
-construction and states its math once for both.
-"""
+"""The reduce hook of a scorer: where its per-row partial reductions over the classes are reduced
+over the whole vocabulary. The identity on one device (:class:`LocalVocab`); an all-reduce over
+a vocab-sharded head's ranks (:class:`leanloss.parallel._comm.VocabShard`). A scorer states its
+math once for both."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -20,13 +14,10 @@ __all__ = ["VocabSlice", "LocalVocab", "global_row_max", "global_row_max_with", 
 
 
 class VocabSlice:
-    """The classes ``[start, start + size)`` of a vocabulary of ``vocab`` classes.
-
-    ``max_(t)`` / ``sum_(t)``: ``t`` (per-row partials over this slice) reduced over every
-    slice, in place. ``identity``: the reductions are the identity (one device), so a scorer
-    may compose its statistics, finish and gradient in one kernel; otherwise they communicate
-    and every rank must call them in the same order.
-    """
+    """The classes ``[start, start + size)`` of a vocabulary of ``vocab`` classes. ``max_(t)`` /
+    ``sum_(t)``: per-row partials over this slice reduced over every slice, in place: a
+    collective every rank calls in the same order or, when ``identity`` (one device), nothing,
+    so that a scorer may compose its row math in one kernel."""
 
     start: int
     size: int
@@ -66,17 +57,14 @@ class LocalVocab(VocabSlice):
 
 
 def global_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
-    """Each row's maximum over every slice of ``y`` ``(n, size)`` (an empty slice contributes
-    ``-inf``), as the shift of a softmax: a row that is ``-inf`` everywhere gets ``0``, so
-    shifting keeps it ``nan`` (as torch's softmax) instead of ``-inf - -inf``. One
-    ``max_`` (an all-reduce MAX on every rank of a group)."""
+    """Each row's maximum over every slice of ``y`` ``(n, size)``, as a softmax's shift: ``0``
+    for a row that is ``-inf`` everywhere (so it stays ``nan``, as in torch's softmax). One ``max_``."""
     return row_max_shift(local_row_max(y, vocab), vocab)
 
 
 def global_row_max_with(y: Tensor, vocab: VocabSlice, *also: Tensor) -> Tuple[Tensor, ...]:
     """:func:`global_row_max`, and each per-row partial maximum of ``also`` (``(n,)`` each)
-    reduced over the slices in the same ``max_`` (stacked with the row maxima; only the row
-    maxima become a shift)."""
+    reduced in the same ``max_`` (not made a shift)."""
     if not also:
         return (global_row_max(y, vocab),)
     maxes = vocab.max_(torch.stack((local_row_max(y, vocab), *also), 1))
@@ -89,8 +77,7 @@ def local_row_max(y: Tensor, vocab: VocabSlice) -> Tensor:
 
 
 def row_max_shift(local_max: Tensor, vocab: VocabSlice) -> Tensor:
-    """:func:`global_row_max` from this slice's row maxima (any shape: several maxima per row
-    travel in one ``max_``)."""
+    """:func:`global_row_max` from this slice's row maxima (any shape)."""
     return finite_or_zero(vocab.max_(local_max))
 
 
@@ -100,6 +87,5 @@ def finite_or_zero(m: Tensor) -> Tensor:
 
 
 def owned_only(values: Tensor, owned: Optional[Tensor]) -> Tensor:
-    """``values`` where this slice owns the row's target, ``0`` elsewhere (``owned`` ``None``:
-    every row's)."""
+    """``values`` where this slice owns the row's target (``owned`` ``None``: all), else ``0``."""
     return values if owned is None else torch.where(owned, values, torch.zeros_like(values))

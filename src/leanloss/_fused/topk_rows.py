@@ -10,16 +10,12 @@ padding only), ``a`` = ``hard_weight`` and any per-row shift ``m``::
     loss  = a (lse_z - z_t) + (1 - a) soft
     dloss/dz_c = (1 - a) T (P q_c - sum_i p_i [c == id_i]) + a (softmax(z)_c - [c == t])
 
-On one device :func:`topk_block` composes all of it in one row kernel with ``m = lse``. Every
-statistic is a sum over the classes, so with the vocabulary split across ranks each rank sums
-over its slice (:func:`slice_sums`: ``m`` the global row maximum of ``y``,
-``lse = m + log S``, ``lse_z = T m + log S_z``; ``cross`` over the ids it owns, ``z_t`` from
-the target's owner) and the sums are all-reduced. The dense part of the gradient (the two
-softmax terms, :func:`dense_grad`) needs only ``lse``, ``lse_z`` and ``P``, so it is local.
-The point terms at the ``k`` ids (repeated ids add up) and at the target are reported to the
-engine as a :class:`~leanloss._fused.engine.PointGradient`.
-
-(``lse_z - z_t`` is the hard term of :mod:`leanloss._fused.distill_rows`.)
+On one device :func:`topk_block` composes it all in one row kernel with ``m = lse``. Over a
+vocabulary slice, :func:`slice_sums` gives the sums to all-reduce (``m`` the global row maximum
+of ``y``: ``lse = m + log S``, ``lse_z = T m + log S_z``; ``cross`` over the ids it owns, ``z_t``
+from the target's owner). The gradient's dense part (:func:`dense_grad`) needs only ``lse``,
+``lse_z`` and ``P``, so it is local; the point terms at the ``k`` ids (repeated ids add up) and
+at the target go to the engine. (``lse_z - z_t`` is the hard term of :mod:`.distill_rows`.)
 """
 from __future__ import annotations
 

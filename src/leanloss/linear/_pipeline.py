@@ -1,11 +1,5 @@
-"""One path from a public fused loss to the engine, on one device or vocab-parallel.
-
-Every fused linear-head loss (cross entropy, log-probs, distillation, top-k distillation, and
-their vocab-parallel forms) runs :func:`run_fused`: the autocast cast of the head operands, the
-loss's own checks (its ``setup``, which also gives the reduce hook and the scorer), flattening,
-dropping ignored rows before any matmul, the engine, scattering ``'none'`` results back to the
-batch shape, and the finite check. A loss states only what is its own: checks, scorer, divisor.
-"""
+"""One path from a public fused loss to the engine, on one device or vocab-parallel: a loss states
+only what is its own (checks, scorer, divisor); :func:`run_fused` does the rest."""
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
@@ -51,19 +45,17 @@ def run_fused(fn: str, head: Head, target: Optional[Tensor], setup: Setup, *,
               teacher: Optional[Head] = None, rows: Sequence[Tensor] = (), ignore_index: int = -100,
               reduction: str = "mean", chunk_size: Optional[int] = None, input_scale: float = 1.0,
               names: Sequence[str] = ("hidden", "weight", "bias")) -> Tuple[Tensor, Batch]:
-    """A fused loss from its public arguments to its result.
+    """A fused loss from its public arguments to ``(result, Batch)``: autocast, the loss's checks,
+    ignored rows dropped before any matmul, the engine, ``'none'`` results scattered back to the
+    batch shape (a scorer of ``k`` outputs adds a last dimension), the finite check.
 
-    ``setup(head, teacher)`` runs the loss's checks on the autocast operands and returns
-    ``(vocab, make_scorer, divisor)``: the reduce hook, ``make_scorer(kept_target, *kept_rows)``
-    and the ``'mean'`` divisor (a number, a tensor, ``None`` for the kept-row count, or a
-    callable of the scorer). ``teacher``: a second head whose hidden states are row-aligned with
-    ``head``'s (no gradient: detached); ``rows``: more ``(..., k)`` row-aligned tensors (their
-    kept rows go to ``make_scorer`` after the teacher's hidden states); ``input_scale``:
-    multiplies ``hidden`` and ``bias`` (the engine's blocks become ``input_scale * z``).
-    ``names``: the head's argument names in the finite check's warning.
-
-    Returns the engine's result (``'none'``: in the batch shape, ``0`` at ignored rows; a scorer
-    with ``k`` outputs adds a last dimension) and the :class:`Batch`.
+    ``setup(head, teacher)`` checks the autocast operands and returns ``(vocab, make_scorer,
+    divisor)``: the reduce hook, ``make_scorer(kept_target, *kept_rows)`` and the ``'mean'``
+    divisor (a number, a tensor, ``None`` for the kept-row count, or a callable of the scorer).
+    ``teacher``: a second, detached head row-aligned with ``head``; ``rows``: more row-aligned
+    ``(..., k)`` tensors (their kept rows follow the teacher's hidden states into
+    ``make_scorer``); ``input_scale`` multiplies ``hidden`` and ``bias``; ``names``: the head's
+    argument names for the finite check's warning.
     """
     cast = autocast_matmul_operands(*head, *(teacher or ()))
     head = Head(*cast[:3])

@@ -1,13 +1,8 @@
-"""Fused linear cross entropy: the LM-head loss without the ``(tokens, vocab)`` logits.
-
-``linear_cross_entropy`` drops ignored tokens, then hands the kept rows to the chunked engine
-(:mod:`leanloss._fused.engine`) with :class:`CrossEntropyScorer`, whose per-block math is the
-row kernel :func:`leanloss._fused.ce_rows.ce_block` (compiled or eager,
-:mod:`leanloss._fused.kernels`).
-"""
+"""Fused linear cross entropy: the LM-head loss without the ``(tokens, vocab)`` logits, on one
+device and vocab-parallel (how the engine works: ``docs/internals.md``)."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -22,24 +17,17 @@ from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_o
 from .._dtensor import routes_dtensor
 from ._pipeline import Head, run_fused
 
-__all__ = ["linear_cross_entropy", "CrossEntropyScorer"]
+__all__ = ["linear_cross_entropy", "CrossEntropyScorer", "run_ce", "ce_divisor"]
 
 _FN = "linear_cross_entropy"
 
 
 class CrossEntropyScorer:
-    """Per-block cross entropy (class weights, smoothing, z-loss, softcap, logit scale), on one
-    device or vocab-parallel: the row math of :mod:`leanloss._fused.ce_rows`.
-
-    ``target``: the ``(M,)`` global class of each row the engine walks; ``vocab``: the reduce
-    hook. On one device (:class:`~leanloss._fused.reduce_hook.LocalVocab`) blocks are scored
-    in the matmul dtype by one row kernel, :func:`~leanloss._fused.ce_rows.ce_block`
-    (statistics, loss and gradient composed). Over a vocab shard the per-slice partials are
-    all-reduced, the loss finished from them, and the gradient written from the global
-    ``lse`` (kept as the block's saved statistics, so the ``'none'`` recompute communicates
-    nothing). The target's point term is reported to the engine
-    (:class:`~leanloss._fused.engine.PointGradient`), which writes it. ``lse_out``: an
-    ``(M,)`` buffer that receives each row's ``lse``.
+    """Per-block cross entropy (the row math of :mod:`leanloss._fused.ce_rows`) of the rows whose
+    ``(M,)`` global classes are ``target``, over the reduce hook ``vocab``: one composed row
+    kernel on one device; over a vocab shard, all-reduced partials, with ``(loss, lse)`` saved
+    so that the ``'none'`` recompute communicates nothing. ``lse_out``: an ``(M,)`` buffer
+    that receives each row's ``lse``.
     """
 
     outputs = 1
@@ -106,21 +94,22 @@ class CrossEntropyScorer:
                          **self.stats)
 
 
-def _check(hidden, weight, target, bias, class_weight, label_smoothing, z_loss, softcap,
-           logit_scale, ignore_index) -> None:
-    vocab = _checks.check_linear_shapes(_FN, hidden, weight, bias, target)
-    if not _checks.shapes_enabled():
-        return
-    if bias is not None:
-        _checks.check_same_dtype(_FN, "bias", bias, "weight", weight)
-    _checks.check_same_device(_FN, hidden=hidden, class_weight=class_weight)
-    _checks.check_class_weight(_FN, "class_weight", class_weight, vocab)
-    _checks.check_label_smoothing(_FN, label_smoothing)
-    _checks.check_in_closed_interval(_FN, "z_loss", z_loss, 0.0, float("inf"))
-    if softcap is not None:
-        _checks.check_positive(_FN, "softcap", softcap)
-    _checks.check_positive(_FN, "logit_scale", logit_scale)
-    _checks.check_index_target_range(_FN, target, vocab, ignore_index)
+def _local_vocab(head: Head, target, class_weight, label_smoothing, z_loss, softcap, logit_scale,
+                 ignore_index) -> LocalVocab:
+    """:func:`linear_cross_entropy`'s checks of the autocast head; the whole vocabulary."""
+    vocab = _checks.check_linear_shapes(_FN, *head, target)
+    if _checks.shapes_enabled():
+        if head.bias is not None:
+            _checks.check_same_dtype(_FN, "bias", head.bias, "weight", head.weight)
+        _checks.check_same_device(_FN, hidden=head.hidden, class_weight=class_weight)
+        _checks.check_class_weight(_FN, "class_weight", class_weight, vocab)
+        _checks.check_label_smoothing(_FN, label_smoothing)
+        _checks.check_in_closed_interval(_FN, "z_loss", z_loss, 0.0, float("inf"))
+        if softcap is not None:
+            _checks.check_positive(_FN, "softcap", softcap)
+        _checks.check_positive(_FN, "logit_scale", logit_scale)
+        _checks.check_index_target_range(_FN, target, vocab, ignore_index)
+    return LocalVocab(head.weight.shape[0])
 
 
 @_docs.fill
@@ -159,8 +148,7 @@ def linear_cross_entropy(
     @doc ce_reduction
 
     Args:
-        hidden: ``(..., D)`` floating; weight: ``(V, D)``; target: ``(...)`` int64 class indices;
-            bias: ``(V,)`` or ``None``.
+        @doc head
         @doc ignore_index
         @doc label_smoothing
         @doc z_loss
@@ -169,35 +157,39 @@ def linear_cross_entropy(
         @doc num_items
         return_lse: also return ``lse_r`` (shape of ``target``, float32/float64, ``0`` at
             ignored tokens, not differentiable).
-        chunk_size: rows per block (default: the engine's plan,
-            :func:`leanloss._fused.engine.plan_chunk`: ~96 MiB blocks of at least 512 rows; in
-            bf16/fp16 with a weight gradient one block over all rows when ``N <= 2 D``).
+        @doc chunk_size
 
-    Dtypes: matmuls run in the input dtype; softmax, log-sum-exp and gradient accumulation in
-    float32 (float64 for float64 inputs); the loss is float32 for bf16/fp16 inputs. The
-    per-block math is a compiled kernel on CPU/CUDA (its first call compiles it, once per
-    process and option set; see :mod:`leanloss._fused.kernels`), or the same function run eagerly.
-    Gradients flow to ``hidden``, ``weight`` and ``bias`` (first order). Under
-    ``torch.compile`` this function is a graph break (``torch.compiler.disable``).
+    @doc fused_dtypes
     """
-    reduction = resolve_reduction(reduction)
+    options = dict(class_weight=class_weight, label_smoothing=label_smoothing, z_loss=z_loss,
+                   softcap=softcap, logit_scale=logit_scale)
+    return run_ce(_FN, Head(hidden, weight, bias), target,
+                  lambda head: _local_vocab(head, target, ignore_index=ignore_index, **options),
+                  reduction=resolve_reduction(reduction), num_items=num_items, ignore_index=ignore_index,
+                  chunk_size=chunk_size, return_lse=return_lse, **options)
+
+
+def run_ce(fn: str, head: Head, target: Tensor, vocab_of: Callable[[Head], VocabSlice], *, class_weight,
+           label_smoothing, z_loss, softcap, logit_scale, reduction: str, num_items, ignore_index: int,
+           chunk_size: Optional[int], return_lse: bool = False,
+           names: Sequence[str] = ("hidden", "weight", "bias")):
+    """The linear cross entropies on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`)
+    with :class:`CrossEntropyScorer` over the reduce hook ``vocab_of(head)``, which also checks
+    the autocast head."""
     lse = []
 
     def setup(head: Head, _):
-        _check(head.hidden, head.weight, target, head.bias, class_weight, label_smoothing, z_loss,
-               softcap, logit_scale, ignore_index)
-        dtype, vocab = compute_dtype(head.hidden.dtype), LocalVocab(head.weight.shape[0])
+        vocab, dtype = vocab_of(head), compute_dtype(head.hidden.dtype)
 
         def make_scorer(t):
             lse.append(torch.zeros(t.shape[0], dtype=dtype, device=t.device) if return_lse else None)
             return CrossEntropyScorer(t, class_weight, label_smoothing, z_loss, softcap, logit_scale,
                                       dtype, vocab, lse[0])
 
-        return vocab, make_scorer, (
-            ce_divisor if reduction == "mean" and num_items is None else num_items)
+        return vocab, make_scorer, ce_divisor if reduction == "mean" and num_items is None else num_items
 
-    loss, batch = run_fused(_FN, Head(hidden, weight, bias), target, setup, ignore_index=ignore_index,
-                            reduction=reduction, chunk_size=chunk_size)
+    loss, batch = run_fused(fn, head, target, setup, ignore_index=ignore_index, reduction=reduction,
+                            chunk_size=chunk_size, names=names)
     return (loss, batch.scatter(lse[0])) if return_lse else loss
 
 

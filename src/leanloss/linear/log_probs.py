@@ -1,16 +1,6 @@
-"""Per-token log-probabilities and statistics of an LM head without the ``(tokens, vocab)`` logits.
-
-The input of every policy-gradient loss (GRPO, PPO, DPO): ``log p(target)`` under
-``softmax(y)``, ``y`` the head's logits scaled, softcapped and divided by the temperature, and
-on request the per-token statistics trainers log (entropy, log-sum of squared probabilities,
-mean logit, whether the target is the argmax), with gradients through each differentiable one.
-:func:`linear_log_probs` drops ignored tokens and hands the rest to the chunked engine
-(:mod:`leanloss._fused.engine`) with :class:`LogProbScorer`, a scorer of one output per row and
-per differentiable statistic, whose upstream gradients arrive in backward, so backward
-recomputes each block (four matmuls in all). Forward records each row's ``lse`` and
-statistics; backward writes the gradient from them in one pass over the block. The formulas
-are those of :mod:`leanloss._fused.logp_rows`.
-"""
+"""Per-token log-probabilities and statistics of an LM head without the ``(tokens, vocab)`` logits
+(the input of policy-gradient losses), on one device and vocab-parallel; the formulas are those
+of :mod:`leanloss._fused.logp_rows`."""
 from __future__ import annotations
 
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
@@ -19,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks
+from .. import _checks, _docs
 from .._dtypes import compute_dtype
 from .._fused.ce_rows import transform
 from .._fused.engine import PointGradient, ScoreResult, at_cols
@@ -47,18 +37,11 @@ class TokenStats(NamedTuple):
 
 
 class LogProbScorer:
-    """Scorer of ``logp`` and the asked-for statistics per row, on one device or vocab-parallel.
-
-    ``target``: the ``(M,)`` global class of each row the engine walks; ``scale``, ``softcap``:
-    the transform of :mod:`leanloss._fused.logp_rows` (temperature folded in); ``vocab``: the
-    reduce hook (:class:`~leanloss._fused.reduce_hook.LocalVocab` on one device: one compiled
-    statistics kernel reads the 16-bit block; a vocab shard: per-slice sums all-reduced, on
-    compute-dtype blocks); ``stats``: which statistics besides ``logp``. ``outputs`` is the
-    number of differentiable ones (``stats.outputs``, ``logp`` first); ``is_top1`` has no
-    gradient and is written to :attr:`top1` ``(M,)`` on a block's first scoring. That scoring
-    returns the outputs and ``lse`` as its saved statistics; a ``score`` with the upstream
-    gradients ``(n, outputs)`` writes the gradient over the block from them (no collective),
-    the target's ``a dy/dz`` as a point term.
+    """Scorer of ``logp`` and the ``stats`` asked for, per row of the ``(M,)`` global classes
+    ``target``, over the reduce hook ``vocab``; ``scale``, ``softcap``: the transform of
+    :mod:`leanloss._fused.logp_rows` (temperature folded in). One output per differentiable
+    statistic (``logp`` first); ``is_top1`` goes to :attr:`top1`. The first scoring of a block
+    saves the outputs and ``lse``; backward's writes the gradient from them (no collective).
     """
 
     def __init__(self, target: Tensor, scale: float, dtype: torch.dtype, vocab: VocabSlice, *,
@@ -154,10 +137,8 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optiona
                           target: Tensor, temperature, ignore_index: int, *,
                           softcap=None, logit_scale=1.0, check_range: bool = True,
                           weight_name: str = "weight") -> Tuple[float, Optional[float]]:
-    """Shapes, dtypes, temperature, softcap, logit scale and (with ``check_range``) target range
-    of the log-prob functions; returns the transform's ``(scale, softcap)`` with the temperature
-    folded in (:mod:`leanloss._fused.logp_rows`). A vocab-parallel caller checks the range
-    against the global vocabulary itself (``check_range=False``)."""
+    """The log-prob functions' checks (the target's range with ``check_range``: a vocab-parallel
+    caller checks it itself); returns the transform's ``(scale, softcap)``, temperature folded in."""
     local = _checks.check_linear_shapes(fn, hidden, weight, bias, target, weight_name=weight_name)
     temperature = _checks.check_positive(fn, "temperature", temperature)
     logit_scale = _checks.check_positive(fn, "logit_scale", logit_scale)
@@ -170,6 +151,7 @@ def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optiona
     return logit_scale / temperature, softcap
 
 
+@_docs.fill
 @graph_break
 @routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_log_probs(
@@ -201,13 +183,12 @@ def linear_log_probs(
     ``return_stats`` and their gradients are stated in :mod:`leanloss._fused.logp_rows`.
 
     Args:
-        hidden: ``(..., D)`` floating; weight: ``(V, D)`` (same dtype); target: ``(...)`` int64
-            class indices; bias: ``(V,)`` or ``None``.
+        @doc head
         temperature: ``T > 0`` (a Python number; sampling temperature of the rollout).
         return_entropy: also return the entropy per token.
         ignore_index: tokens with this target are dropped before any matmul; every output is
             ``0`` there (``False`` for ``is_top1``) and gets no gradient.
-        chunk_size: rows per block (default: the engine's plan).
+        @doc chunk_size
         softcap: ``c > 0`` or ``None``: the logits become ``c * tanh(z / c)`` before the
             temperature (Gemma-style final logit softcapping).
         logit_scale: a positive factor on the logits before the softcap.
@@ -219,13 +200,13 @@ def linear_log_probs(
     Returns ``logp``, or ``(logp, entropy)`` with ``return_entropy=True``; with ``return_stats``
     a :class:`TokenStats` ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1)`` whose
     fields not asked for are ``None`` (``entropy`` is there when asked for either way). Each is
-    shaped like ``target``, in float32 for bfloat16/float16/float32 inputs (float64 for
-    float64); ``is_top1`` is bool. ``logp``, ``entropy``, ``log_sum_sq_probs`` and
+    shaped like ``target``; ``is_top1`` is bool. ``logp``, ``entropy``, ``log_sum_sq_probs`` and
     ``mean_logit`` are differentiable with respect to ``hidden``, ``weight`` and ``bias`` for
-    any upstream gradients of all of them together (``is_top1`` is not). The upstream
-    gradients arrive in backward, so backward recomputes each block of logits: four matmuls
-    for forward and backward. Under ``torch.no_grad()`` (rollout scoring) only the forward
-    matmul runs.
+    any upstream gradients of all of them together (``is_top1`` is not). Backward recomputes
+    each block of logits (four matmuls in all); under ``torch.no_grad()`` (rollout scoring) only
+    the forward matmul runs.
+
+    @doc fused_dtypes
     """
     return run_log_probs(_FN, Head(hidden, weight, bias), target,
                          lambda head: LocalVocab(head.weight.shape[0]), temperature=temperature,
@@ -239,9 +220,8 @@ def run_log_probs(fn: str, head: Head, target: Tensor, vocab_of: Callable[[Head]
                   logit_scale, ignore_index: int, chunk_size: Optional[int],
                   check_range: bool = True, names: Sequence[str] = ("hidden", "weight", "bias")):
     """The log-prob functions on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`):
-    their checks, :class:`LogProbScorer` with the reduce hook ``vocab_of(head)`` (the autocast
-    head), and the engine's columns (and the scorer's ``is_top1``) -> the public result in the
-    batch shape, ``0`` at the dropped rows."""
+    their checks and :class:`LogProbScorer` over the reduce hook ``vocab_of(head)`` (the autocast
+    head); the engine's columns become the public result."""
     stats = stat_options(fn, return_entropy, return_stats)
     scorers: List[LogProbScorer] = []
 

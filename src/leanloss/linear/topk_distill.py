@@ -1,13 +1,6 @@
-r"""Top-k distillation of a linear LM head: :func:`leanloss.topk_distill_loss` without the logits.
-
-The teacher is stored data (its top-k ids and log-probabilities per token), so the only
-``(tokens, vocab)`` array is the student's, and the engine walks it in blocks. The row math
-(loss and gradient, on one device and over a vocabulary slice) is stated in
-:mod:`leanloss._fused.topk_rows`; :class:`TopKDistillScorer` writes the dense part of the
-gradient over the block and reports the point terms (at the ``k`` ids and the hard term's at
-the target) to the engine as a :class:`~leanloss._fused.engine.PointGradient`. With the
-head's rows split across ranks the same scorer runs with a vocab shard as its reduce hook
-(:func:`leanloss.parallel.vocab_parallel_linear_topk_distill_loss`).
+r"""Top-k distillation of a linear LM head: :func:`leanloss.topk_distill_loss` without the logits,
+on one device and vocab-parallel. The teacher is stored data, so the only ``(tokens, vocab)``
+array is the student's; the row math is :mod:`leanloss._fused.topk_rows`.
 """
 from __future__ import annotations
 
@@ -17,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._compile import graph_break
-from .. import _checks, _heuristics
+from .. import _checks, _docs, _heuristics
 from .._dtensor import routes_dtensor
 from .._dtypes import compute_dtype
 from .._fused.engine import PointGradient, ScoreResult, at_cols
@@ -31,16 +24,10 @@ __all__ = ["linear_topk_distill_loss", "TopKDistillScorer", "run_topk"]
 
 
 class TopKDistillScorer:
-    """Per-block top-k distillation (see the module docstring), on one device or vocab-parallel.
-
-    ``ids`` (global; ``< 0``: padding), ``p`` ``(M, k)`` and ``target`` ``(M,)`` (or ``None``)
-    are aligned with the rows the engine walks; ``p`` is the teacher's tempered distribution
-    (:func:`topk_teacher`). ``vocab``: the reduce hook. On one device 16-bit blocks are read in
-    place by the composed row kernel; over a vocab shard each block all-reduces its row maxima,
-    then its sums (:func:`~leanloss._fused.topk_rows.slice_sums`, with the target's logit from
-    its owner), and keeps ``(loss, lse, lse_z)`` as its saved statistics, so the ``'none'``
-    recompute communicates nothing. The point terms, at the ids this slice owns and at the
-    target, are reported to the engine.
+    """Per-block top-k distillation over the reduce hook ``vocab``: ``ids`` (global; ``< 0``:
+    padding), the teacher's tempered distribution ``p`` ``(M, k)`` (:func:`topk_teacher`) and
+    ``target`` ``(M,)`` (or ``None``) are aligned with the rows the engine walks. Over a vocab
+    shard a block saves ``(loss, lse, lse_z)``, so the ``'none'`` recompute communicates nothing.
     """
 
     outputs = 1
@@ -115,6 +102,7 @@ class TopKDistillScorer:
         return saved
 
 
+@_docs.fill
 @graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
 @routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
 def linear_topk_distill_loss(
@@ -144,13 +132,11 @@ def linear_topk_distill_loss(
             log-probabilities, stored data (no gradient).
         target: optional ``(...)`` class indices; rows with ``ignore_index`` are dropped before
             any matmul. Required when ``hard_weight > 0``.
-        reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
-            blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
-        chunk_size: rows per block (default: the engine's plan).
+        @doc row_reduction
+        @doc chunk_size
 
-    Matmuls run in the inputs' dtype; softmax statistics and accumulation in float32 (float64
-    stays float64); the loss is returned in that compute dtype. A ``student_weight`` that is a
-    DTensor sharded on the vocabulary runs
+    @doc fused_dtypes
+    A ``student_weight`` that is a DTensor sharded on the vocabulary runs
     :func:`leanloss.parallel.vocab_parallel_linear_topk_distill_loss`.
     """
     return run_topk("linear_topk_distill_loss", Head(student_hidden, student_weight, student_bias), topk_ids,
@@ -162,10 +148,9 @@ def run_topk(fn: str, head: Head, topk_ids: Tensor, topk_logprobs: Tensor, targe
              vocab_of: Callable[[Head], VocabSlice], *, temperature, ignore_index: int, hard_weight,
              reduction: str, chunk_size: Optional[int], check_range: bool = True,
              names: Sequence[str] = ("student_hidden", "student_weight", "student_bias")) -> Tensor:
-    """The top-k losses on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`):
-    their checks, and :class:`TopKDistillScorer` with the reduce hook ``vocab_of(head)`` (the
-    autocast head). A vocab-parallel caller checks the target's range against the global
-    vocabulary itself (``check_range=False``)."""
+    """The top-k losses on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`): their
+    checks and :class:`TopKDistillScorer` over the reduce hook ``vocab_of(head)`` (the autocast
+    head; a vocab shard checks the target's range itself: ``check_range=False``)."""
     reduction = resolve_reduction(reduction)
 
     def setup(student: Head, _):

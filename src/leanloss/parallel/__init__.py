@@ -15,10 +15,8 @@ All equal the unsharded function on every rank, in value and gradient; only per-
 cross ranks.
 """
 from .cross_entropy import vocab_parallel_cross_entropy
-from .distill import vocab_parallel_linear_distill_loss
-from .linear import vocab_parallel_linear_cross_entropy
-from .log_probs import vocab_parallel_linear_log_probs
-from .topk_distill import vocab_parallel_linear_topk_distill_loss
+from .linear import (vocab_parallel_linear_cross_entropy, vocab_parallel_linear_distill_loss,
+                     vocab_parallel_linear_log_probs, vocab_parallel_linear_topk_distill_loss)
 
 __all__ = [
     "vocab_parallel_cross_entropy",

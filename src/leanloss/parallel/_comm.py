@@ -1,18 +1,6 @@
-"""The communication the vocab-parallel losses need, and nothing more.
-
-Three pieces, all O(tokens) or O(1) in size:
-
-* :func:`resolve_group`: ``group=None`` means the default group; without an initialized
-  ``torch.distributed`` it means a world of one rank (no communication at all).
-* :func:`vocab_shard`: one all-gather of a few numbers gives every rank's slice size, hence
-  the global vocabulary, this rank's offset (the exclusive prefix sum) and the largest slice
-  (so that chunking never depends on the local slice size), plus, when checks are ``'full'``,
-  every rank's target summary (so that a bad target raises on every rank, not just its own).
-  A DTensor's placement already says the sizes: then only the checks communicate.
-* :func:`all_reduce_` and :func:`copy_to_vocab_parallel` (identity forward, all-reduce of the
-  gradient backward: the gradient of a tensor every rank uses, such as the hidden states fed to
-  a vocab-parallel LM head, is the sum of the ranks' partial gradients).
-"""
+"""The communication the vocab-parallel losses need, and nothing more: the group, this rank's
+slice of the vocabulary, the all-reduces of per-row statistics, and the hidden states' gradient
+summed over the ranks (``docs/internals.md``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,10 +11,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _checks
-from .._fused.reduce_hook import VocabSlice, global_row_max
+from .._fused.reduce_hook import VocabSlice
 
-__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "global_row_max",
-           "copy_to_vocab_parallel"]
+__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "copy_to_vocab_parallel"]
 
 
 def resolve_group(fn: str, group):
@@ -76,13 +63,10 @@ class VocabShard(VocabSlice):
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
                 sizes: Optional[Sequence[int]] = None, payload: Optional[Tensor] = None):
-    """This rank's :class:`VocabShard` and every rank's ``payload``, from at most one all-gather.
-
-    ``sizes``: every rank's slice size when already known (a DTensor placement says them);
-    otherwise they travel in the all-gather. ``payload``: a 1-D int64 tensor of the same length
-    on every rank, gathered alongside (the checks' target summaries), returned as ``(world, k)``
-    or ``None``. Without ``payload`` and with known ``sizes`` nothing is communicated.
-    ``vocab_start`` defaults to the sum of the lower ranks' sizes.
+    """This rank's :class:`VocabShard` and every rank's ``payload`` (a 1-D int64 tensor of one
+    length on every rank, returned as ``(world, k)``, or ``None``), from at most one all-gather
+    that also carries the slice sizes unless ``sizes`` gives them (nothing is communicated
+    without ``payload`` when it does). ``vocab_start``: default the lower ranks' sizes summed.
     """
     group, world_size = resolve_group(fn, group)
     rank = dist.get_rank(group) if world_size > 1 else 0

@@ -1,51 +1,58 @@
-"""The shard setup of the vocab-parallel losses: this rank's slice, with the targets checked on every rank."""
+"""The setup of the vocab-parallel losses: their DTensor arguments made local, and this rank's
+slice of the vocabulary with the targets checked on every rank."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 
 from .. import _checks
+from .._dtensor import has_dtensor, unwrap
 from ._comm import VocabShard, resolve_group, vocab_shard
 
-__all__ = ["find_shard", "shard_of", "ce_shard"]
+__all__ = ["local_args", "shard_of", "shard_finder", "ce_shard"]
 
 
-def find_shard(fn: str, device, local_vocab: int, target: Optional[Tensor], group,
-               vocab_start: Optional[int], ignore_index: int,
-               sizes: Optional[Sequence[int]] = None) -> VocabShard:
-    """This rank's shard (at most one all-gather), with ``target`` checked on every rank.
-
-    ``sizes``: every rank's slice size when known (from a DTensor placement). When checks are
-    ``'full'`` every rank's target summary travels in the same all-gather, so that an
-    out-of-range target raises on every rank (not only on its own, leaving the others waiting in
-    the next collective) and targets that differ across ranks are caught.
-    """
-    payload = None
-    if target is not None and _checks.values_enabled() and resolve_group(fn, group)[1] > 1:
-        payload = _checks.target_summary(target, ignore_index)
-    shard, summaries = vocab_shard(fn, group, local_vocab, vocab_start, device,
-                                   sizes=sizes, payload=payload)
-    if target is not None:
-        _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
-    if summaries is not None:
-        _checks.check_targets_across_ranks(fn, summaries, shard.vocab, ignore_index)
-    return shard
+def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start):
+    """``(arguments, group, sizes)``: the ``sharded`` (vocabulary on dimension 0) and ``whole``
+    arguments by name, their DTensors made local (:func:`leanloss._dtensor.unwrap`), the group,
+    and every rank's slice size when a DTensor placement gives them (else ``None``)."""
+    sizes = None
+    if has_dtensor(*sharded.values(), *whole.values()):
+        sharded, whole, group, sizes = unwrap(fn, sharded, whole, group, vocab_start, dim=0)
+    return {**sharded, **whole}, group, sizes
 
 
 def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
              ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
-    """Check ``target`` against the batch (``like.shape[:-1]``; ``None``: no target) and find
-    the shard (:func:`find_shard`). ``check_vocab(V)`` runs metadata checks that need the
+    """This rank's shard (at most one all-gather; ``sizes``: every rank's slice size when known),
+    with ``target`` (``None``: none) checked against the batch ``like.shape[:-1]`` and the global
+    vocabulary. When checks are ``'full'`` every rank's target summary travels in the same
+    all-gather, so that a bad target raises on every rank (not only on its own, leaving the
+    others waiting in the next collective). ``check_vocab(V)``: metadata checks that need the
     global vocabulary."""
+    payload = None
     if target is not None:
         _checks.check_tensor(fn, "target", target)
         if _checks.shapes_enabled():
             _checks.check_row_targets(fn, target, like.shape[:-1], "the input (all but its last dimension)")
-    shard = find_shard(fn, like.device, local_vocab, target, group, vocab_start, ignore_index, sizes)
+        if _checks.values_enabled() and resolve_group(fn, group)[1] > 1:
+            payload = _checks.target_summary(target, ignore_index)
+    shard, summaries = vocab_shard(fn, group, local_vocab, vocab_start, like.device, sizes=sizes, payload=payload)
+    if target is not None:
+        _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
+    if summaries is not None:
+        _checks.check_targets_across_ranks(fn, summaries, shard.vocab, ignore_index)
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
     return shard
+
+
+def shard_finder(fn: str, target: Optional[Tensor], group, vocab_start, ignore_index: int,
+                 sizes: Optional[Sequence[int]]) -> Callable:
+    """``vocab_of(head)``: :func:`shard_of` the (autocast) head's hidden states and rows."""
+    return lambda head: shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
+                                 ignore_index, sizes=sizes)
 
 
 def ce_shard(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start: Optional[int],

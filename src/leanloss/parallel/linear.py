@@ -1,20 +1,29 @@
-"""Fused LM-head cross entropy with the head's rows (the vocabulary) split across ranks."""
+"""The fused linear-head losses with the head's rows (the vocabulary) split across ranks.
+
+Each runs the one-device loss's scorer with this rank's
+:class:`~leanloss.parallel._comm.VocabShard` as its reduce hook (``docs/internals.md``).
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from .. import _checks, _docs
 from .._compile import graph_break
-from .._dtypes import compute_dtype
 from .._reduce import resolve_reduction
 from ..linear._pipeline import Head, run_fused
-from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
-from .._dtensor import has_dtensor, unwrap
-from ._setup import ce_shard
+from ..linear.cross_entropy import run_ce
+from ..linear.distill import distill_scorer
+from ..linear.log_probs import run_log_probs
+from ..linear.topk_distill import run_topk
+from ._setup import ce_shard, local_args, shard_finder, shard_of
 
-__all__ = ["vocab_parallel_linear_cross_entropy"]
+__all__ = ["vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_log_probs",
+           "vocab_parallel_linear_distill_loss", "vocab_parallel_linear_topk_distill_loss"]
+
+_HEAD = ("hidden", "local_weight", "bias")
+_STUDENT = ("student_hidden", "student_local_weight", "student_bias")
 
 
 @_docs.fill
@@ -35,65 +44,217 @@ def vocab_parallel_linear_cross_entropy(
     num_items=None,
     chunk_size: Optional[int] = None,
 ) -> Tensor:
-    r"""Cross entropy of ``hidden @ W.T + b`` where each rank holds rows of the LM head ``W``.
-
-    Equals ``linear_cross_entropy(hidden, W, target, b, ...)`` with ``W``/``b`` the
-    concatenation of every rank's ``local_weight``/``bias`` (dense reference:
-    ``leanloss.cross_entropy`` plus the z-loss on ``hidden @ W.T + b``), with the formula of
-    :func:`vocab_parallel_cross_entropy`:
+    r""":func:`leanloss.linear_cross_entropy` (without softcap or logit scale) with each rank
+    holding rows of the LM head, the formula of :func:`vocab_parallel_cross_entropy`:
 
     @doc ce_row_loss
 
-    No rank ever holds its ``(tokens, V_local)`` logits: the fused engine walks blocks of
-    ``chunk_size`` rows, and per block only per-row statistics cross ranks (one all-reduce MAX
-    and one stacked all-reduce SUM). Gradients: ``local_weight`` and ``bias`` get this rank's
-    slice of the full gradient; ``hidden`` gets the FULL gradient on every rank (the partial
-    gradients ``dz_local @ W_local`` are summed with one all-reduce in backward), as for an
-    input replicated over the tensor-parallel group.
+    @doc ce_reduction
 
     Args:
-        hidden: ``(..., D)``, the same on every rank of ``group``.
-        local_weight: ``(V_local, D)``, this rank's rows of the head; slices may be uneven.
-            Or a DTensor sharded ``Shard(0)`` on one mesh dimension (``Replicate`` on any
-            other), as ``ColwiseParallel`` leaves ``lm_head.weight``: then the group,
-            ``vocab_start`` and ``V`` come from its mesh and placement (``torch.chunk``
-            slices; ``group`` and ``vocab_start`` must be ``None``), ``bias`` must be sharded
-            alike, a DTensor ``hidden`` is made ``Replicate`` on that mesh, and every gradient
-            is a DTensor of its input's placement.
-        target: ``(...)`` GLOBAL class ids, identical on every rank.
-        group, vocab_start, class_weight, ignore_index, reduction: as in
-            :func:`vocab_parallel_cross_entropy` (``class_weight`` is the FULL ``(V,)`` vector).
-        label_smoothing, z_loss, num_items: as in :func:`vocab_parallel_cross_entropy`.
-        bias: this rank's ``(V_local,)`` slice of the head's bias, or ``None``.
-        chunk_size: rows per block, the same on every rank (default: from the largest slice,
-            so that every rank walks the same blocks and issues the same collectives).
+        @doc vp_head
+        @doc group
+        @doc vocab_start
+        class_weight: the FULL ``(V,)`` per-class weights, the same on every rank.
+        @doc ignore_index
+        @doc label_smoothing
+        @doc z_loss
+        @doc num_items
+        @doc vp_chunk_size
 
-    Returns the loss in float32 for bfloat16/float16 inputs (matmuls in the input dtype,
-    statistics in float32), as ``linear_cross_entropy`` does; ``'none'`` has ``target``'s
-    shape. Every rank of ``group`` must call this function together (and its backward).
+    @doc vp_head_contract
+
+    @doc fused_dtypes
     """
     fn = "vocab_parallel_linear_cross_entropy"
     reduction = resolve_reduction(reduction)
-    sizes = None
-    if has_dtensor(hidden, local_weight, bias, target, class_weight):
-        sharded, whole, group, sizes = unwrap(
-            fn, {"local_weight": local_weight, "bias": bias},
-            {"hidden": hidden, "target": target, "class_weight": class_weight},
-            group, vocab_start, dim=0)
-        local_weight, bias = sharded["local_weight"], sharded["bias"]
-        hidden, target, class_weight = whole["hidden"], whole["target"], whole["class_weight"]
+    args, group, sizes = local_args(fn, dict(local_weight=local_weight, bias=bias),
+                                    dict(hidden=hidden, target=target, class_weight=class_weight), group,
+                                    vocab_start)
+    target, class_weight = args["target"], args["class_weight"]
 
-    def setup(head: Head, _):
+    def vocab_of(head: Head):
         _checks.check_linear_shapes(fn, *head, target, weight_name="local_weight")
-        shard, smoothing, zl = ce_shard(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
-                                        ignore_index, label_smoothing, class_weight, z_loss, sizes)
+        return ce_shard(fn, head.hidden, head.weight.shape[0], target, group, vocab_start, ignore_index,
+                        label_smoothing, class_weight, z_loss, sizes)[0]
 
-        def make_scorer(t):
-            return CrossEntropyScorer(t, class_weight, smoothing, zl, None, 1.0,
-                                      compute_dtype(head.hidden.dtype), shard)
+    return run_ce(fn, Head(*(args[name] for name in _HEAD)), target, vocab_of, class_weight=class_weight,
+                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=None, logit_scale=1.0,
+                  reduction=reduction, num_items=num_items, ignore_index=ignore_index, chunk_size=chunk_size,
+                  names=_HEAD)
 
-        return shard, make_scorer, ce_divisor if num_items is None else num_items
 
-    out, _ = run_fused(fn, Head(hidden, local_weight, bias), target, setup, ignore_index=ignore_index,
-                       reduction=reduction, chunk_size=chunk_size, names=("hidden", "local_weight", "bias"))
-    return out
+@_docs.fill
+@graph_break  # collectives and a data-dependent row selection: run eagerly
+def vocab_parallel_linear_log_probs(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    group=None,
+    *,
+    bias: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    return_stats: Sequence[str] = (),
+):
+    r""":func:`leanloss.linear_log_probs` with each rank holding rows of the LM head: the same
+    outputs, shaped like ``target``.
+
+    Args:
+        @doc vp_head
+        @doc group
+        @doc vocab_start
+        temperature, return_entropy, ignore_index, softcap, logit_scale, return_stats: as in
+            :func:`leanloss.linear_log_probs`.
+        @doc vp_chunk_size
+
+    @doc vp_head_contract
+
+    @doc fused_dtypes
+    """
+    fn = "vocab_parallel_linear_log_probs"
+    args, group, sizes = local_args(fn, dict(local_weight=local_weight, bias=bias),
+                                    dict(hidden=hidden, target=target), group, vocab_start)
+    return run_log_probs(fn, Head(*(args[name] for name in _HEAD)), args["target"],
+                         shard_finder(fn, args["target"], group, vocab_start, ignore_index, sizes),
+                         temperature=temperature, return_entropy=return_entropy,
+                         return_stats=return_stats, softcap=softcap, logit_scale=logit_scale,
+                         ignore_index=ignore_index, chunk_size=chunk_size, check_range=False, names=_HEAD)
+
+
+def _check_heads(fn: str, student_hidden, student_weight, student_bias, teacher_hidden,
+                 teacher_weight, teacher_bias) -> None:
+    for side, h, w, bias in (("student", student_hidden, student_weight, student_bias),
+                             ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+        _checks.check_linear_shapes(fn, h, w, bias, None, hidden_name=f"{side}_hidden",
+                                    weight_name=f"{side}_local_weight", bias_name=f"{side}_bias")
+    if _checks.shapes_enabled() and (teacher_weight.shape[0] != student_weight.shape[0]
+                                     or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]):
+        raise _checks.LeanlossValueError(
+            f"{fn}: arguments 'teacher_local_weight' and 'teacher_hidden' must pair with the "
+            f"student's: the same vocabulary rows ({student_weight.shape[0]}) and one row per "
+            f"student row {tuple(student_hidden.shape[:-1])}; got {_checks.fmt_shape(teacher_weight)} "
+            f"and {_checks.fmt_shape(teacher_hidden)}"
+        )
+
+
+@_docs.fill
+@graph_break  # collectives and a data-dependent row selection: run eagerly
+def vocab_parallel_linear_distill_loss(
+    student_hidden: Tensor,
+    student_local_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_local_weight: Tensor,
+    target: Optional[Tensor] = None,
+    group=None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    vocab_start: Optional[int] = None,
+    kind: str = "forward",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r""":func:`leanloss.linear_distill_loss` with both heads' rows split across ``group``, the
+    same slice of the vocabulary on each rank for both (the teacher gets no gradient).
+
+    Args:
+        student_hidden, teacher_hidden: ``(..., D)`` / ``(..., Dt)``, the same on every rank.
+        student_local_weight, teacher_local_weight: this rank's rows of each head (DTensors:
+            sharded alike).
+        student_bias, teacher_bias: this rank's ``(V_local,)`` slices of the biases, or ``None``.
+        target: ``(...)`` global class ids or ``None``; required when ``hard_weight > 0``;
+            rows with ``ignore_index`` are dropped. Identical on every rank.
+        @doc group
+        @doc vocab_start
+        kind, beta, temperature, hard_weight: as in :func:`leanloss.linear_distill_loss`.
+        @doc row_reduction
+        @doc vp_chunk_size
+
+    @doc vp_head_contract
+
+    @doc fused_dtypes
+    """
+    fn = "vocab_parallel_linear_distill_loss"
+    reduction = resolve_reduction(reduction)
+    beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
+    args, group, sizes = local_args(
+        fn, dict(student_local_weight=student_local_weight, student_bias=student_bias,
+                 teacher_local_weight=teacher_local_weight, teacher_bias=teacher_bias),
+        dict(student_hidden=student_hidden, teacher_hidden=teacher_hidden, target=target), group, vocab_start)
+    target = args["target"]
+
+    def setup(student: Head, teacher: Head):
+        _check_heads(fn, *student, *teacher)
+        if target is None and hard_weight > 0:
+            raise _checks.LeanlossValueError(
+                f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})")
+        shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
+                         ignore_index, sizes=sizes)
+        return shard, distill_scorer(teacher, shard, kind=kind, beta=beta, temperature=temperature,
+                                     hard_weight=hard_weight), None
+
+    loss, _ = run_fused(fn, Head(*(args[name] for name in _STUDENT)), target, setup,
+                        teacher=Head(args["teacher_hidden"], args["teacher_local_weight"], args["teacher_bias"]),
+                        ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                        input_scale=1.0 / temperature, names=_STUDENT)
+    return loss
+
+
+@_docs.fill
+@graph_break  # collectives and a data-dependent row selection: run eagerly
+def vocab_parallel_linear_topk_distill_loss(
+    student_hidden: Tensor,
+    student_local_weight: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    target: Optional[Tensor] = None,
+    group=None,
+    *,
+    vocab_start: Optional[int] = None,
+    student_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    hard_weight: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r""":func:`leanloss.linear_topk_distill_loss` with the student head's rows split across
+    ``group`` (the teacher is stored data and gets no gradient).
+
+    Args:
+        student_hidden: ``(..., D)``, the same on every rank.
+        student_local_weight: ``(V_local, D)``, this rank's rows of the head (or a DTensor).
+        student_bias: this rank's ``(V_local,)`` slice of the bias, or ``None``.
+        topk_ids, topk_logprobs: ``(..., k)``, the teacher's top-k GLOBAL ids (``< 0``:
+            padding) and log-probabilities, identical on every rank.
+        target: ``(...)`` global class ids or ``None``; required when ``hard_weight > 0``;
+            rows with ``ignore_index`` are dropped. Identical on every rank.
+        @doc group
+        @doc vocab_start
+        temperature, hard_weight: as in :func:`leanloss.linear_topk_distill_loss`.
+        @doc row_reduction
+        @doc vp_chunk_size
+
+    @doc vp_head_contract
+
+    @doc fused_dtypes
+    """
+    fn = "vocab_parallel_linear_topk_distill_loss"
+    args, group, sizes = local_args(
+        fn, dict(student_local_weight=student_local_weight, student_bias=student_bias),
+        dict(student_hidden=student_hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs, target=target),
+        group, vocab_start)
+    return run_topk(fn, Head(*(args[name] for name in _STUDENT)), args["topk_ids"], args["topk_logprobs"],
+                    args["target"], shard_finder(fn, args["target"], group, vocab_start, ignore_index, sizes),
+                    temperature=temperature, ignore_index=ignore_index, hard_weight=hard_weight,
+                    reduction=reduction, chunk_size=chunk_size, check_range=False, names=_STUDENT)
