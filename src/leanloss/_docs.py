@@ -62,6 +62,14 @@ hidden: ``(..., D)``, the same on every rank of ``group``.
 local_weight: ``(V_local, D)``, this rank's rows of the head (or a DTensor, see below).
 target: ``(...)`` GLOBAL class ids, identical on every rank.
 bias: this rank's ``(V_local,)`` slice of the head's bias, or ``None``.""",
+    "vp_student": """\
+student_hidden: ``(..., D)``, the same on every rank of ``group``.
+student_local_weight: ``(V_local, D)``, this rank's rows of the student's head (or a DTensor,
+    see below).
+student_bias: this rank's ``(V_local,)`` slice of the student's bias, or ``None``.""",
+    "vp_hard_target": """\
+target: ``(...)`` GLOBAL class ids or ``None``, identical on every rank; required when
+    ``hard_weight > 0``; rows with ``ignore_index`` are dropped before any matmul.""",
     "group": """\
 group: the ``torch.distributed`` process group sharding the vocabulary; ``None`` is the default
     group, or a single process when ``torch.distributed`` is not initialized.""",

@@ -1,6 +1,6 @@
 """The reduce hook of a scorer: where its per-row partial reductions over the classes are reduced
 over the whole vocabulary. The identity on one device (:class:`LocalVocab`); an all-reduce over
-a vocab-sharded head's ranks (:class:`leanloss.parallel._comm.VocabShard`). A scorer states its
+a vocab-sharded head's ranks (:class:`leanloss.parallel._setup.VocabShard`). A scorer states its
 math once for both."""
 from __future__ import annotations
 

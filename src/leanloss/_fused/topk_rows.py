@@ -24,10 +24,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ce_rows import transform
 from .distill_rows import hard_loss
 from .kernels import RowKernel, row_logsumexp
 
-__all__ = ["topk_block", "topk_grad_block", "topk_loss", "shifted_cross", "slice_sums", "dense_grad", "tempered",
+__all__ = ["topk_block", "topk_grad_block", "topk_loss", "shifted_cross", "slice_sums", "dense_grad",
            "TOPK_KERNEL", "TOPK_GRAD_KERNEL"]
 
 
@@ -59,12 +60,6 @@ def dense_grad(z: Tensor, y: Tensor, lse: Tensor, lse_z: Optional[Tensor], p_sum
     z.copy_(grad)
 
 
-def tempered(z: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    """``y = z / T`` (``scale = 1 / T``) in ``dtype``."""
-    y = z.to(dtype)
-    return y * scale if scale != 1.0 else y
-
-
 def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tensor,
                x_t: Optional[Tensor], g: Optional[Tensor], *, scale: float, temperature: float,
                hard_weight: float):
@@ -76,7 +71,7 @@ def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tenso
     ``g``: the per-row gradient scale, or ``None``. Returns ``(loss,)``; with ``g`` it also
     overwrites ``z`` with the dense part of ``g * dloss/dz``.
     """
-    y = tempered(z, p.dtype, scale)
+    y = transform(z.to(p.dtype), scale, None)
     lse = row_logsumexp(y)
     lse_z = None
     if hard_weight > 0.0:
@@ -100,7 +95,7 @@ def slice_sums(y: Tensor, m: Tensor, y_ids: Tensor, p: Tensor, *, temperature: f
 def topk_grad_block(z: Tensor, lse: Tensor, lse_z: Optional[Tensor], p_sum: Tensor, g: Tensor, *,
                     scale: float, temperature: float, hard_weight: float):
     """:func:`dense_grad` over a vocabulary slice from the global ``lse``, ``lse_z``. Returns ``()``."""
-    dense_grad(z, tempered(z, lse.dtype, scale), lse, lse_z, p_sum, g, temperature=temperature,
+    dense_grad(z, transform(z.to(lse.dtype), scale, None), lse, lse_z, p_sum, g, temperature=temperature,
                hard_weight=hard_weight)
     return ()
 

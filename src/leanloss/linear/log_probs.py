@@ -133,24 +133,6 @@ def stat_options(fn: str, return_entropy: bool, return_stats: Sequence[str]) -> 
     return LogProbStats(entropy or bool(return_entropy), log_sum_sq, mean, top1)
 
 
-def check_log_prob_inputs(fn: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                          target: Tensor, temperature, ignore_index: int, *,
-                          softcap=None, logit_scale=1.0, check_range: bool = True,
-                          weight_name: str = "weight") -> Tuple[float, Optional[float]]:
-    """The log-prob functions' checks (the target's range with ``check_range``: a vocab-parallel
-    caller checks it itself); returns the transform's ``(scale, softcap)``, temperature folded in."""
-    local = _checks.check_linear_shapes(fn, hidden, weight, bias, target, weight_name=weight_name)
-    temperature = _checks.check_positive(fn, "temperature", temperature)
-    logit_scale = _checks.check_positive(fn, "logit_scale", logit_scale)
-    if softcap is not None:
-        softcap = _checks.check_positive(fn, "softcap", softcap) / temperature
-    if _checks.shapes_enabled() and bias is not None:
-        _checks.check_same_dtype(fn, "bias", bias, weight_name, weight)
-    if check_range:
-        _checks.check_index_target_range(fn, target, local, ignore_index)
-    return logit_scale / temperature, softcap
-
-
 @_docs.fill
 @graph_break
 @routes_dtensor  # a vocab-sharded DTensor weight: vocab-parallel path
@@ -221,14 +203,19 @@ def run_log_probs(fn: str, head: Head, target: Tensor, vocab_of: Callable[[Head]
                   check_range: bool = True, names: Sequence[str] = ("hidden", "weight", "bias")):
     """The log-prob functions on the fused pipeline (:func:`~leanloss.linear._pipeline.run_fused`):
     their checks and :class:`LogProbScorer` over the reduce hook ``vocab_of(head)`` (the autocast
-    head); the engine's columns become the public result."""
+    head), whose ``scale`` and ``softcap`` have the temperature folded in."""
     stats = stat_options(fn, return_entropy, return_stats)
     scorers: List[LogProbScorer] = []
 
     def setup(head: Head, _):
-        scale, cap = check_log_prob_inputs(fn, *head, target, temperature, ignore_index,
-                                           softcap=softcap, logit_scale=logit_scale,
-                                           check_range=check_range, weight_name=names[1])
+        local = _checks.check_linear_shapes(fn, *head, target, weight_name=names[1])
+        temp = _checks.check_positive(fn, "temperature", temperature)
+        scale = _checks.check_positive(fn, "logit_scale", logit_scale) / temp
+        cap = None if softcap is None else _checks.check_positive(fn, "softcap", softcap) / temp
+        if _checks.shapes_enabled() and head.bias is not None:
+            _checks.check_same_dtype(fn, "bias", head.bias, names[1], head.weight)
+        if check_range:  # a vocab shard checks the range itself
+            _checks.check_index_target_range(fn, target, local, ignore_index)
         vocab = vocab_of(head)
 
         def make_scorer(t: Tensor) -> LogProbScorer:

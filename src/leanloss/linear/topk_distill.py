@@ -13,9 +13,10 @@ from .._compile import graph_break
 from .. import _checks, _docs, _heuristics
 from .._dtensor import routes_dtensor
 from .._dtypes import compute_dtype
+from .._fused.ce_rows import transform
 from .._fused.engine import PointGradient, ScoreResult, at_cols
 from .._fused.reduce_hook import LocalVocab, VocabSlice, global_row_max, owned_only
-from .._fused.topk_rows import TOPK_GRAD_KERNEL, TOPK_KERNEL, slice_sums, tempered, topk_loss
+from .._fused.topk_rows import TOPK_GRAD_KERNEL, TOPK_KERNEL, slice_sums, topk_loss
 from .._reduce import resolve_reduction
 from ..losses.distill import topk_teacher
 from ._pipeline import Head, run_fused
@@ -79,7 +80,7 @@ class TopKDistillScorer:
         without the hard term)."""
         vocab, options = self.vocab, self.options
         hard = self.local_target is not None
-        y = tempered(z, z.dtype, options["scale"])
+        y = transform(z, options["scale"], None)
         m = global_row_max(y, vocab)
         sums = z.new_zeros(z.shape[0], 2 + 2 * hard)
         if vocab.size > 0:

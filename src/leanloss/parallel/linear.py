@@ -1,7 +1,7 @@
 """The fused linear-head losses with the head's rows (the vocabulary) split across ranks.
 
 Each runs the one-device loss's scorer with this rank's
-:class:`~leanloss.parallel._comm.VocabShard` as its reduce hook (``docs/internals.md``).
+:class:`~leanloss.parallel._setup.VocabShard` as its reduce hook (``docs/internals.md``).
 """
 from __future__ import annotations
 
@@ -168,12 +168,10 @@ def vocab_parallel_linear_distill_loss(
     same slice of the vocabulary on each rank for both (the teacher gets no gradient).
 
     Args:
-        student_hidden, teacher_hidden: ``(..., D)`` / ``(..., Dt)``, the same on every rank.
-        student_local_weight, teacher_local_weight: this rank's rows of each head (DTensors:
-            sharded alike).
-        student_bias, teacher_bias: this rank's ``(V_local,)`` slices of the biases, or ``None``.
-        target: ``(...)`` global class ids or ``None``; required when ``hard_weight > 0``;
-            rows with ``ignore_index`` are dropped. Identical on every rank.
+        @doc vp_student
+        teacher_hidden, teacher_local_weight, teacher_bias: the teacher's, alike (``(..., Dt)``,
+            the same rows of its head; DTensors sharded like the student's).
+        @doc vp_hard_target
         @doc group
         @doc vocab_start
         kind, beta, temperature, hard_weight: as in :func:`leanloss.linear_distill_loss`.
@@ -232,13 +230,10 @@ def vocab_parallel_linear_topk_distill_loss(
     ``group`` (the teacher is stored data and gets no gradient).
 
     Args:
-        student_hidden: ``(..., D)``, the same on every rank.
-        student_local_weight: ``(V_local, D)``, this rank's rows of the head (or a DTensor).
-        student_bias: this rank's ``(V_local,)`` slice of the bias, or ``None``.
+        @doc vp_student
         topk_ids, topk_logprobs: ``(..., k)``, the teacher's top-k GLOBAL ids (``< 0``:
             padding) and log-probabilities, identical on every rank.
-        target: ``(...)`` global class ids or ``None``; required when ``hard_weight > 0``;
-            rows with ``ignore_index`` are dropped. Identical on every rank.
+        @doc vp_hard_target
         @doc group
         @doc vocab_start
         temperature, hard_weight: as in :func:`leanloss.linear_topk_distill_loss`.
