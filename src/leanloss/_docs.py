@@ -97,6 +97,11 @@ any other), as ``ColwiseParallel`` leaves ``lm_head.weight``: the group, ``vocab
 its input's placement.""",
 }
 
+# What every vocab-parallel fused loss says alike: its arguments of the sharding, last in Args,
+# and the contract of a vocab-sharded head with the dtypes after them.
+DOCS["vp_args"] = "\n".join(DOCS[name] for name in ("group", "vocab_start", "vp_chunk_size"))
+DOCS["vp_notes"] = DOCS["vp_head_contract"] + "\n\n" + DOCS["fused_dtypes"]
+
 _MARK = re.compile(r"^(?P<indent>[ \t]*)@doc (?P<name>\w+)[ \t]*$", re.M)
 
 

@@ -53,18 +53,14 @@ def vocab_parallel_linear_cross_entropy(
 
     Args:
         @doc vp_head
-        @doc group
-        @doc vocab_start
         class_weight: the FULL ``(V,)`` per-class weights, the same on every rank.
         @doc ignore_index
         @doc label_smoothing
         @doc z_loss
         @doc num_items
-        @doc vp_chunk_size
+        @doc vp_args
 
-    @doc vp_head_contract
-
-    @doc fused_dtypes
+    @doc vp_notes
     """
     fn = "vocab_parallel_linear_cross_entropy"
     reduction = resolve_reduction(reduction)
@@ -107,15 +103,11 @@ def vocab_parallel_linear_log_probs(
 
     Args:
         @doc vp_head
-        @doc group
-        @doc vocab_start
         temperature, return_entropy, ignore_index, softcap, logit_scale, return_stats: as in
             :func:`leanloss.linear_log_probs`.
-        @doc vp_chunk_size
+        @doc vp_args
 
-    @doc vp_head_contract
-
-    @doc fused_dtypes
+    @doc vp_notes
     """
     fn = "vocab_parallel_linear_log_probs"
     args, group, sizes = local_args(fn, dict(local_weight=local_weight, bias=bias),
@@ -172,15 +164,11 @@ def vocab_parallel_linear_distill_loss(
         teacher_hidden, teacher_local_weight, teacher_bias: the teacher's, alike (``(..., Dt)``,
             the same rows of its head; DTensors sharded like the student's).
         @doc vp_hard_target
-        @doc group
-        @doc vocab_start
         kind, beta, temperature, hard_weight: as in :func:`leanloss.linear_distill_loss`.
         @doc row_reduction
-        @doc vp_chunk_size
+        @doc vp_args
 
-    @doc vp_head_contract
-
-    @doc fused_dtypes
+    @doc vp_notes
     """
     fn = "vocab_parallel_linear_distill_loss"
     reduction = resolve_reduction(reduction)
@@ -234,15 +222,11 @@ def vocab_parallel_linear_topk_distill_loss(
         topk_ids, topk_logprobs: ``(..., k)``, the teacher's top-k GLOBAL ids (``< 0``:
             padding) and log-probabilities, identical on every rank.
         @doc vp_hard_target
-        @doc group
-        @doc vocab_start
         temperature, hard_weight: as in :func:`leanloss.linear_topk_distill_loss`.
         @doc row_reduction
-        @doc vp_chunk_size
+        @doc vp_args
 
-    @doc vp_head_contract
-
-    @doc fused_dtypes
+    @doc vp_notes
     """
     fn = "vocab_parallel_linear_topk_distill_loss"
     args, group, sizes = local_args(
