@@ -150,6 +150,21 @@ def _distill(bf16, dtype=torch.float32, beta=0.5, temperature=0.9):
                                    args=args, train_dataset=ds, processing_class=tiny_tokenizer())
 
 
+def _distill_softcap(bf16, dtype=torch.float32):
+    """Distillation of heads with ``final_logit_softcapping``, which TRL reads from the configs and
+    applies to both sides' logits in the divergence. Llamas whose configs carry it: the models'
+    own forward (here only generation) ignores it; Gemma 2 itself gives NaN at padded positions
+    in float64 (its eager attention), which the bf16 test's reference needs."""
+    ds = Dataset.from_dict({"prompt": _sentences(8, 3, 6, 2)})
+    args = _common(trl.DistillationConfig, bf16, per_device_train_batch_size=4, max_completion_length=6,
+                   beta=0.3, temperature=0.9)
+    # initializer_range: logits of std about 2, which the caps bend
+    student = tiny_llama(final_logit_softcapping=3.0, initializer_range=0.3).to(dtype)
+    teacher = tiny_llama(seed=1, hidden=48, final_logit_softcapping=2.0, initializer_range=0.3).to(dtype)
+    return trl.DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                   processing_class=tiny_tokenizer())
+
+
 def _sft_lora(bf16, dtype=torch.float32):
     """SFT of a LoRA adapter: TRL patches the PEFT model's base model."""
     peft = pytest.importorskip("peft")
@@ -160,7 +175,8 @@ def _sft_lora(bf16, dtype=torch.float32):
                           peft_config=lora)
 
 
-TRAINERS = {"sft": _sft, "sft_lora": _sft_lora, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "distill": _distill}
+TRAINERS = {"sft": _sft, "sft_lora": _sft_lora, "grpo": _grpo, "rloo": _rloo, "dpo": _dpo, "kto": _kto, "distill": _distill,
+            "distill_softcap": _distill_softcap}
 
 
 @contextlib.contextmanager
@@ -631,15 +647,6 @@ def test_refuses_an_unsupported_trl_version(monkeypatch):
         apply_leanloss(trainer)
 
 
-def test_distillation_refuses_softcapping():
-    ds = Dataset.from_dict({"prompt": _sentences(4, 3, 6, 2)})
-    args = _common(trl.DistillationConfig, False, per_device_train_batch_size=4, max_completion_length=4)
-    trainer = trl.DistillationTrainer(model=tiny_llama(), teacher_model=_gemma2(), args=args, train_dataset=ds,
-                                      processing_class=tiny_tokenizer())
-    with pytest.raises(UnsupportedTrainerError, match="teacher model has final_logit_softcapping"):
-        apply_leanloss(trainer)
-
-
 def test_add_fused_lm_head_names_a_bad_argument():
     with pytest.raises(ValueError, match="'outputs'"):
         add_fused_lm_head(tiny_llama(), outputs=("log_probs", "logits"))
@@ -653,7 +660,8 @@ def test_add_fused_lm_head_names_a_bad_argument():
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.8])
-def test_divergence_equals_trl(beta, temperature):
+@pytest.mark.parametrize("softcaps", [(None, None), (1.5, None), (2.0, 0.9)])
+def test_divergence_equals_trl(beta, temperature, softcaps):
     from trl.trainer.distillation_trainer import _chunked_divergence_loss
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(3, 5, 16, generator=g, requires_grad=True)
@@ -665,7 +673,8 @@ def test_divergence_equals_trl(beta, temperature):
     mask = torch.ones(3, 5, dtype=torch.long)
     mask[0, 3:] = 0
     opts = dict(num_items_in_batch=torch.tensor(20.0), student_lm_head_bias=bs, teacher_lm_head_bias=bt,
-                student_logit_scale=1.3, teacher_logit_scale=0.9, temperature=temperature)
+                student_logit_scale=1.3, teacher_logit_scale=0.9, temperature=temperature,
+                student_final_logit_softcapping=softcaps[0], teacher_final_logit_softcapping=softcaps[1])
     want = _chunked_divergence_loss(hs, ht, ws, wt, mask, beta, **opts)
     want_grads = torch.autograd.grad(want[0], (hs, ws, bs))
     got = lt.divergence_loss(hs, ht, ws, wt, mask, beta, **opts)
