@@ -384,7 +384,8 @@ def _pin(trainer, recorded: dict) -> None:
 #: steps share the backbone bit for bit and round differently only in the head, so where the
 #: backbone's rounding dominates their errors agree to a few percent (measured: within 1.3x for
 #: every gradient and metric of every trainer); 2x leaves room for another rounding order of the
-#: head, while an error one bf16 ulp large (the temperature check below) lands at 2x to 40x.
+#: head, while an error one bf16 ulp large (the temperature check below) puts the loss or the
+#: entropy 10x to 50x above TRL's.
 #: BF16_FLOOR, 1/16 of bf16's unit roundoff 2^-8, is under every gradient's error (about 1e-2
 #: here), so the factor decides those, and over the chance agreement of a scalar averaged over
 #: the batch (TRL's loss or entropy error can come out near zero by luck).
