@@ -17,7 +17,7 @@ from .._compile import graph_break
 from .. import _checks
 from .._reduce import resolve_reduction
 from ..linear._pipeline import Head, run_fused
-from ..linear.distill import distill_scorer
+from ..linear.distill import distill_scorer, head_transforms
 from .._dtensor import has_dtensor, unwrap
 from ._setup import shard_of
 
@@ -59,11 +59,16 @@ def vocab_parallel_linear_distill_loss(
     hard_weight: float = 0.0,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> Tensor:
     r""":func:`leanloss.linear_distill_loss` with both heads' rows split across ``group``.
 
     Equals ``linear_distill_loss`` on the heads concatenated over the ranks (same ``kind``,
-    ``beta``, ``temperature``, ``hard_weight``, ``ignore_index``, ``reduction``), in value and in
+    ``beta``, ``temperature``, ``hard_weight``, ``ignore_index``, ``reduction``, soft-caps and
+    logit scales), in value and in
     the gradients of ``student_hidden`` (the full gradient on every rank, summed over the ranks
     in backward), ``student_local_weight`` and ``student_bias`` (this rank's slice). The
     teacher gets no gradient. No rank holds its ``(tokens, V_local)`` logits: the fused engine
@@ -85,6 +90,8 @@ def vocab_parallel_linear_distill_loss(
     fn = "vocab_parallel_linear_distill_loss"
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
+    input_scale, transforms = head_transforms(fn, temperature, student_softcap, teacher_softcap,
+                                              student_logit_scale, teacher_logit_scale)
     sizes = None
     if has_dtensor(student_hidden, student_local_weight, student_bias, teacher_hidden,
                    teacher_local_weight, teacher_bias, target):
@@ -105,11 +112,11 @@ def vocab_parallel_linear_distill_loss(
         shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
                          ignore_index, sizes=sizes)
         return shard, distill_scorer(teacher, shard, kind=kind, beta=beta, temperature=temperature,
-                                     hard_weight=hard_weight), None
+                                     hard_weight=hard_weight, **transforms), None
 
     loss, _ = run_fused(fn, Head(student_hidden, student_local_weight, student_bias), target, setup,
                         teacher=Head(teacher_hidden, teacher_local_weight, teacher_bias),
                         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                        input_scale=1.0 / temperature,
+                        input_scale=input_scale,
                         names=("student_hidden", "student_local_weight", "student_bias"))
     return loss
