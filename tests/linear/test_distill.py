@@ -26,12 +26,16 @@ def heads(n=11, d=6, dt=5, v=13, dtype=torch.float64, bias=True, seed=0, lead=No
 
 
 def dense(student, teacher, target, **kw):
-    def logits(side):
+    """``distill_loss`` on the materialized logits, scaled and soft-capped as ``kw`` asks."""
+    def logits(side, name):
         z = side["hidden"] @ side["weight"].T
-        return z if side["bias"] is None else z + side["bias"]
+        z = (z if side["bias"] is None else z + side["bias"]) * kw.pop(f"{name}_logit_scale", 1.0)
+        cap = kw.pop(f"{name}_softcap", None)
+        return z if cap is None else cap * torch.tanh(z / cap)
 
     kw.pop("chunk_size", None)
-    return leanloss.distill_loss(logits(student), logits(teacher).detach(), target, **kw)
+    z_s, z_t = logits(student, "student"), logits(teacher, "teacher")
+    return leanloss.distill_loss(z_s, z_t.detach(), target, **kw)
 
 
 def fused(student, teacher, target, **kw):
@@ -75,6 +79,35 @@ def test_fused_matches_dense_every_kind(kind, beta):
                              hard_weight=hard_weight, reduction=reduction, chunk_size=chunk)
     student, teacher = heads(seed=9)  # no target at all
     check_fused_vs_dense(student, teacher, None, kind=kind, beta=beta, temperature=2.0, chunk_size=4)
+
+
+@pytest.mark.parametrize("kind,beta", KIND_BETAS)
+def test_softcap_and_logit_scale_of_each_head(kind, beta):
+    """``softcap(s * z)`` on each side (Gemma's final_logit_softcapping): with a hard term, every
+    reduction, one side capped or both; caps small enough to bend the logits."""
+    cases = [(dict(student_softcap=1.5, teacher_softcap=2.0), 1.0, 0.0, "mean"),
+             (dict(student_softcap=1.2, student_logit_scale=1.7, teacher_logit_scale=0.6), 2.0, 0.4, "sum"),
+             (dict(teacher_softcap=0.8, teacher_logit_scale=2.5), 0.7, 0.0, "none"),
+             (dict(student_softcap=2.5, teacher_softcap=1.0, student_logit_scale=0.5), 1.3, 0.3, "none")]
+    for i, (caps, temperature, hard_weight, reduction) in enumerate(cases):
+        student, teacher = heads(bias=i % 2 == 0, seed=20 + i)
+        target = torch.randint(0, 13, (11,), generator=gen(i))
+        target[:: 2 + i % 3] = IGNORE
+        check_fused_vs_dense(student, teacher, target, kind=kind, beta=beta, temperature=temperature,
+                             hard_weight=hard_weight, reduction=reduction, chunk_size=4, **caps)
+
+
+@pytest.mark.parametrize("kind", ("forward", "jsd"))
+def test_softcap_with_bfloat16_blocks(kind):
+    """bf16 heads (the engine scores 16-bit blocks in place): the cap runs in float32 on the
+    block; against float64 within bf16's tolerance."""
+    student, teacher = heads(dtype=torch.bfloat16, seed=3)
+    ref_student, ref_teacher = ({k: None if v is None else v.detach().double().requires_grad_() for k, v in side.items()}
+                                for side in (student, teacher))
+    target = torch.randint(0, 13, (11,), generator=gen(3))
+    check_fused_vs_dense(student, teacher, target, tol_dtype=torch.bfloat16, ref_student=ref_student,
+                         ref_teacher=ref_teacher, kind=kind, temperature=0.9, student_softcap=1.5,
+                         teacher_softcap=2.0, student_logit_scale=1.3, hard_weight=0.2)
 
 
 def test_teacher_gets_no_gradient_and_inputs_are_untouched():

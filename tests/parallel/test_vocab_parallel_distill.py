@@ -23,6 +23,9 @@ CASES = {
                             biases=True),
     "jsd_beta_one": dict(kind="jsd", beta=1.0, hard_weight=1.0),
     "forward_rank_0_holds_the_last_slice": dict(kind="forward", hard_weight=0.2, swapped=True),
+    "jsd_softcaps_and_scales": dict(kind="jsd", beta=0.4, reduction="none", hard_weight=0.3, temperature=1.5,
+                                    student_softcap=1.5, teacher_softcap=2.0, student_logit_scale=0.8,
+                                    teacher_logit_scale=1.3, biases=True),
 }
 
 

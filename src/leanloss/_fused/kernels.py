@@ -1,57 +1,28 @@
 """Row-wise block kernels: one torch function per loss, compiled by inductor or run eagerly.
 
-The elementwise math of a fused loss (softmax statistics, the row loss, the gradient written
-over the logits block) is written once, as a plain torch function of a ``(n, V)`` block and
-per-row tensors. :class:`RowKernel` runs it in one of two ways that give the same values:
+The elementwise math of a fused loss (row statistics, the row loss, the gradient written over
+the logits block) is one plain torch function of a ``(n, V)`` block and per-row tensors.
+:class:`RowKernel` runs it in one of two ways that give the same values:
 
-* ``compiled``: ``torch.compile(fn, dynamic=True)`` (inductor: C++/OpenMP on CPU, Triton on
-  CUDA). One kernel reads the 16-bit block a few times per row, accumulates in float32 and
-  writes the gradient over the block in place: no float32 copy of the block exists. Sizes are
-  symbolic, so a new number of rows or classes does not recompile. A kernel made with
-  ``tiled=True`` is called on CPU on row tiles of about ``_TILE_BYTES`` (of the block and
-  the block-wide row arguments): inductor's C++ code makes one pass over all the rows it is
-  given per reduction, so with two block-wide inputs and several passes (distillation) a
-  tile that stays in the cores' L2 caches pays for its call overhead (0.1-0.3 ms a call):
-  fused JSD in bf16, N=2048 D=1024 V=32000, 1.19x -> 1.07x of its four matmuls. A one-input
-  kernel (cross entropy) measured the same or slower tiled, so tiling is per kernel.
-* ``eager``: the same function on row sub-blocks of about ``_SUB_BYTES`` of float32 per
-  temporary, so its temporaries stay small and in cache.
+* compiled: ``torch.compile(fn, dynamic=True, fullgraph=True)``; the 16-bit block is read in
+  place and the gradient written over it, with no float32 copy. A ``tiled`` kernel runs on CPU
+  on row tiles of about ``_TILE_BYTES`` (several block-wide inputs read in several passes stay
+  in the L2 caches).
+* eager: the function on row sub-blocks of about ``_SUB_BYTES`` per float32 temporary.
 
-Mode ``'auto'`` (the default) compiles where it pays and never makes a call wait for it:
-
-* CUDA: every kernel compiled, from the first call (eager 16-bit blocks cost float32
-  temporaries, memory and time there).
-* CPU: only kernels for which :meth:`RowKernel.compile_pays` (the tiled ones: distillation),
-  and tiered, like a JIT: a signature (dtypes, strides and size classes, option values,
-  grad/autocast state: what dynamo guards on) runs eagerly in the first loss call that meets
-  it; when a LATER loss call (:func:`new_loss_call`, which the engine calls) meets it again, a
-  copy of a few of its rows goes to one background thread, which compiles the function and runs
-  it on them, and calls with that signature run compiled once that is done
-  (:func:`wait_for_compiles` waits for it). Why: a process that calls a loss once (a notebook
-  cell, a test, an evaluation) never compiles, and the first call of every process costs what
-  an eager call costs. The compile does not leave the cores to the caller: on a 2-core EPYC a
-  busy Python thread beside a loop of small eager ops made each op wait for the interpreter
-  lock (an eager JSD block 0.5-1.3 s alone, 6.5-9.7 s beside it), so while a job runs the
-  interpreter's switch interval is lowered to :data:`_SWITCH_INTERVAL_S` and restored after.
-  Measured at N=2048 D=1024 V=32000: cross entropy is as fast eager on sub-blocks as compiled
-  (bf16 0.61-0.74 s a step either way, float32 2.24 s both), so it is never compiled on CPU;
-  the distillation kernel gains (JSD 0.82-0.93 s compiled against 1.0-2.1 s eager). The
-  background thread is a daemon: a process that exits while it compiles does not wait for it;
-  a child forked while it compiles stays eager for the signatures not compiled yet. Caveat,
-  measured on the same machine under heavy contention (load 16 on its 2 cores), interleaved in
-  one process: eager cross entropy took 1.5x (float32) to 6x (bfloat16) the compiled time,
-  and eager JSD 25-90x, because its many small OpenMP regions each wait for descheduled
-  threads; there ``LEANLOSS_KERNELS=compiled`` gives the compiled steady state back to cross
-  entropy. ``leanloss bench --only first_call`` measures the first and second calls against a
-  warm one for each loss.
-* eager everywhere else: where compiling is unavailable (``TORCHDYNAMO_DISABLE=1``, no C++
-  compiler, a compile error), under a Python dispatch mode, for float64, for devices other
-  than CPU/CUDA, and for blocks too small to repay a kernel launch.
-
-``'compiled'`` compiles every kernel on its first call, on the calling thread (errors
-propagate); ``'eager'`` never compiles (and starts no thread). Set the mode with
-:func:`set_kernel_mode` or the ``LEANLOSS_KERNELS`` environment variable. A compile failure in
-``'auto'`` falls back to eager for the rest of the process, with one warning.
+Mode ``'auto'`` (default): on CUDA compiled from the first call; on CPU only the kernels for
+which :meth:`RowKernel.compile_pays` (the tiled ones), tiered like a JIT: the first loss call
+that meets a signature (what dynamo guards on: :func:`_signature`) runs it eagerly; a LATER
+loss call (:func:`new_loss_call`) that meets it hands a copy of a few rows to one background
+daemon thread that compiles it, and calls run compiled once it is ready
+(:func:`wait_for_compiles`). While a job runs, the interpreter's switch interval is lowered to
+``_SWITCH_INTERVAL_S``, so that the caller's small eager ops do not wait ~5 ms each for the
+interpreter lock. Eager everywhere compiling is unavailable or does not pay (dynamo disabled,
+a compile error, a Python dispatch mode, float64, other devices, blocks under
+``_MIN_COMPILED_NUMEL``). ``'compiled'`` compiles every kernel on the calling thread (errors
+propagate); ``'eager'`` never compiles. :func:`set_kernel_mode` or ``LEANLOSS_KERNELS`` set it.
+A compile failure in ``'auto'`` falls back to eager for the process, with one warning. The
+measurements behind this policy: ``docs/fused-losses.md`` (the row kernels).
 """
 from __future__ import annotations
 
@@ -157,9 +128,7 @@ class RowKernel:
     in place) depends only on row ``r`` of ``block`` and of each tensor in ``row_args``
     (``None`` entries allowed). ``options`` are Python scalars, bools or tensors that are not
     per row (a class-weight vector, say); bools select code paths (one compiled graph each).
-    ``tiled``: on CPU, run the compiled function on row tiles of about ``_TILE_BYTES`` (see
-    the module docstring: worth it where several block-wide inputs are read in several passes),
-    and compile it at all on CPU (:meth:`compile_pays`).
+    ``tiled``: on CPU, compile it at all (:meth:`compile_pays`) and run it on row tiles.
     """
 
     def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, tiled: bool = False) -> None:
@@ -174,12 +143,8 @@ class RowKernel:
         self._first_seen: Dict[Hashable, int] = {}
 
     def compile_pays(self, block: Tensor) -> bool:
-        """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``).
-
-        CUDA: always. CPU: only tiled kernels, the ones that read several block-wide inputs in
-        several passes (distillation: JSD at N=2048 D=1024 V=32000 0.82-0.93 s a step compiled,
-        1.0-2.1 s eager); a one-input kernel runs as fast on eager sub-blocks (cross entropy:
-        bf16 0.61-0.74 s, float32 2.24 s, both ways), so compiling it only costs time."""
+        """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``):
+        CUDA always; CPU only for tiled kernels (measured: ``docs/fused-losses.md``)."""
         return block.device.type == "cuda" or self.tiled
 
     def use_compiled(self, block: Tensor) -> bool:

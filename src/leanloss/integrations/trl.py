@@ -69,7 +69,9 @@ __all__ = [
     "divergence_loss",
 ]
 
-#: The TRL versions this integration reproduces: ``low <= version < high``.
+#: The TRL versions this integration reproduces: ``low <= version < high`` (pyproject.toml's
+#: ``trl`` extra pins the same range). The registry serves one release in it, 1.16.0, so the
+#: tests of that release are the tests of both ends (a later 1.16.x is to be tested as well).
 SUPPORTED_TRL = ("1.16.0", "1.17.0")
 #: The per-token fields of ``FusedCausalLMOutput`` that ``outputs`` may name.
 OUTPUT_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -135,6 +137,14 @@ _STAT_NAMES = {"entropy": "entropy", "log_sum_sq_probs": "log_sum_sq_probs", "me
 _NO_GRAD = ("log_sum_sq_probs", "mean_logit", "is_top1")
 
 
+def _positive_scale(hidden: Tensor, bias: Optional[Tensor], scale: float):
+    """``(hidden, bias, scale)`` with a scale leanloss's scorers take (positive): one that is not
+    is folded into ``hidden`` and ``bias``, ``s (h W^T + b) = (s h) W^T + s b``."""
+    if scale > 0:
+        return hidden, bias, scale
+    return hidden * scale, None if bias is None else bias * scale, 1.0
+
+
 def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                 temperature: float = 1.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
                 return_stats: Sequence[str] = ()) -> TokenStats:
@@ -148,10 +158,7 @@ def token_stats(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
     other three do not. Rows whose target is -100 are dropped before any matmul and give 0
     (``False``).
     """
-    if logit_scale <= 0:  # linear_log_probs takes a positive scale: s (h W^T + b) = (s h) W^T + s b
-        hidden = hidden * logit_scale
-        bias = None if bias is None else bias * logit_scale
-        logit_scale = 1.0
+    hidden, bias, logit_scale = _positive_scale(hidden, bias, logit_scale)
     got = linear_log_probs(hidden, weight, target, bias, temperature=temperature, softcap=softcap,
                            logit_scale=logit_scale, return_stats=tuple(return_stats))
     if not return_stats:
@@ -449,14 +456,15 @@ def apply_leanloss(trainer):
       :func:`add_fused_lm_head` with the same ``temperature``, ``cast_lm_head_to_fp32`` and
       ``outputs``.
     * Distillation: the student-teacher divergence (generalized JSD with TRL's ``beta`` and
-      ``temperature``) runs :func:`divergence_loss` instead of TRL's chunked kernel.
+      ``temperature``, each head's logit scale and ``final_logit_softcapping``) runs
+      :func:`divergence_loss` instead of TRL's chunked kernel.
 
     Losses, gradients and logged metrics equal TRL's own. Calling it twice is harmless.
 
     Raises:
         UnsupportedTrainerError: another trainer class (GKD, GOLD, ...), a TRL version outside
-            :data:`SUPPORTED_TRL`, DeepSpeed ZeRO-3, or a distillation model with
-            ``final_logit_softcapping``; the message names the class and TRL's version.
+            :data:`SUPPORTED_TRL`, or DeepSpeed ZeRO-3; the message names the class and TRL's
+            version.
     """
     kind = _trainer_kind(trainer)
     _check_trl_version(f"apply_leanloss({type(trainer).__name__})")
@@ -493,18 +501,14 @@ def divergence_loss(student_hidden_states: Tensor, teacher_hidden_states: Tensor
     same arguments) by :func:`leanloss.linear_distill_loss`.
 
     Per kept position (``completion_mask != 0``), with ``q`` the student's and ``p`` the
-    teacher's ``softmax(s * (h @ W.T + b) / T)``: ``JSD_beta(p, q) = beta KL(p||m) + (1-beta)
-    KL(q||m)``, ``m = beta p + (1-beta) q``, ``KL(p||q)`` at ``beta = 0`` and ``KL(q||p)`` at
+    teacher's ``softmax(softcap(s * (h @ W.T + b)) / T)`` (each head's ``s`` and soft-cap
+    ``c``, ``softcap(x) = c * tanh(x / c)``, none when ``c`` is ``None``, as TRL applies them):
+    ``JSD_beta(p, q) = beta KL(p||m) + (1-beta) KL(q||m)``, ``m = beta p + (1-beta) q``, ``KL(p||q)`` at ``beta = 0`` and ``KL(q||p)`` at
     ``beta = 1`` (leanloss's ``kind='jsd'``; ``linear_distill_loss``'s ``T^2`` factor is divided
     out, TRL has none). Returns ``(loss, entropy_sum, n_valid)``: the summed divergence over
     ``num_items_in_batch`` (or ``n_valid`` clamped at 1), the summed student entropy (no
     gradient) and the number of kept positions.
     """
-    fn = "apply_leanloss(DistillationTrainer)"
-    if student_final_logit_softcapping is not None or teacher_final_logit_softcapping is not None:
-        raise UnsupportedTrainerError(
-            f"{fn}: final_logit_softcapping is not supported by linear_distill_loss (TRL {_trl_version()})"
-        )
     fsdp = _DIVERGENCE_FSDP.get() or (False, False)
     w_s, b_s = _gathered(student_lm_head_weight, fsdp[0]), _gathered(student_lm_head_bias, fsdp[0])
     w_t, b_t = _gathered(teacher_lm_head_weight, fsdp[1]), _gathered(teacher_lm_head_bias, fsdp[1])
@@ -513,22 +517,22 @@ def divergence_loss(student_hidden_states: Tensor, teacher_hidden_states: Tensor
     valid = completion_mask.reshape(-1) != 0
     n_valid = valid.sum()
     target = torch.where(valid, 0, -100).to(device=h_s.device)
-    if student_logit_scale != 1.0:  # s * (h @ W.T + b) = (s h) @ W.T + s b
-        h_s = h_s * student_logit_scale
-        b_s = None if b_s is None else b_s * student_logit_scale
-    if teacher_logit_scale != 1.0:
-        h_t = h_t * teacher_logit_scale
-        b_t = None if b_t is None else b_t * teacher_logit_scale
+    h_s, b_s, s_s = _positive_scale(h_s, b_s, student_logit_scale)
+    h_t, b_t, s_t = _positive_scale(h_t, b_t, teacher_logit_scale)
     total = linear_distill_loss(h_s, w_s, h_t, w_t.detach(), target, student_bias=b_s,
                                 teacher_bias=None if b_t is None else b_t.detach(), kind="jsd", beta=beta,
-                                temperature=temperature, reduction="sum")
+                                temperature=temperature, reduction="sum",
+                                student_softcap=student_final_logit_softcapping,
+                                teacher_softcap=teacher_final_logit_softcapping,
+                                student_logit_scale=s_s, teacher_logit_scale=s_t)
     if temperature != 1.0:
         total = total / (temperature * temperature)
     if not total.requires_grad and torch.is_grad_enabled() and h_s.requires_grad:
         total = total + h_s.sum() * 0  # no kept position: a differentiable zero
     with torch.no_grad():
         entropy = linear_log_probs(h_s.detach(), w_s.detach(), target, None if b_s is None else b_s.detach(),
-                                   temperature=temperature, return_entropy=True)[1]
+                                   temperature=temperature, softcap=student_final_logit_softcapping,
+                                   logit_scale=s_s, return_entropy=True)[1]
     if num_items_in_batch is None:
         loss = total / n_valid.clamp(min=1)
     else:
@@ -561,14 +565,6 @@ def _route_divergence(trainer) -> None:
             f"apply_leanloss: {type(trainer).__name__} (TRL {_trl_version()}) has no "
             "_chunked_divergence_loss to route; this TRL version is not supported"
         )
-    unwrap = trainer.accelerator.unwrap_model
-    for name, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
-        softcap, _ = head_transform(unwrap(model).config)
-        if softcap is not None:
-            raise UnsupportedTrainerError(
-                f"apply_leanloss: {type(trainer).__name__} (TRL {_trl_version()}): the {name} model has "
-                "final_logit_softcapping, which linear_distill_loss does not apply"
-            )
     if not hasattr(current, "_leanloss_original"):
         module._chunked_divergence_loss = _divergence_router(current)
     if getattr(compute, "_leanloss_routed", False):

@@ -24,6 +24,7 @@ from .. import _checks
 from .._compile import graph_break
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
+from .._fused.ce_rows import softcap_slope, transform
 from .._fused.distill_rows import (DISTILL_GRAD_KERNEL, DISTILL_KERNEL, EXP_SUMS_KERNEL, divergence_finish,
                                    divergence_sums, hard_loss, resolve_kind)
 from .._fused.engine import MIN_CHUNK, PointGradient, ScoreResult, at_cols
@@ -46,9 +47,13 @@ class DistillScorer:
     """The per-block distillation math of :mod:`leanloss._fused.distill_rows`, on one device or
     vocab-parallel.
 
-    The engine's blocks must be the student logits divided by ``temperature``;
-    ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` global ids (or ``None``) are aligned
-    with the rows the engine walks; the teacher tensors must not require grad (this rank's
+    The engine's blocks must be the student logits divided by ``temperature`` (times the
+    student's logit scale); ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` global ids
+    (or ``None``) are aligned with the rows the engine walks; ``teacher_scale`` multiplies the
+    teacher's logits (default ``1 / temperature``); ``softcap`` and ``teacher_softcap``, in
+    those units (the soft-cap divided by ``temperature``), cap each block as
+    ``softcap * tanh(a / softcap)`` (:func:`~leanloss._fused.ce_rows.transform`) before the
+    row kernels see it, and the gradient is chained through the cap; the teacher tensors must not require grad (this rank's
     slice of the head, vocab-parallel). The teacher logits of the same rows are computed
     (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least ``_TEACHER_MIN_ROWS``
     rows, sized from the largest slice so every rank walks the same pieces).
@@ -65,7 +70,8 @@ class DistillScorer:
 
     def __init__(self, teacher_hidden: Tensor, teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                  target: Optional[Tensor], *, kind: str, beta: float, temperature: float,
-                 hard_weight: float, vocab: VocabSlice) -> None:
+                 hard_weight: float, vocab: VocabSlice, softcap: Optional[float] = None,
+                 teacher_softcap: Optional[float] = None, teacher_scale: Optional[float] = None) -> None:
         self.teacher_hidden, self.teacher_weight, self.teacher_bias = teacher_hidden, teacher_weight, teacher_bias
         self.vocab = vocab
         self.low_precision_blocks = vocab.identity
@@ -76,23 +82,36 @@ class DistillScorer:
         self.beta, self.temperature, self.hard_weight = float(beta), float(temperature), float(hard_weight)
         self.options = dict(kind=self.kind, beta=self.beta, temperature=self.temperature,
                             hard_weight=self.hard_weight)
+        self.softcap, self.teacher_softcap = softcap, teacher_softcap
+        self.teacher_scale = 1.0 / self.temperature if teacher_scale is None else float(teacher_scale)
         self._teacher_buf: Optional[Tensor] = None
 
     def teacher_logits(self, rows: slice) -> Tensor:
-        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) / T`` in the teacher's dtype."""
+        """``(teacher_hidden[rows] @ teacher_weight.T + teacher_bias) * teacher_scale`` in the
+        teacher's dtype, soft-capped (in the compute dtype) with ``teacher_softcap``."""
         h, w, bias = self.teacher_hidden[rows], self.teacher_weight, self.teacher_bias
         n = h.shape[0]
         if self._teacher_buf is None or self._teacher_buf.shape[0] < n:
             self._teacher_buf = torch.empty((n, w.shape[0]), dtype=h.dtype, device=h.device)
         out = self._teacher_buf[:n]
-        inv_t = 1.0 / self.temperature
+        inv_t = self.teacher_scale
         with torch.no_grad():
             if bias is None and inv_t == 1.0:
                 torch.mm(h, w.T, out=out)
             else:
                 base = h.new_zeros(()) if bias is None else bias
                 torch.addmm(base, h, w.T, beta=0.0 if bias is None else inv_t, alpha=inv_t, out=out)
+        if self.teacher_softcap is not None:
+            return transform(out.to(compute_dtype(out.dtype)), 1.0, self.teacher_softcap)
         return out
+
+    def _capped(self, x: Tensor, dtype: torch.dtype, grad: bool):
+        """``(y, slope)``: the student block ``x`` soft-capped in ``dtype`` (``x`` itself without
+        a cap) and, for the gradient, the cap's derivative (``None`` without)."""
+        if self.softcap is None:
+            return x, None
+        y = transform(x.to(dtype), 1.0, self.softcap)
+        return y, (softcap_slope(y, self.softcap) if grad else None)
 
     def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
@@ -105,21 +124,26 @@ class DistillScorer:
         n = a.shape[0]
         step = max(n, 1) if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
             self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
-        losses, saveds = [], []
+        losses, saveds, slopes = [], [], []
         for start in range(0, max(n, 1), step):
             sub = slice(start, min(start + step, n))
             part = slice(rows.start + sub.start, rows.start + sub.stop)
             b = self.teacher_logits(part) if soft else None
+            y, slope = self._capped(a[sub], dtype, g is not None)
             if self.vocab.identity:
                 t = None if self.local_target is None else self.local_target[part]
-                a_y = None if t is None else at_cols(a[sub], t, dtype)
-                losses.append(DISTILL_KERNEL(a[sub], b, a_y, None if g is None else g[sub], dtype=dtype,
+                a_y = None if t is None else at_cols(y, t, dtype)
+                losses.append(DISTILL_KERNEL(y, b, a_y, None if g is None else g[sub], dtype=dtype,
                                              **self.options)[0])
             else:
-                loss, keep = self._score_slice(a[sub], b, part, None if saved is None else saved[sub],
+                loss, keep = self._score_slice(y, b, part, None if saved is None else saved[sub],
                                                None if g is None else g[sub])
                 losses.append(loss)
                 saveds.append(keep)
+            if slope is not None:  # the gradient with respect to y, chained through the cap
+                if self.local_target is not None and self.vocab.size > 0:
+                    slopes.append(at_cols(slope, self.local_target[part], dtype))
+                a[sub].copy_(y.mul_(slope))
         if rows.stop >= self.teacher_hidden.shape[0]:
             self._teacher_buf = None  # last block of this pass
         loss = losses[0] if len(losses) == 1 else torch.cat(losses)
@@ -128,6 +152,8 @@ class DistillScorer:
             return ScoreResult(loss, None, keep)
         t = self.local_target[rows]
         coef = g * (-self.hard_weight * self.temperature)
+        if slopes:
+            coef = coef * (slopes[0] if len(slopes) == 1 else torch.cat(slopes))
         coef = coef if self.owned is None else owned_only(coef, self.owned[rows])
         return ScoreResult(loss, PointGradient(t, coef, at_cols(a, t, dtype)), keep)
 
@@ -228,14 +254,21 @@ def linear_distill_loss(
     hard_weight: float = 0.0,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> Tensor:
     r"""Distillation loss of two linear heads without the (tokens, vocab) logits.
 
     Equals :func:`leanloss.distill_loss` (same ``kind``, ``beta``, ``temperature``,
     ``ignore_index``, ``hard_weight``, ``reduction``; see there for the formula) on
-    ``student_logits = student_hidden @ student_weight.T + student_bias`` and
-    ``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, in value and in the
-    gradients of ``student_hidden``, ``student_weight`` and ``student_bias``.
+    ``student_logits = softcap(s * (student_hidden @ student_weight.T + student_bias))`` and
+    ``teacher_logits = softcap(s * (teacher_hidden @ teacher_weight.T + teacher_bias))``, in
+    value and in the gradients of ``student_hidden``, ``student_weight`` and ``student_bias``;
+    ``softcap(x) = c * tanh(x / c)`` with ``c`` = ``student_softcap`` / ``teacher_softcap``
+    (none when ``None``), ``s`` = ``student_logit_scale`` / ``teacher_logit_scale``, as in
+    :func:`leanloss.linear_log_probs` (Gemma's ``final_logit_softcapping``).
 
     Args:
         student_hidden: ``(..., D)``; student_weight: ``(V, D)``; student_bias: ``(V,)``.
@@ -247,6 +280,9 @@ def linear_distill_loss(
         reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
             blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
         chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
+        student_softcap, teacher_softcap: positive soft-caps of each head's logits, or ``None``.
+        student_logit_scale, teacher_logit_scale: positive multipliers of each head's logits,
+            applied before the soft-cap.
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
     ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of at most 128 MiB (or
@@ -257,6 +293,8 @@ def linear_distill_loss(
     fn = "linear_distill_loss"
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
+    input_scale, transforms = head_transforms(fn, temperature, student_softcap, teacher_softcap,
+                                              student_logit_scale, teacher_logit_scale)
 
     def setup(student: Head, teacher: Head):
         _check_fused_inputs(fn, *student, *teacher)
@@ -266,13 +304,25 @@ def linear_distill_loss(
             _checks.check_same_device(fn, student_hidden=student.hidden, target=target)
         vocab = LocalVocab(student.weight.shape[0])
         return vocab, distill_scorer(teacher, vocab, kind=kind, beta=beta, temperature=temperature,
-                                     hard_weight=hard_weight), None
+                                     hard_weight=hard_weight, **transforms), None
 
     loss, _ = run_fused(fn, Head(student_hidden, student_weight, student_bias), target, setup,
                         teacher=Head(teacher_hidden, teacher_weight, teacher_bias), ignore_index=ignore_index,
-                        reduction=reduction, chunk_size=chunk_size, input_scale=1.0 / temperature,
+                        reduction=reduction, chunk_size=chunk_size, input_scale=input_scale,
                         names=("student_hidden", "student_weight", "student_bias"))
     return loss
+
+
+def head_transforms(fn: str, temperature: float, student_softcap, teacher_softcap, student_logit_scale,
+                    teacher_logit_scale) -> tuple:
+    """Checks the heads' soft-caps and logit scales; returns the engine's ``input_scale``
+    (``s / T``: the student's blocks are ``s z / T``) and the :class:`DistillScorer` options
+    (the teacher's scale ``s_t / T``, the caps over ``T``)."""
+    scales = [_checks.check_positive(fn, name, value) / temperature for name, value in
+              (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale))]
+    caps = [None if value is None else _checks.check_positive(fn, name, value) / temperature for name, value in
+            (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap))]
+    return scales[0], dict(softcap=caps[0], teacher_softcap=caps[1], teacher_scale=scales[1])
 
 
 def distill_scorer(teacher: Head, vocab: VocabSlice, **options):

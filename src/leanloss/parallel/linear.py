@@ -14,7 +14,7 @@ from .._compile import graph_break
 from .._reduce import resolve_reduction
 from ..linear._pipeline import Head, run_fused
 from ..linear.cross_entropy import run_ce
-from ..linear.distill import distill_scorer
+from ..linear.distill import distill_scorer, head_transforms
 from ..linear.log_probs import run_log_probs
 from ..linear.topk_distill import run_topk
 from ._setup import ce_shard, local_args, shard_finder, shard_of
@@ -155,6 +155,10 @@ def vocab_parallel_linear_distill_loss(
     hard_weight: float = 0.0,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> Tensor:
     r""":func:`leanloss.linear_distill_loss` with both heads' rows split across ``group``, the
     same slice of the vocabulary on each rank for both (the teacher gets no gradient).
@@ -164,7 +168,8 @@ def vocab_parallel_linear_distill_loss(
         teacher_hidden, teacher_local_weight, teacher_bias: the teacher's, alike (``(..., Dt)``,
             the same rows of its head; DTensors sharded like the student's).
         @doc vp_hard_target
-        kind, beta, temperature, hard_weight: as in :func:`leanloss.linear_distill_loss`.
+        kind, beta, temperature, hard_weight, student_softcap, teacher_softcap, student_logit_scale,
+            teacher_logit_scale: as in :func:`leanloss.linear_distill_loss`.
         @doc row_reduction
         @doc vp_args
 
@@ -173,6 +178,8 @@ def vocab_parallel_linear_distill_loss(
     fn = "vocab_parallel_linear_distill_loss"
     reduction = resolve_reduction(reduction)
     beta, temperature, hard_weight = _checks.check_distill_options(fn, kind, beta, temperature, hard_weight)
+    input_scale, transforms = head_transforms(fn, temperature, student_softcap, teacher_softcap,
+                                              student_logit_scale, teacher_logit_scale)
     args, group, sizes = local_args(
         fn, dict(student_local_weight=student_local_weight, student_bias=student_bias,
                  teacher_local_weight=teacher_local_weight, teacher_bias=teacher_bias),
@@ -187,12 +194,12 @@ def vocab_parallel_linear_distill_loss(
         shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
                          ignore_index, sizes=sizes)
         return shard, distill_scorer(teacher, shard, kind=kind, beta=beta, temperature=temperature,
-                                     hard_weight=hard_weight), None
+                                     hard_weight=hard_weight, **transforms), None
 
     loss, _ = run_fused(fn, Head(*(args[name] for name in _STUDENT)), target, setup,
                         teacher=Head(args["teacher_hidden"], args["teacher_local_weight"], args["teacher_bias"]),
                         ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
-                        input_scale=1.0 / temperature, names=_STUDENT)
+                        input_scale=input_scale, names=_STUDENT)
     return loss
 
 
