@@ -168,8 +168,8 @@ def vocab_parallel_linear_distill_loss(
         teacher_hidden, teacher_local_weight, teacher_bias: the teacher's, alike (``(..., Dt)``,
             the same rows of its head; DTensors sharded like the student's).
         @doc vp_hard_target
-        kind, beta, temperature, hard_weight, student_softcap, teacher_softcap, student_logit_scale,
-            teacher_logit_scale: as in :func:`leanloss.linear_distill_loss`.
+        kind, beta, temperature, hard_weight: as in :func:`leanloss.linear_distill_loss`.
+        student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale: as there.
         @doc row_reduction
         @doc vp_args
 
