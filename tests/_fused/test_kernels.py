@@ -213,6 +213,7 @@ def test_auto_compiles_a_signature_met_again_in_a_later_loss_call(monkeypatch, a
         torch.testing.assert_close(out, _expected(3.0)[0])
         torch.testing.assert_close(block, _expected(3.0)[1])
         assert fake.compiles == 0 and not kernel._queued and not kernel._ready
+    assert kernels.compiles_deferred()
     for _ in range(2):  # later loss calls: one job, eager while it runs
         kernels.new_loss_call()
         block, w = _inputs()
@@ -220,6 +221,7 @@ def test_auto_compiles_a_signature_met_again_in_a_later_loss_call(monkeypatch, a
         torch.testing.assert_close(out, _expected(3.0)[0])
         torch.testing.assert_close(block, _expected(3.0)[1])
         assert fake.calls == [] and len(kernel._queued) == 1 and not kernel._ready
+    assert not kernel._first_seen
     fake.release()
     assert kernels.wait_for_compiles(timeout=30)
     assert fake.compiles == 1 and fake.calls and not any(fake.calls)  # warmed on the worker thread

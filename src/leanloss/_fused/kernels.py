@@ -33,13 +33,13 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "new_loss_call", "wait_for_compiles",
-           "background_compiles_submitted", "row_logsumexp", "row_softmax"]
+           "compiles_deferred", "background_compiles_submitted", "row_logsumexp", "row_softmax"]
 
 _MODES = ("auto", "compiled", "eager")
 _mode = os.environ.get("LEANLOSS_KERNELS", "auto")
@@ -141,6 +141,7 @@ class RowKernel:
         self._queued: Set[Hashable] = set()
         # signature -> the loss call that first met it (not compiled yet)
         self._first_seen: Dict[Hashable, int] = {}
+        _kernels.append(self)
 
     def compile_pays(self, block: Tensor) -> bool:
         """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``):
@@ -299,6 +300,7 @@ class _Job:
                 kernel._queued.discard(self.key)
 
 
+_kernels: List["RowKernel"] = []  # every kernel made, for compiles_deferred
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
 _jobs: Deque[_Job] = collections.deque()
@@ -338,6 +340,13 @@ def _work() -> None:
             with _lock:
                 _running -= 1
                 _changed.notify_all()
+
+
+def compiles_deferred() -> bool:
+    """Whether some kernel signature waits for a later loss call to be compiled (see the module
+    docstring): one more call of the same loss would start its background compile."""
+    with _lock:
+        return any(kernel._first_seen for kernel in _kernels)
 
 
 def background_compiles_submitted() -> int:
