@@ -51,6 +51,7 @@ block and sub-block size is computed from it, never from a rank's own ``V``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional, Protocol, Tuple
 
 import torch
@@ -60,7 +61,8 @@ from .._dtypes import compute_dtype
 from .._reduce import reduce_loss
 from .kernels import RowKernel
 
-__all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
+__all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "fused_logits_loss",
+           "default_chunk_size",
            "plan_chunk", "at_cols", "set_at_cols", "add_at_cols", "write_points"]
 
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
@@ -328,36 +330,99 @@ def add_upcast(acc: Tensor, part: Tensor):
 _ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation")
 
 
-def _run(hidden, weight, bias, scorer, chunk, upstream_of, needs, policy_vocab, memo=None):
-    """One pass over the blocks: per-row outputs, and gradients when ``upstream_of`` is set.
+class _LinearBlocks:
+    """Block source of a linear head: ``z = hidden[rows] @ weight.T + bias`` in the matmul
+    dtype (one buffer, reused), its gradient through the backward matmuls (:class:`_Grads`)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.m, self.width, self.dtype = hidden.shape[0], weight.shape[0], hidden.dtype
+        self.block_dtype, self.device = weight.dtype, weight.device
+
+    def start(self, chunk: int, needs, with_grad: bool, dtype: torch.dtype) -> None:
+        self.grads = (_Grads(self.hidden, self.weight, self.bias, needs, dtype, single_block=chunk >= self.m)
+                      if with_grad else None)
+        self.buf = torch.empty((min(chunk, self.m), self.width), dtype=self.block_dtype, device=self.device)
+
+    def block(self, rows: slice) -> Tensor:
+        h = self.hidden[rows]
+        return _logits_(self.buf[: h.shape[0]], h, self.weight, self.bias)
+
+    def add_grad(self, z: Tensor, rows: slice, point: Optional[PointGradient]) -> None:
+        assert self.grads is not None
+        self.grads.add_block(z, self.hidden[rows], self.weight, rows, point)
+
+    def finish(self):
+        assert self.grads is not None
+        return self.grads.finish(self.weight, self.bias)
+
+
+class _LogitsBlocks:
+    """Block source of materialized logits ``(N, V)``: the block is a compute-dtype copy of
+    the rows ``keep[rows]`` (all ``N`` rows in order without ``keep``), never the caller's
+    tensor; the gradient is an ``(N, V)`` buffer in the logits' dtype, ``0`` at rows not kept.
+    With every row kept and logits in the compute dtype, the block IS the gradient buffer's
+    rows (the copy lands there and the scorer overwrites it: nothing is copied back)."""
+
+    def __init__(self, logits: Tensor, keep: Optional[Tensor] = None) -> None:
+        self.logits, self.keep = logits, keep
+        self.m = logits.shape[0] if keep is None else keep.shape[0]
+        self.width, self.dtype, self.device = logits.shape[1], logits.dtype, logits.device
+        self.block_dtype = compute_dtype(logits.dtype)
+
+    def start(self, chunk: int, needs, with_grad: bool, dtype: torch.dtype) -> None:
+        alloc = torch.empty if self.keep is None else torch.zeros
+        self.grad = alloc(self.logits.shape, dtype=self.dtype, device=self.device) if with_grad else None
+        self.in_place = self.grad is not None and self.keep is None and self.dtype == dtype
+        self.buf = None if self.in_place else torch.empty((min(chunk, self.m), self.width), dtype=dtype,
+                                                          device=self.device)
+
+    def block(self, rows: slice) -> Tensor:
+        src = self.logits[rows] if self.keep is None else self.logits.index_select(0, self.keep[rows])
+        if self.in_place:
+            return self.grad[rows].copy_(src)
+        return self.buf[: src.shape[0]].copy_(src)
+
+    def add_grad(self, z: Tensor, rows: slice, point: Optional[PointGradient]) -> None:
+        assert self.grad is not None
+        write_points(z, point)
+        if self.keep is not None:
+            self.grad.index_copy_(0, self.keep[rows], z.to(self.dtype))
+        elif not self.in_place:
+            self.grad[rows].copy_(z)
+
+    def finish(self):
+        return (self.grad,)
+
+
+def _run(source, plan: "_Plan", upstream_of, memo=None) -> Tensor:
+    """One pass over the blocks of ``source``: the per-row outputs, and with ``upstream_of``
+    the gradients (``source.finish()`` hands them out).
 
     ``memo``: a :class:`_Memo` that keeps the scorer's ``saved`` statistics of a first pass
     and hands them back on the next (the ``'none'`` recompute), or ``None``."""
-    dtype = compute_dtype(hidden.dtype)
-    m = hidden.shape[0]
+    dtype = compute_dtype(source.dtype)
+    m, scorer, chunk = source.m, plan.scorer, plan.chunk
     outputs = scorer.outputs
-    values = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=hidden.device)
-    grads = (_Grads(hidden, weight, bias, needs, dtype, single_block=chunk >= m)
-             if upstream_of is not None else None)
+    values = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=source.device)
+    source.start(chunk, plan.needs, upstream_of is not None, dtype)
     if m == 0:
-        return values, grads
-    block = torch.empty((min(chunk, m), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+        return values
     upcast = None
-    if weight.dtype != dtype and not scorer.low_precision_blocks:
-        upcast = _Upcast(weight.shape[0], policy_vocab, dtype, weight.device)
+    if source.block_dtype != dtype and not scorer.low_precision_blocks:
+        upcast = _Upcast(source.width, plan.policy_vocab, dtype, source.device)
     for rows in _chunks(m, chunk):
-        h = hidden[rows]
-        z = _logits_(block[: h.shape[0]], h, weight, bias)
-        upstream = None if grads is None else upstream_of(rows, h.shape[0], dtype)
+        z = source.block(rows)
+        upstream = None if upstream_of is None else upstream_of(rows, z.shape[0], dtype)
         saved = None if memo is None else memo.get(rows)
         res = (scorer.score(z, rows, saved, upstream) if upcast is None
                else upcast.score(scorer, z, rows, saved, upstream))
         values[rows] = res.values
         if memo is not None and saved is None:
             memo.put(rows, res.saved, m)
-        if grads is not None:
-            grads.add_block(z, h, weight, rows, res.point)
-    return values, grads
+        if upstream is not None:
+            source.add_grad(z, rows, res.point)
+    return values
 
 
 class _Memo:
@@ -378,59 +443,72 @@ class _Memo:
         self.buf[rows] = saved
 
 
-class _FusedLinearLoss(torch.autograd.Function):
+class _Plan(NamedTuple):
+    """One fused loss call, all but its tensors: ``source(*inputs)`` makes its block source,
+    the scorer, the reduction and its divisor, rows per block, which inputs need a gradient,
+    the block-size vocabulary, and ``reference`` (see :func:`fused_logits_loss`) or ``None``."""
+
+    source: Callable
+    scorer: Scorer
+    reduction: str
+    divisor: float
+    chunk: int
+    needs: Tuple[bool, ...]
+    policy_vocab: int
+    reference: Optional[Callable[..., Tensor]] = None
+
+
+class _FusedLoss(torch.autograd.Function):
+    """The autograd scheme of the module docstring, for any block source."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, scorer, reduction, divisor, chunk, needs, policy_vocab):
-        ctx.reduction = reduction
-        ctx.needs = needs
-        want_grad = any(needs)
+    def forward(ctx, plan: _Plan, *inputs):
+        ctx.plan = plan
+        want_grad = any(plan.needs)
         if want_grad:
             # References only (no copies): 'none' recomputes from them in backward, and so does
             # a second backward through a retained graph after the stored gradients were handed out.
-            ctx.save_for_backward(hidden, weight, bias)
-            ctx.scorer, ctx.chunk, ctx.policy_vocab = scorer, chunk, policy_vocab
-        if reduction == "none" or not want_grad:
+            ctx.save_for_backward(*inputs)
+        if plan.reduction == "none" or not want_grad:
             ctx.memo = memo = _Memo() if want_grad else None
-            losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs, policy_vocab, memo)
+            losses = _run(plan.source(*inputs), plan, None, memo)
             if memo is not None:
                 memo.filled = True
-            return losses if reduction == "none" else reduce_loss(losses, reduction, num_items=divisor)
-
-        ctx.scale = scale = 1.0 if reduction == "sum" else 1.0 / divisor
-        losses, grads = _run(hidden, weight, bias, scorer, chunk,
-                             _constant_scale(scale, hidden.device), needs, policy_vocab)
-        ctx.grads = grads.finish(weight, bias)
-        return reduce_loss(losses, reduction, num_items=divisor)
+            return losses if plan.reduction == "none" else reduce_loss(losses, plan.reduction,
+                                                                       num_items=plan.divisor)
+        ctx.scale = 1.0 if plan.reduction == "sum" else 1.0 / plan.divisor
+        source = plan.source(*inputs)
+        losses = _run(source, plan, _constant_scale(ctx.scale, source.device))
+        ctx.grads = source.finish()
+        return reduce_loss(losses, plan.reduction, num_items=plan.divisor)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias = ctx.saved_tensors
-        if ctx.reduction != "none":
+        plan, inputs = ctx.plan, ctx.saved_tensors
+        if plan.reference is not None and torch.is_grad_enabled():  # create_graph: the formula
+            with torch.enable_grad():
+                return (None, *torch.autograd.grad(plan.reference(*inputs), inputs, grad_out,
+                                                   create_graph=True))
+        source = plan.source(*inputs)
+        if plan.reduction != "none":
             grads = getattr(ctx, "grads", None)
             if grads is None:  # second backward of a retained graph: recompute the same way
-                _, acc = _run(hidden, weight, bias, ctx.scorer, ctx.chunk,
-                              _constant_scale(ctx.scale, hidden.device), ctx.needs, ctx.policy_vocab)
-                grads = acc.finish(weight, bias)
+                _run(source, plan, _constant_scale(ctx.scale, source.device))
+                grads = source.finish()
             else:
                 # Hand the buffers to autograd without another reference (so it need not copy).
                 del ctx.grads
-            gh, gw, gb = grads
-            del grads
             if not (isinstance(grad_out, Tensor) and grad_out.numel() == 1 and bool(grad_out == 1)):
-                gh = None if gh is None else gh.mul_(grad_out.to(gh.dtype))
-                gw = None if gw is None else gw.mul_(grad_out.to(gw.dtype))
-                gb = None if gb is None else gb.mul_(grad_out.to(gb.dtype))
-            return gh, gw, gb, None, None, None, None, None, None
+                grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
+            return (None, *grads)
         go = grad_out.contiguous()
 
         def upstream_of(rows, n, dtype):
             upstream = go[rows].to(dtype)
             return upstream.unsqueeze(1) if upstream.dim() == 1 else upstream  # (n, 1), or (n, k)
 
-        _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, upstream_of, ctx.needs,
-                        ctx.policy_vocab, ctx.memo)
-        gh, gw, gb = grads.finish(weight, bias)
-        return gh, gw, gb, None, None, None, None, None, None
+        _run(source, plan, upstream_of, ctx.memo)
+        return (None, *source.finish())
 
 
 def _constant_scale(scale: float, device: torch.device) -> Callable[[slice, int, torch.dtype], Tensor]:
@@ -470,23 +548,63 @@ def fused_linear_loss(
     respect to ``hidden``, ``weight`` and ``bias`` (first order only).
     """
     m = hidden.shape[0]
+    divisor = _divisor("fused_linear_loss", scorer, reduction, divisor, m)
+    vocab = policy_vocab or weight.shape[0]
+    grad_on = torch.is_grad_enabled()
+    needs: Tuple[bool, ...] = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    chunk = chunk_size or plan_chunk(m, vocab, hidden.shape[1], weight.dtype, weight_grad=needs[1])
+    plan = _Plan(_LinearBlocks, scorer, reduction, divisor, chunk, needs, vocab)
+    return _FusedLoss.apply(plan, hidden, weight, bias)
+
+
+def fused_logits_loss(
+    logits: Tensor,
+    scorer: Scorer,
+    *,
+    reduction: str = "mean",
+    divisor=None,
+    keep: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    policy_vocab: Optional[int] = None,
+    reference: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """:func:`fused_linear_loss` over materialized ``logits`` ``(N, V)``: the same blocks,
+    scorers and autograd scheme, each block a compute-dtype copy of a row slice (the caller's
+    tensor is only read) and the gradient an ``(N, V)`` tensor in the logits' dtype.
+
+    Args:
+        keep: the indices of the rows that count (``None``: all ``N``). The engine walks the
+            ``M`` kept rows in this order (the scorer's ``rows`` index them); the gradient is
+            ``0`` at the other rows.
+        chunk_size: rows per block (default: :func:`default_chunk_size` of ``policy_vocab``
+            compute-dtype columns, at least one row).
+        reference: ``reference(logits)``, the same loss in differentiable torch ops; a
+            backward with ``create_graph=True`` differentiates it (without it, first order
+            only).
+        reduction, divisor, policy_vocab: as in :func:`fused_linear_loss` (``M`` rows).
+    """
+    m = logits.shape[0] if keep is None else keep.shape[0]
+    divisor = _divisor("fused_logits_loss", scorer, reduction, divisor, m)
+    vocab = policy_vocab or logits.shape[1]
+    chunk = chunk_size or default_chunk_size(m, vocab, min_rows=1,
+                                             element_size=compute_dtype(logits.dtype).itemsize)
+    plan = _Plan(functools.partial(_LogitsBlocks, keep=keep), scorer, reduction, divisor, chunk,
+                 (torch.is_grad_enabled() and logits.requires_grad,), vocab, reference)
+    return _FusedLoss.apply(plan, logits)
+
+
+def _divisor(fn: str, scorer: Scorer, reduction: str, divisor, m: int) -> float:
+    """``'mean'``'s divisor as one host number (``M`` when ``None``, ``nan`` for ``0``, like
+    torch's mean over nothing); checks that a scorer with several outputs gets ``'none'``."""
     if scorer.outputs > 1 and reduction != "none":
-        raise ValueError(f"fused_linear_loss: a scorer with several outputs per row needs "
+        raise ValueError(f"{fn}: a scorer with several outputs per row needs "
                          f"reduction='none', got {reduction!r}")
     if divisor is None:
         divisor = m
     if isinstance(divisor, Tensor):
         divisor = float(divisor)  # one host value per call; keeps the engine free of graph state
-    vocab = policy_vocab or weight.shape[0]
-    grad_on = torch.is_grad_enabled()
-    needs: Tuple[bool, bool, bool] = (
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
-    chunk = chunk_size or plan_chunk(m, vocab, hidden.shape[1], weight.dtype,
-                                     weight_grad=needs[1])
-    if divisor == 0 and reduction == "mean":
-        divisor = float("nan")
-    return _FusedLinearLoss.apply(hidden, weight, bias, scorer, reduction, divisor, chunk, needs,
-                                  vocab)
+    return float("nan") if divisor == 0 and reduction == "mean" else divisor
