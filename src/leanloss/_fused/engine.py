@@ -358,14 +358,16 @@ class _LinearBlocks:
 
 
 class _LogitsBlocks:
-    """Block source of materialized logits ``(N, V)``: the block is a compute-dtype copy of
-    the rows ``keep[rows]`` (all ``N`` rows in order without ``keep``), never the caller's
-    tensor; the gradient is an ``(N, V)`` buffer in the logits' dtype, ``0`` at rows not kept.
-    With every row kept and logits in the compute dtype, the block IS the gradient buffer's
-    rows (the copy lands there and the scorer overwrites it: nothing is copied back)."""
+    """Block source of materialized logits ``(N, V)``: the block is ``load(buffer, x)`` of
+    the rows ``x = logits[keep[rows]]`` (all ``N`` rows in order without ``keep``) into a
+    compute-dtype buffer, a copy by default, never the caller's tensor; the gradient is an
+    ``(N, V)`` buffer in the logits' dtype, ``0`` at rows not kept. With every row kept and
+    logits in the compute dtype, the block IS the gradient buffer's rows (the scorer overwrites
+    it with the gradient there: nothing is copied back)."""
 
-    def __init__(self, logits: Tensor, keep: Optional[Tensor] = None) -> None:
-        self.logits, self.keep = logits, keep
+    def __init__(self, logits: Tensor, keep: Optional[Tensor] = None,
+                 load: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> None:
+        self.logits, self.keep, self.load = logits, keep, load or Tensor.copy_
         self.m = logits.shape[0] if keep is None else keep.shape[0]
         self.width, self.dtype, self.device = logits.shape[1], logits.dtype, logits.device
         self.block_dtype = compute_dtype(logits.dtype)
@@ -379,9 +381,7 @@ class _LogitsBlocks:
 
     def block(self, rows: slice) -> Tensor:
         src = self.logits[rows] if self.keep is None else self.logits.index_select(0, self.keep[rows])
-        if self.in_place:
-            return self.grad[rows].copy_(src)
-        return self.buf[: src.shape[0]].copy_(src)
+        return self.load(self.grad[rows] if self.in_place else self.buf[: src.shape[0]], src)
 
     def add_grad(self, z: Tensor, rows: slice, point: Optional[PointGradient]) -> None:
         assert self.grad is not None
@@ -571,6 +571,7 @@ def fused_logits_loss(
     chunk_size: Optional[int] = None,
     policy_vocab: Optional[int] = None,
     reference: Optional[Callable[[Tensor], Tensor]] = None,
+    load: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> Tensor:
     """:func:`fused_linear_loss` over materialized ``logits`` ``(N, V)``: the same blocks,
     scorers and autograd scheme, each block a compute-dtype copy of a row slice (the caller's
@@ -585,6 +586,9 @@ def fused_logits_loss(
         reference: ``reference(logits)``, the same loss in differentiable torch ops; a
             backward with ``create_graph=True`` differentiates it (without it, first order
             only).
+        load: ``load(block, x)`` writes the block of the rows ``x`` (read only) and returns it;
+            default ``block.copy_(x)``. A scorer may fold its first pass into it (the dense
+            cross entropy takes the softmax of ``x`` straight into the block).
         reduction, divisor, policy_vocab: as in :func:`fused_linear_loss` (``M`` rows).
     """
     m = logits.shape[0] if keep is None else keep.shape[0]
@@ -592,7 +596,7 @@ def fused_logits_loss(
     vocab = policy_vocab or logits.shape[1]
     chunk = chunk_size or default_chunk_size(m, vocab, min_rows=1,
                                              element_size=compute_dtype(logits.dtype).itemsize)
-    plan = _Plan(functools.partial(_LogitsBlocks, keep=keep), scorer, reduction, divisor, chunk,
+    plan = _Plan(functools.partial(_LogitsBlocks, keep=keep, load=load), scorer, reduction, divisor, chunk,
                  (torch.is_grad_enabled() and logits.requires_grad,), vocab, reference)
     return _FusedLoss.apply(plan, logits)
 

@@ -79,6 +79,8 @@ class DenseCrossEntropyScorer:
                                                            torch.zeros((), dtype=self.dtype))
         # below this a float32/float64 target probability loses digits in log(p_t)
         self.tiny = torch.finfo(self.dtype).tiny * 1e8
+        # float32/float64 input without smoothing: the block is loaded as its softmax (one pass)
+        self.softmax_on_load = x.dtype == self.dtype and smoothing == 0.0
         num_classes = x.shape[1]
         w_total = float(num_classes) if self.w is None else self.w.sum()
         self.stats = dict(smoothing=float(smoothing), w_total=w_total, num_classes=num_classes, z_loss=0.0)
@@ -86,6 +88,10 @@ class DenseCrossEntropyScorer:
     def divisor(self) -> Tensor:
         """``'mean'``'s divisor: the summed weights of the kept rows (their count without weights)."""
         return self.valid.sum().to(self.dtype) if self.w_t is None else self.w_t.sum()
+
+    def load(self, block: Tensor, x: Tensor) -> Tensor:
+        """The engine's block of the input rows ``x``: their softmax, or a compute-dtype copy."""
+        return _softmax_out(x, 1, False, out=block) if self.softmax_on_load else block.copy_(x)
 
     def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
@@ -95,7 +101,8 @@ class DenseCrossEntropyScorer:
         if smoothing > 0.0:  # S and x_t from the float32 values; torch.mv is not lowered by autocast
             w_sum = z.sum(1) if self.w is None else torch.mv(z, self.w)
             x_t = z.gather(1, t).squeeze(1)
-        _softmax_out(z, 1, False, out=z)
+        if not self.softmax_on_load:
+            _softmax_out(z, 1, False, out=z)
         p_t = z.gather(1, t).squeeze(1)
         nll = p_t.log().neg_()
         redo = (p_t > 0.5) | (p_t < self.tiny)
@@ -133,7 +140,7 @@ def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
     chunk = default_chunk_size(x.shape[0], x.shape[1], block_bytes=BLOCK_BYTES, min_rows=1,
                                element_size=scorer.dtype.itemsize)
     loss = fused_logits_loss(x, scorer, reduction=reduction, chunk_size=chunk, reference=reference,
-                             divisor=scorer.divisor() if reduction == "mean" else None)
+                             load=scorer.load, divisor=scorer.divisor() if reduction == "mean" else None)
     if reduction != "none":
         return loss
     return loss.reshape(()) if input.dim() == 1 else loss.reshape(target.shape)
