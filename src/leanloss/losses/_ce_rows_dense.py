@@ -1,17 +1,16 @@
 r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row block at a time.
 
-:func:`leanloss.cross_entropy` on eager CPU logits is the chunked engine's logits source
-(:func:`leanloss._fused.engine.fused_logits_loss`, which owns the blocks, the gradient buffer
-and the autograd scheme) with :class:`DenseCrossEntropyScorer`, whose row loss and gradient
-coefficients are those of :mod:`leanloss._fused.ce_rows`. Blocks are float32 copies of at most
-:data:`BLOCK_BYTES`, so they stay in the last-level cache and a 16-bit input is never upcast as
-a whole. What is this scorer's own is the precision with which it equals torch's float32 result:
+:func:`leanloss.cross_entropy` on eager CPU logits is :class:`DenseCrossEntropyScorer` run by the
+engine over the logits (:func:`leanloss._fused.engine.fused_logits_loss`: blocks, gradient
+buffer, autograd scheme) in cache-sized blocks of :data:`BLOCK_BYTES` (a 16-bit input is never
+upcast as a whole), with the row loss and gradient coefficients of :mod:`leanloss._fused.ce_rows`.
+Its own is the precision with which it equals torch's float32 result:
 
-* ``p = softmax(x)`` by torch's softmax kernel and ``nll = -log p_t``, which carries about one
-  ulp of ``p_t``. Where that is not enough -- ``p_t > 1/2`` (a loss below ``log 2``, whose
-  relative precision ``-log p_t`` would lose) or ``p_t`` near float32's underflow (a loss above
-  ~69) -- the row's ``nll`` is taken from torch's ``log_softmax`` of that row of the input,
-  ``(x_t - m) - log s``, which is torch's own value for float32 input;
+* ``p = softmax(x)`` by torch's kernel (loaded as the block) and ``nll = -log p_t``, which
+  carries about one ulp of ``p_t``. Where that is not enough -- ``p_t > 1/2`` (a loss below
+  ``log 2``, whose relative precision ``-log p_t`` would lose) or ``p_t`` near float32's
+  underflow (a loss above ~69) -- the row's ``nll`` is taken from torch's ``log_softmax`` of
+  that row of the input, ``(x_t - m) - log s``, which is torch's own value for float32 input;
 * with smoothing (16-bit inputs only: see :func:`block_path_applies`), ``S = sum_c w_c x_c``
   from the float32 block before its softmax and ``lse = x_t + nll``;
 * the target entry of the gradient is written from the float32 values, rounded once; ignored
@@ -59,12 +58,8 @@ def block_path_applies(input: Tensor, weight: Optional[Tensor], label_smoothing:
 
 class DenseCrossEntropyScorer:
     """The engine's scorer of :func:`leanloss.cross_entropy` on logits ``x`` ``(N, C)`` (the
-    precision rules above); every row is walked, ignored ones with weight ``0``.
-
-    A scorer of its own rather than an option of
-    :class:`leanloss.linear.cross_entropy.CrossEntropyScorer`: that one composes ``lse`` and
-    ``nll = lse - z_t`` in one compiled row kernel, a few ulps from torch's float32 value,
-    while this one must equal it; both state no formula of their own (``ce_rows``)."""
+    rules above; not :class:`~leanloss.linear.cross_entropy.CrossEntropyScorer`, whose compiled
+    ``lse - z_t`` is ulps from torch's value). Every row is walked, ignored ones with weight 0."""
 
     outputs = 1
     low_precision_blocks = False
@@ -140,7 +135,7 @@ def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
     chunk = default_chunk_size(x.shape[0], x.shape[1], block_bytes=BLOCK_BYTES, min_rows=1,
                                element_size=scorer.dtype.itemsize)
     loss = fused_logits_loss(x, scorer, reduction=reduction, chunk_size=chunk, reference=reference,
-                             load=scorer.load, divisor=scorer.divisor() if reduction == "mean" else None)
+                             divisor=scorer.divisor() if reduction == "mean" else None)
     if reduction != "none":
         return loss
     return loss.reshape(()) if input.dim() == 1 else loss.reshape(target.shape)

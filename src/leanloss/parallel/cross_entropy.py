@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
@@ -100,8 +99,7 @@ def vocab_parallel_cross_entropy(
                                 compute_dtype(local_logits.dtype), shard)
     lead = tuple(local_logits.shape[:-1])
     batch = Batch(keep, math.prod(lead), lead)
-    # per-row losses, reduced here: the gradient is computed in backward from the saved lse,
-    # without communication and without gathering logits
+    # per-row losses; backward recomputes from the saved lse, with no collective
     losses = fused_logits_loss(local_logits.reshape(batch.n, local_vocab), scorer, reduction="none",
                                keep=keep, policy_vocab=shard.max_size)
     if reduction == "none":
