@@ -283,3 +283,96 @@ def test_set_and_add_at_cols_write_through_the_flat_index_of_a_row_view():
     expected[3, 2], expected[3, 3] = 5.0, 4.0
     torch.testing.assert_close(base.float(), expected)
     engine.set_at_cols(block[:0], torch.tensor([], dtype=torch.long), torch.tensor([]))  # no rows: no-op
+
+
+# The logits source (fused_logits_loss): the same scorers and autograd scheme over rows of
+# materialized logits.
+
+def _dense_ce(x, t, **kw):
+    from leanloss.losses._ce_rows_dense import DenseCrossEntropyScorer
+
+    return DenseCrossEntropyScorer(x.detach(), t, kw.get("weight"), -100, kw.get("label_smoothing", 0.0))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("kept", [False, True])
+def test_logits_source_gradcheck_toy_scorer(reduction, kept):
+    """A toy scorer over logits rows, all of them or the kept ones (in their order): values and
+    gradients (0 at the dropped rows); the caller's logits are only read."""
+    _, _, _, x = toy(n=13, v=7)
+    keep = torch.tensor([11, 0, 4, 5, 9, 2, 12]) if kept else None
+    rows = x.detach() if keep is None else x.detach()[keep]
+    y = torch.randn(rows.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x.requires_grad_()
+    before = x.detach().clone()
+
+    def fn(x_):
+        return engine.fused_logits_loss(x_, Quadratic(y, saves=True), reduction=reduction, keep=keep,
+                                        chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    per = 0.5 * ((x if keep is None else x[keep]) - y).square().sum(1)
+    torch.testing.assert_close(fn(x), {"none": per, "sum": per.sum(), "mean": per.mean()}[reduction])
+    if kept:
+        (grad,) = torch.autograd.grad(fn(x).sum(), x)
+        dropped = torch.ones(13, dtype=torch.bool).index_fill_(0, keep, False)
+        assert grad[dropped].eq(0).all() and grad[keep].ne(0).all()
+    assert torch.equal(x.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_source_dense_cross_entropy_matches_torch(dtype, reduction):
+    """The dense cross-entropy scorer over many blocks of logits, 'none' with a non-uniform
+    upstream gradient: torch's value, and torch's float32 gradient rounded once to the input's
+    dtype."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(29, 50, generator=g) * 3).to(dtype).requires_grad_()
+    t = torch.randint(0, 50, (29,), generator=g)
+    t[::6] = -100
+    w = (torch.rand(50, generator=g) + 0.5).to(dtype)
+    out = engine.fused_logits_loss(x, _dense_ce(x, t, weight=w), reduction=reduction, chunk_size=4,
+                                   divisor=w.float()[t[t != -100]].sum() if reduction == "mean" else None)
+    x32 = x.detach().float().requires_grad_()
+    ref = F.cross_entropy(x32, t, weight=w.float(), reduction=reduction)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    up = torch.rand(out.shape, generator=g) + 0.5 if reduction == "none" else None
+    (got,) = torch.autograd.grad(out, x, up)
+    (want,) = torch.autograd.grad(ref, x32, up)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.to(dtype).float(), rtol=2e-6 if dtype == torch.float32 else 0,
+                               atol=1e-7)
+
+
+def test_logits_source_second_backward_through_a_retained_graph():
+    """'sum'/'mean' hand out the gradient computed in forward; a second backward recomputes it,
+    scaled by its upstream gradient."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(17, 9, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.randint(0, 9, (17,), generator=g)
+    loss = engine.fused_logits_loss(x, _dense_ce(x, t), reduction="sum", chunk_size=5)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(-2.5, dtype=loss.dtype))
+    torch.testing.assert_close(g2, -2.5 * g1)
+    x64 = x.detach().requires_grad_()
+    torch.testing.assert_close(g1, torch.autograd.grad(F.cross_entropy(x64, t, reduction="sum"), x64)[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_source_create_graph_differentiates_the_reference(reduction):
+    """A create_graph backward of a logits loss differentiates its reference formula (dense CE's
+    double backward); the first-order gradient is the engine's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(11, 6, generator=g, dtype=torch.float64).requires_grad_()
+    t = torch.randint(0, 6, (11,), generator=g)
+
+    def fn(x_):
+        return engine.fused_logits_loss(x_, _dense_ce(x_, t), reduction=reduction, chunk_size=4,
+                                        reference=lambda a: F.cross_entropy(a, t, reduction=reduction))
+
+    assert torch.autograd.gradgradcheck(fn, (x,))
+    (gx,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    (hvp,) = torch.autograd.grad(gx.square().sum(), x)
+    x64 = x.detach().requires_grad_()
+    (rx,) = torch.autograd.grad(F.cross_entropy(x64, t, reduction=reduction).sum(), x64, create_graph=True)
+    torch.testing.assert_close(hvp, torch.autograd.grad(rx.square().sum(), x64)[0])

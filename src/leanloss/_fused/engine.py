@@ -1,26 +1,29 @@
-"""The chunked engine behind every fused linear-head loss.
+"""The chunked engine behind every fused loss: row blocks of logits, scored, with one autograd scheme.
 
-A fused loss is ``loss(z)`` with ``z = hidden @ weight.T + bias`` of shape ``(M, V)``; at
-vocabulary sizes of 32k-256k ``z`` and its gradient dominate memory. The engine walks the rows
-of ``hidden`` in blocks, so one ``(rows, V)`` block of logits exists at a time, in the matmul
-dtype, and hands each block to a :class:`Scorer` that knows the loss.
+A fused loss is ``loss(z)`` per row of logits ``z`` ``(M, V)``; at vocabulary sizes of 32k-256k
+``z`` and its gradient dominate memory. The engine walks the rows in blocks, so one ``(rows, V)``
+block exists at a time, and hands each block to a :class:`Scorer` that knows the loss. A block
+comes from a block source, which also takes the block's gradient:
+
+* a linear head (:func:`fused_linear_loss`): ``z = hidden @ weight.T + bias`` is never whole; a
+  block is the matmul of a row block of ``hidden``, in the matmul dtype, and its gradient ``dz``
+  goes to the inputs at once: ``grad_hidden[rows] = dz @ weight``, ``grad_weight += dz.T @
+  hidden[rows]``, ``grad_bias += dz.sum(0)`` (three matmuls in all, the unfused roofline);
+* materialized logits (:func:`fused_logits_loss`): a block is a compute-dtype copy of a row
+  slice; its gradient goes to an ``(N, V)`` buffer in the logits' dtype.
 
 Gradients. For ``reduction='sum'|'mean'`` the gradient of the total with respect to each row's
 loss is a known scalar ``s`` (``1`` or ``1/divisor``), so the engine asks the scorer for
-``s * dloss/dz`` while the block is still in memory and does the backward matmuls right away::
-
-    grad_hidden[rows] = dz @ weight            grad_weight += dz.T @ hidden[rows]
-    grad_bias         += dz.sum(0)
-
-That is three matmuls in total (``h @ W.T``, ``dz @ W``, ``dz.T @ h``), the roofline of the
-unfused loss, and ``backward`` only scales the stored gradients by the upstream scalar (in
-place, no copy). For ``reduction='none'`` the upstream gradient is a vector known only in
+``s * dloss/dz`` while the block is still in memory and hands it to the source right away;
+``backward`` scales them by the upstream scalar in place (a second backward through a retained
+graph recomputes them). For ``reduction='none'`` the upstream gradient is a vector known only in
 backward, so the forward pass keeps the per-row losses and the backward pass recomputes each
-block (four matmuls). Under ``torch.no_grad()``, or when nothing requires grad, only the
-forward matmul runs.
+block (a linear head: four matmuls), handing the scorer the ``saved`` statistics of its first
+scoring. Without grad only the forward blocks run. Gradients are first order; a logits loss may
+give a differentiable ``reference``, which a ``create_graph=True`` backward differentiates.
 
-Precision and memory. Matmuls run in the inputs' dtype; statistics, losses and gradient
-accumulation in the compute dtype (float32 for bfloat16/float16, else the input dtype).
+Precision and memory of a linear head. Matmuls run in the inputs' dtype; statistics, losses and
+gradient accumulation in the compute dtype (float32 for bfloat16/float16, else the input dtype).
 
 * float32/float64: blocks of about ``_BLOCK_BYTES`` (>= ``MIN_CHUNK`` rows); ``grad_weight``
   accumulates in its own dtype with ``addmm_``.
@@ -45,15 +48,15 @@ accumulation in the compute dtype (float32 for bfloat16/float16, else the input 
     Extra memory ``4 V D + 2 D V`` bytes.
 
 A scorer is any object with ``score(block, rows, saved, upstream) -> ScoreResult``; see
-:class:`Scorer`. Point terms are reported by the scorer and written by the engine; the
-``saved`` per-row statistics of a block's first scoring are kept by the engine for its
-``'none'`` recompute. Scorers must run the same sequence of collective calls on every rank when used
-by the vocab-parallel losses, so those pass ``policy_vocab`` (the largest shard), and every
-block and sub-block size is computed from it, never from a rank's own ``V``.
+:class:`Scorer`. Point terms are reported by the scorer and written by the engine. Scorers must run
+the same sequence of collective calls on every rank when used by the vocab-parallel losses, so
+those pass ``policy_vocab`` (the largest shard), and every block and sub-block size is computed
+from it, never from a rank's own ``V``.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Protocol, Tuple
+import functools
+from typing import Callable, Dict, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -62,8 +65,8 @@ from .._dtypes import compute_dtype
 from .._reduce import reduce_loss
 from .kernels import RowKernel, new_loss_call
 
-__all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "default_chunk_size",
-           "plan_chunk", "at_cols", "set_at_cols", "add_at_cols", "write_points"]
+__all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "fused_logits_loss",
+           "default_chunk_size", "plan_chunk", "at_cols", "set_at_cols", "add_at_cols", "write_points"]
 
 # Rows per block. Every block's matmuls re-read (and BLAS re-packs) the whole (V, D) weight, a
 # cost that grows with the number of blocks and not with their size, so a block has at least
@@ -126,15 +129,16 @@ class ScoreResult(NamedTuple):
 
 
 class Scorer(Protocol):
-    """Per-block loss math plugged into :func:`fused_linear_loss`.
+    """Per-block loss math plugged into :func:`fused_linear_loss` or :func:`fused_logits_loss`.
 
     ``score(block, rows, saved, upstream)``:
 
-    * ``block``: ``(n, V)`` of ``hidden[rows] @ weight.T + bias``; in the compute dtype
-      (float32, float64), or in the 16-bit matmul dtype when the scorer sets
-      ``low_precision_blocks = True``. The engine owns it: the scorer may overwrite it and must
-      not keep a reference past the call (the next block reuses its memory).
-    * ``rows``: the ``slice`` of rows of ``hidden`` this block covers (index per-row state such
+    * ``block``: ``(n, V)`` logits of the block source (``hidden[rows] @ weight.T + bias``, or
+      rows of materialized logits); in the compute dtype (float32, float64), or in the 16-bit
+      matmul dtype when the scorer of a linear head sets ``low_precision_blocks = True``. The
+      engine owns it: the scorer may overwrite it and must not keep a reference past the call
+      (the next block reuses its memory).
+    * ``rows``: the ``slice`` of the engine's rows this block covers (index per-row state such
       as targets or teacher hidden states with it).
     * ``saved``: ``None`` on a block's first scoring; else the ``(n, s)`` ``saved`` statistics
       that scoring returned.
@@ -146,6 +150,9 @@ class Scorer(Protocol):
 
     ``outputs``: per-row outputs (``k > 1``, say a log-probability and an entropy, allows only
     ``reduction='none'``: the loss is ``(M, k)``). Returns a :class:`ScoreResult`.
+
+    Over materialized logits a scorer may have ``load(block, x)``, which writes the block of the
+    logits rows ``x`` in place of ``block.copy_(x)`` (its first pass, e.g. a softmax) and returns it.
     """
 
     low_precision_blocks: bool
@@ -358,116 +365,166 @@ def add_upcast(acc: Tensor, part: Tensor):
 _ADD_KERNEL = RowKernel(add_upcast, "weight-gradient accumulation")
 
 
-def _run(hidden, weight, bias, scorer, chunk, upstream_of, needs, policy_vocab, memo=None):
-    """One pass over the blocks: per-row outputs, and gradients when ``upstream_of`` is set.
+class _LinearBlocks:
+    """Block source of a linear head: ``z = hidden[rows] @ weight.T + bias`` in the matmul
+    dtype (one buffer, reused), its gradient through the backward matmuls (:class:`_Grads`)."""
 
-    ``memo``: a :class:`_Memo` that keeps the scorer's ``saved`` statistics of a first pass
-    and hands them back on the next (the ``'none'`` recompute), or ``None``."""
-    dtype = compute_dtype(hidden.dtype)
-    m = hidden.shape[0]
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.m, self.width, self.dtype = hidden.shape[0], weight.shape[0], hidden.dtype
+        self.block_dtype, self.device = weight.dtype, weight.device
+
+    def start(self, chunk: int, needs, with_grad: bool, dtype: torch.dtype) -> None:
+        if with_grad:
+            self.grads = _Grads(self.hidden, self.weight, self.bias, needs, dtype, single_block=chunk >= self.m)
+        self.buf = torch.empty((min(chunk, self.m), self.width), dtype=self.block_dtype, device=self.device)
+
+    def block(self, rows: slice) -> Tensor:
+        h = self.hidden[rows]
+        return _logits_(self.buf[: h.shape[0]], h, self.weight, self.bias)
+
+    def add_grad(self, z: Tensor, rows: slice, point: Optional[PointGradient]) -> None:
+        self.grads.add_block(z, self.hidden[rows], self.weight, rows, point)
+
+    def finish(self):
+        return self.grads.finish(self.weight, self.bias)
+
+
+class _LogitsBlocks:
+    """Block source of logits ``(N, V)``: a block is ``load(buffer, logits[keep[rows]])`` (a
+    copy by default) in the compute dtype; the gradient is ``(N, V)``, ``0`` at rows not kept.
+    With all rows kept in the compute dtype, the blocks are the gradient's rows (no copy back)."""
+
+    def __init__(self, logits: Tensor, keep: Optional[Tensor] = None,
+                 load: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> None:
+        self.logits, self.keep, self.load = logits, keep, load or Tensor.copy_
+        self.m = logits.shape[0] if keep is None else keep.shape[0]
+        self.width, self.dtype, self.device = logits.shape[1], logits.dtype, logits.device
+        self.block_dtype = compute_dtype(logits.dtype)
+
+    def start(self, chunk: int, needs, with_grad: bool, dtype: torch.dtype) -> None:
+        alloc = torch.empty if self.keep is None else torch.zeros
+        self.grad = alloc(self.logits.shape, dtype=self.dtype, device=self.device) if with_grad else None
+        rows_fit = self.keep is None and self.dtype == dtype  # the gradient's rows can be the blocks
+        self.buf = (self.grad if self.grad is not None and rows_fit else
+                    torch.empty((min(chunk, self.m), self.width), dtype=dtype, device=self.device))
+        self.in_place = self.buf is self.grad
+
+    def block(self, rows: slice) -> Tensor:
+        src = self.logits[rows] if self.keep is None else self.logits.index_select(0, self.keep[rows])
+        return self.load(self.buf[rows] if self.in_place else self.buf[: src.shape[0]], src)
+
+    def add_grad(self, z: Tensor, rows: slice, point: Optional[PointGradient]) -> None:
+        assert self.grad is not None
+        write_points(z, point)
+        if self.keep is not None:
+            self.grad.index_copy_(0, self.keep[rows], z.to(self.dtype))
+        elif not self.in_place:
+            self.grad[rows].copy_(z)
+
+    def finish(self):
+        return (self.grad,)
+
+
+def _run(source, plan: "_Plan", upstream_of, memo: Optional[Dict[int, Tensor]] = None) -> Tensor:
+    """One pass over the blocks of ``source``: the per-row outputs, and with ``upstream_of``
+    the gradients (``source.finish()`` hands them out).
+
+    ``memo``: ``None``, or a dict that keeps the scorer's ``saved`` statistics of each block of
+    a first pass (by its first row) and hands them back on the next (the ``'none'`` recompute)."""
+    dtype = compute_dtype(source.dtype)
+    m, scorer, chunk = source.m, plan.scorer, plan.chunk
     outputs = scorer.outputs
-    values = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=hidden.device)
-    grads = (_Grads(hidden, weight, bias, needs, dtype, single_block=chunk >= m)
-             if upstream_of is not None else None)
+    values = torch.empty((m, outputs) if outputs > 1 else m, dtype=dtype, device=source.device)
+    source.start(chunk, plan.needs, upstream_of is not None, dtype)
     if m == 0:
-        return values, grads
-    block = torch.empty((min(chunk, m), weight.shape[0]), dtype=weight.dtype, device=weight.device)
+        return values
     upcast = None
-    if weight.dtype != dtype and not scorer.low_precision_blocks:
-        upcast = _Upcast(weight.shape[0], policy_vocab, dtype, weight.device)
+    if source.block_dtype != dtype and not scorer.low_precision_blocks:
+        upcast = _Upcast(source.width, plan.policy_vocab, dtype, source.device)
     for rows in _chunks(m, chunk):
-        h = hidden[rows]
-        z = _logits_(block[: h.shape[0]], h, weight, bias)
-        upstream = None if grads is None else upstream_of(rows, h.shape[0], dtype)
-        saved = None if memo is None else memo.get(rows)
+        z = source.block(rows)
+        upstream = None if upstream_of is None else upstream_of(rows, z.shape[0], dtype)
+        saved = None if memo is None else memo.get(rows.start)
         res = (scorer.score(z, rows, saved, upstream) if upcast is None
                else upcast.score(scorer, z, rows, saved, upstream))
         values[rows] = res.values
-        if memo is not None and saved is None:
-            memo.put(rows, res.saved, m)
-        if grads is not None:
-            grads.add_block(z, h, weight, rows, res.point)
-    return values, grads
+        if memo is not None and res.saved is not None:
+            memo.setdefault(rows.start, res.saved)
+        if upstream is not None:
+            source.add_grad(z, rows, res.point)
+    return values
 
 
-class _Memo:
-    """The ``saved`` row statistics of every block of a first pass, for the next pass."""
+class _Plan(NamedTuple):
+    """One fused loss call, all but its tensors: ``source(*inputs)`` makes its block source,
+    the scorer, the reduction and its divisor, rows per block, which inputs need a gradient,
+    the block-size vocabulary, and ``reference`` (see :func:`fused_logits_loss`) or ``None``."""
 
-    def __init__(self) -> None:
-        self.buf: Optional[Tensor] = None
-        self.filled = False
-
-    def get(self, rows: slice) -> Optional[Tensor]:
-        return self.buf[rows] if self.filled and self.buf is not None else None
-
-    def put(self, rows: slice, saved: Optional[Tensor], m: int) -> None:
-        if saved is None:
-            return
-        if self.buf is None:
-            self.buf = saved.new_empty((m, saved.shape[1]))
-        self.buf[rows] = saved
+    source: Callable
+    scorer: Scorer
+    reduction: str
+    divisor: float
+    chunk: int
+    needs: Tuple[bool, ...]
+    policy_vocab: int
+    reference: Optional[Callable[..., Tensor]] = None
 
 
-class _FusedLinearLoss(torch.autograd.Function):
+class _FusedLoss(torch.autograd.Function):
+    """The autograd scheme of the module docstring, for any block source."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, scorer, reduction, divisor, chunk, needs, policy_vocab):
-        ctx.reduction = reduction
-        ctx.needs = needs
-        want_grad = any(needs)
+    def forward(ctx, plan: _Plan, *inputs):
+        ctx.plan = plan
+        want_grad = any(plan.needs)
         if want_grad:
             # References only (no copies): 'none' recomputes from them in backward, and so does
             # a second backward through a retained graph after the stored gradients were handed out.
-            ctx.save_for_backward(hidden, weight, bias)
-            ctx.scorer, ctx.chunk, ctx.policy_vocab = scorer, chunk, policy_vocab
-        if reduction == "none" or not want_grad:
-            ctx.memo = memo = _Memo() if want_grad else None
-            losses, _ = _run(hidden, weight, bias, scorer, chunk, None, needs, policy_vocab, memo)
-            if memo is not None:
-                memo.filled = True
-            return losses if reduction == "none" else reduce_loss(losses, reduction, num_items=divisor)
-
-        ctx.scale = scale = 1.0 if reduction == "sum" else 1.0 / divisor
-        losses, grads = _run(hidden, weight, bias, scorer, chunk,
-                             _constant_scale(scale, hidden.device), needs, policy_vocab)
-        ctx.grads = grads.finish(weight, bias)
-        return reduce_loss(losses, reduction, num_items=divisor)
+            ctx.save_for_backward(*inputs)
+        if plan.reduction == "none" or not want_grad:
+            ctx.memo = {} if want_grad else None
+            losses = _run(plan.source(*inputs), plan, None, ctx.memo)
+            return losses if plan.reduction == "none" else reduce_loss(losses, plan.reduction,
+                                                                       num_items=plan.divisor)
+        ctx.scale = 1.0 if plan.reduction == "sum" else 1.0 / plan.divisor
+        source = plan.source(*inputs)
+        losses = _run(source, plan, _constant_scale(ctx.scale, source.device))
+        ctx.grads = source.finish()
+        return reduce_loss(losses, plan.reduction, num_items=plan.divisor)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias = ctx.saved_tensors
-        if ctx.reduction != "none":
+        plan, inputs = ctx.plan, ctx.saved_tensors
+        if plan.reference is not None and torch.is_grad_enabled():  # create_graph: the formula
+            with torch.enable_grad():
+                return (None, *torch.autograd.grad(plan.reference(*inputs), inputs, grad_out,
+                                                   create_graph=True))
+        source = plan.source(*inputs)
+        if plan.reduction != "none":
             grads = getattr(ctx, "grads", None)
             if grads is None:  # second backward of a retained graph: recompute the same way
-                _, acc = _run(hidden, weight, bias, ctx.scorer, ctx.chunk,
-                              _constant_scale(ctx.scale, hidden.device), ctx.needs, ctx.policy_vocab)
-                grads = acc.finish(weight, bias)
+                _run(source, plan, _constant_scale(ctx.scale, source.device))
+                grads = source.finish()
             else:
                 # Hand the buffers to autograd without another reference (so it need not copy).
                 del ctx.grads
-            gh, gw, gb = grads
-            del grads
             if not (isinstance(grad_out, Tensor) and grad_out.numel() == 1 and bool(grad_out == 1)):
-                gh = None if gh is None else gh.mul_(grad_out.to(gh.dtype))
-                gw = None if gw is None else gw.mul_(grad_out.to(gw.dtype))
-                gb = None if gb is None else gb.mul_(grad_out.to(gb.dtype))
-            return gh, gw, gb, None, None, None, None, None, None
+                grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads)
+            return (None, *grads)
         go = grad_out.contiguous()
 
         def upstream_of(rows, n, dtype):
             upstream = go[rows].to(dtype)
             return upstream.unsqueeze(1) if upstream.dim() == 1 else upstream  # (n, 1), or (n, k)
 
-        _, grads = _run(hidden, weight, bias, ctx.scorer, ctx.chunk, upstream_of, ctx.needs,
-                        ctx.policy_vocab, ctx.memo)
-        gh, gw, gb = grads.finish(weight, bias)
-        return gh, gw, gb, None, None, None, None, None, None
+        _run(source, plan, upstream_of, ctx.memo)
+        return (None, *source.finish())
 
 
 def _constant_scale(scale: float, device: torch.device) -> Callable[[slice, int, torch.dtype], Tensor]:
     """``upstream_of`` for the scalar reductions: every row's upstream gradient is ``scale``."""
-    def upstream_of(rows, n, dtype):
-        return torch.full((n, 1), scale, dtype=dtype, device=device)
-    return upstream_of
+    return lambda rows, n, dtype: torch.full((n, 1), scale, dtype=dtype, device=device)
 
 
 def fused_linear_loss(
@@ -501,23 +558,52 @@ def fused_linear_loss(
     """
     new_loss_call()
     m = hidden.shape[0]
+    divisor = _divisor("fused_linear_loss", scorer, reduction, divisor, m)
+    vocab = policy_vocab or weight.shape[0]
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
+    chunk = chunk_size or plan_chunk(m, vocab, hidden.shape[1], weight.dtype, weight_grad=needs[1])
+    plan = _Plan(_LinearBlocks, scorer, reduction, divisor, chunk, needs, vocab)
+    return _FusedLoss.apply(plan, hidden, weight, bias)
+
+
+def fused_logits_loss(
+    logits: Tensor,
+    scorer: Scorer,
+    *,
+    reduction: str = "mean",
+    divisor=None,
+    keep: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    policy_vocab: Optional[int] = None,
+    reference: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """:func:`fused_linear_loss` over the rows of materialized ``logits`` ``(N, V)`` (only read).
+
+    ``keep``: the indices of the ``M`` rows that count, walked in this order (``None``: all
+    ``N``); the gradient is ``0`` at the others. ``chunk_size`` defaults to
+    :func:`default_chunk_size` rows of at least one. ``reference(logits)``: the same loss in
+    differentiable torch ops, for a ``create_graph=True`` backward (else first order only).
+    """
+    m = logits.shape[0] if keep is None else keep.shape[0]
+    divisor = _divisor("fused_logits_loss", scorer, reduction, divisor, m)
+    vocab = policy_vocab or logits.shape[1]
+    chunk = chunk_size or default_chunk_size(m, vocab, min_rows=1,
+                                             element_size=compute_dtype(logits.dtype).itemsize)
+    source = functools.partial(_LogitsBlocks, keep=keep, load=getattr(scorer, "load", None))
+    plan = _Plan(source, scorer, reduction, divisor, chunk, (torch.is_grad_enabled() and logits.requires_grad,),
+                 vocab, reference)
+    return _FusedLoss.apply(plan, logits)
+
+
+def _divisor(fn: str, scorer: Scorer, reduction: str, divisor, m: int) -> float:
+    """``'mean'``'s divisor as one host number (``M`` when ``None``, ``nan`` for ``0``, like
+    torch's mean over nothing); checks that a scorer with several outputs gets ``'none'``."""
     if scorer.outputs > 1 and reduction != "none":
-        raise ValueError(f"fused_linear_loss: a scorer with several outputs per row needs "
+        raise ValueError(f"{fn}: a scorer with several outputs per row needs "
                          f"reduction='none', got {reduction!r}")
     if divisor is None:
         divisor = m
     if isinstance(divisor, Tensor):
         divisor = float(divisor)  # one host value per call; keeps the engine free of graph state
-    vocab = policy_vocab or weight.shape[0]
-    grad_on = torch.is_grad_enabled()
-    needs: Tuple[bool, bool, bool] = (
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-        grad_on and bias is not None and bias.requires_grad,
-    )
-    chunk = chunk_size or plan_chunk(m, vocab, hidden.shape[1], weight.dtype,
-                                     weight_grad=needs[1])
-    if divisor == 0 and reduction == "mean":
-        divisor = float("nan")
-    return _FusedLinearLoss.apply(hidden, weight, bias, scorer, reduction, divisor, chunk, needs,
-                                  vocab)
+    return float("nan") if divisor == 0 and reduction == "mean" else divisor

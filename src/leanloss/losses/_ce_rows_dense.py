@@ -1,27 +1,24 @@
 r"""Cross entropy of class-index targets on a ``(N, C)`` logits matrix, one row block at a time.
 
-The per-row statistics and the gradient of :func:`leanloss.cross_entropy` (the formula and its
-gradient coefficients are those of :mod:`leanloss._fused.ce_rows`) computed from row blocks of
-at most :data:`BLOCK_BYTES` that stay in the last-level cache: a float32/float64 block's softmax
-is written straight into a scratch buffer, a bfloat16/float16 block is copied into a float32 one
-first, so a 16-bit input is never upcast as a whole, and the gradient is written in the input's
-dtype in one pass. Per row:
+:func:`leanloss.cross_entropy` on eager CPU logits is :class:`DenseCrossEntropyScorer` run by the
+engine over the logits (:func:`leanloss._fused.engine.fused_logits_loss`: blocks, gradient
+buffer, autograd scheme) in cache-sized blocks of :data:`BLOCK_BYTES` (a 16-bit input is never
+upcast as a whole), with the row loss and gradient coefficients of :mod:`leanloss._fused.ce_rows`.
+Its own is the precision with which it equals torch's float32 result:
 
-* ``p = softmax(x)`` in the scratch block and ``nll = -log p_t``, which carries about one ulp
-  of ``p_t``. Where that is not enough -- ``p_t > 1/2`` (a loss below ``log 2``, whose relative
-  precision ``-log p_t`` would lose) or ``p_t`` near float32's underflow (a loss above ~69) --
-  the row's ``nll`` is taken from torch's ``log_softmax`` of that row, ``(x_t - m) - log s``,
-  which is torch's own value for float32 input;
+* ``p = softmax(x)`` by torch's kernel (loaded as the block) and ``nll = -log p_t``, which
+  carries about one ulp of ``p_t``. Where that is not enough -- ``p_t > 1/2`` (a loss below
+  ``log 2``, whose relative precision ``-log p_t`` would lose) or ``p_t`` near float32's
+  underflow (a loss above ~69) -- the row's ``nll`` is taken from torch's ``log_softmax`` of
+  that row of the input, ``(x_t - m) - log s``, which is torch's own value for float32 input;
 * with smoothing (16-bit inputs only: see :func:`block_path_applies`), ``S = sum_c w_c x_c``
   from the float32 block before its softmax and ``lse = x_t + nll``;
-* gradient ``a p - b [c = t] - s w`` (coefficients times the upstream gradient); the target
-  entry is written separately from the float32 values, rounded once.
+* the target entry of the gradient is written from the float32 values, rounded once; ignored
+  rows stay in the blocks with weight and upstream gradient ``0`` (so their gradient is
+  ``0 * p``, as torch's).
 
-With ``reduction`` ``'mean'``/``'sum'`` and an input that needs a gradient, the gradient is
-computed in the same sweep as the loss (the softmax block is already in cache) and handed to
-autograd in backward (scaled there when the upstream gradient is not 1). ``'none'`` recomputes
-in backward with the per-row upstream gradient. A double backward (``create_graph=True``)
-differentiates the reference formula of :mod:`leanloss.losses.cross_entropy` instead.
+A double backward (``create_graph=True``) differentiates the reference formula of
+:mod:`leanloss.losses.cross_entropy` instead.
 """
 from __future__ import annotations
 
@@ -32,8 +29,9 @@ from torch import Tensor
 
 from .._dtypes import compute_dtype
 from .._fused.ce_rows import ce_grad_coefficients, ce_row_loss
+from .._fused.engine import ScoreResult, default_chunk_size, fused_logits_loss, set_at_cols
 
-__all__ = ["block_path_applies", "block_cross_entropy"]
+__all__ = ["block_path_applies", "block_cross_entropy", "DenseCrossEntropyScorer"]
 
 #: bytes of one scratch block (float32 rows): fits a last-level cache, and few enough blocks that
 #: each op's thread start/join is negligible even on a loaded machine
@@ -58,133 +56,70 @@ def block_path_applies(input: Tensor, weight: Optional[Tensor], label_smoothing:
             and not torch.compiler.is_compiling())
 
 
-class _Rows:
-    """Per-row constants of one call: targets, validity, class weights, smoothing."""
+class DenseCrossEntropyScorer:
+    """The engine's scorer of :func:`leanloss.cross_entropy` on logits ``x`` ``(N, C)`` (the
+    rules above; not :class:`~leanloss.linear.cross_entropy.CrossEntropyScorer`, whose compiled
+    ``lse - z_t`` is ulps from torch's value). Every row is walked, ignored ones with weight 0."""
+
+    outputs = 1
+    low_precision_blocks = False
 
     def __init__(self, x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                  smoothing: float) -> None:
-        self.dtype = compute_dtype(x.dtype)
-        self.num_classes = x.shape[1]
+        self.x, self.dtype = x, compute_dtype(x.dtype)
         self.valid = target != ignore_index
         self.target = torch.where(self.valid, target, torch.zeros((), dtype=target.dtype)).long().unsqueeze(1)
         self.w = None if weight is None else weight.to(self.dtype)
         self.w_t = None if self.w is None else torch.where(self.valid, self.w[self.target.squeeze(1)],
                                                            torch.zeros((), dtype=self.dtype))
-        self.smoothing = float(smoothing)
         # below this a float32/float64 target probability loses digits in log(p_t)
         self.tiny = torch.finfo(self.dtype).tiny * 1e8
-        w_total = float(self.num_classes) if self.w is None else self.w.sum()
-        self.stats = dict(smoothing=self.smoothing, w_total=w_total, num_classes=self.num_classes, z_loss=0.0)
-
-    def rows_per_block(self) -> int:
-        size = torch.finfo(self.dtype).bits // 8
-        return max(1, BLOCK_BYTES // (size * self.num_classes))
+        # float32/float64 input without smoothing: the block is loaded as its softmax (one pass)
+        self.softmax_on_load = x.dtype == self.dtype and smoothing == 0.0
+        num_classes = x.shape[1]
+        w_total = float(num_classes) if self.w is None else self.w.sum()
+        self.stats = dict(smoothing=float(smoothing), w_total=w_total, num_classes=num_classes, z_loss=0.0)
 
     def divisor(self) -> Tensor:
         """``'mean'``'s divisor: the summed weights of the kept rows (their count without weights)."""
         return self.valid.sum().to(self.dtype) if self.w_t is None else self.w_t.sum()
 
+    def load(self, block: Tensor, x: Tensor) -> Tensor:
+        """The engine's block of the input rows ``x``: their softmax, or a compute-dtype copy."""
+        return _softmax_out(x, 1, False, out=block) if self.softmax_on_load else block.copy_(x)
 
-def _sweep(x: Tensor, rows: _Rows, g: Optional[Tensor], want_loss: bool):
-    """One pass over the row blocks: per-row losses (``want_loss``) and, when ``g`` (the per-row
-    upstream gradient, 0 at ignored rows) is given, the gradient in ``x``'s dtype."""
-    n, c = x.shape
-    step = rows.rows_per_block()
-    z = torch.empty(min(step, n), c, dtype=rows.dtype)
-    losses = torch.empty(n, dtype=rows.dtype) if want_loss else None
-    grad = torch.empty((n, c), dtype=x.dtype) if g is not None else None
-    smoothing = rows.smoothing
-    for start in range(0, n, step):
-        end = min(start + step, n)
-        zb, xb, t = z[: end - start], x[start:end], rows.target[start:end]
-        w_t = None if rows.w_t is None else rows.w_t[start:end]
-        lse = w_sum = None
-        src = xb if x.dtype == rows.dtype else zb.copy_(xb)  # softmax from float32 values
-        if smoothing > 0.0:
-            # S = sum_c w_c x_c; torch.mv, unlike @, is not lowered by CPU autocast
-            w_sum = src.sum(1) if rows.w is None else torch.mv(src, rows.w)
-        _softmax_out(src, 1, False, out=zb)
-        p_t = zb.gather(1, t).squeeze(1)
+    def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
+              upstream: Optional[Tensor]) -> ScoreResult:
+        t, valid, smoothing = self.target[rows], self.valid[rows], self.stats["smoothing"]
+        w_t = None if self.w_t is None else self.w_t[rows]
+        lse = w_sum = x_t = None
+        if smoothing > 0.0:  # S and x_t from the float32 values; torch.mv is not lowered by autocast
+            w_sum = z.sum(1) if self.w is None else torch.mv(z, self.w)
+            x_t = z.gather(1, t).squeeze(1)
+        if not self.softmax_on_load:
+            _softmax_out(z, 1, False, out=z)
+        p_t = z.gather(1, t).squeeze(1)
         nll = p_t.log().neg_()
-        redo = (p_t > 0.5) | (p_t < rows.tiny)
+        redo = (p_t > 0.5) | (p_t < self.tiny)
         if bool(redo.any()):  # -log(p_t) would lose digits: torch's log_softmax of those rows
             idx = redo.nonzero().squeeze(1)
-            log_p = torch.log_softmax(xb.index_select(0, idx).to(rows.dtype), 1)
+            log_p = torch.log_softmax(self.x[rows].index_select(0, idx).to(self.dtype), 1)
             nll[idx] = log_p.gather(1, t[idx]).squeeze(1).neg_()
+        if x_t is not None:
+            lse = x_t + nll
+        loss = ce_row_loss(nll, lse, w_t, w_sum, **self.stats)
+        loss = torch.where(valid, loss, torch.zeros((), dtype=loss.dtype))
+        if upstream is None:
+            return ScoreResult(loss)
+        a, b, s = ce_grad_coefficients(torch.where(valid, upstream.reshape(-1), 0.0), lse, w_t,
+                                       **self.stats)
+        g_t = a * p_t - b  # the target entry from the float32 values, rounded once: a p_t - b - s w_t
+        z.mul_(a.unsqueeze(1))
         if smoothing > 0.0:
-            lse = xb.gather(1, t).squeeze(1).to(rows.dtype) + nll
-        if want_loss:
-            loss = ce_row_loss(nll, lse, w_t, w_sum, **rows.stats)
-            losses[start:end] = torch.where(rows.valid[start:end], loss, torch.zeros((), dtype=loss.dtype))
-        if g is None:
-            continue
-        a, b, s = ce_grad_coefficients(g[start:end], lse, w_t, **rows.stats)
-        # the target entry from the float32 values, rounded once: a p_t - b - s w_t
-        g_t = a * p_t - b
-        if smoothing > 0.0:
-            g_t = g_t - (s if rows.w is None else s * rows.w[t.squeeze(1)])
-        out = grad[start:end]
-        if smoothing > 0.0 and rows.w is not None:
-            zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1) * rows.w)
-        elif smoothing > 0.0:
-            zb.mul_(a.unsqueeze(1)).sub_(s.unsqueeze(1))
-        elif out.dtype == zb.dtype:
-            torch.mul(zb, a.unsqueeze(1), out=out)
-        else:
-            zb.mul_(a.unsqueeze(1))
-        if out.dtype != zb.dtype or smoothing > 0.0:
-            out.copy_(zb)
-        out.scatter_(1, t, g_t.unsqueeze(1).to(out.dtype))
-    return losses, grad
-
-
-class _BlockCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, rows: _Rows, reduction: str, want_grad: bool, reference: Callable):
-        ctx.rows, ctx.reduction, ctx.reference = rows, reduction, reference
-        ctx.save_for_backward(x)
-        if reduction == "none":
-            losses, _ = _sweep(x, rows, None, True)
-            return losses
-        divisor = rows.divisor() if reduction == "mean" else None
-        g = None
-        if want_grad:  # the gradient of the reduced loss, computed while each block is in cache
-            scale = 1.0 if divisor is None else 1.0 / divisor
-            g = torch.where(rows.valid, scale, 0.0).to(rows.dtype)
-        ctx.g = g
-        losses, grad = _sweep(x, rows, g, True)
-        ctx.grad = grad
-        total = losses.sum()
-        if divisor is None:
-            return total
-        # a zero divisor (every kept target has weight 0, or none is kept) gives nan, as torch's
-        # 0/0 of the nll term does, whatever the smoothing term's sum
-        return torch.where(divisor != 0, total / divisor, torch.full((), float("nan"), dtype=total.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (x,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: differentiate the reference formula
-            with torch.enable_grad():
-                loss = ctx.reference(x)
-                (gx,) = torch.autograd.grad(loss, x, grad_out, create_graph=True)
-            return gx, None, None, None, None
-        rows = ctx.rows
-        if ctx.reduction == "none":
-            g = torch.where(rows.valid, grad_out.to(rows.dtype), 0.0)
-            return _sweep(x, rows, g, False)[1], None, None, None, None
-        grad = getattr(ctx, "grad", None)
-        if grad is None:  # a second backward through a retained graph: recompute
-            if ctx.g is None:
-                divisor = rows.divisor() if ctx.reduction == "mean" else None
-                scale = 1.0 if divisor is None else 1.0 / divisor
-                ctx.g = torch.where(rows.valid, scale, 0.0).to(rows.dtype)
-            grad = _sweep(x, rows, ctx.g, False)[1]
-        else:
-            del ctx.grad  # hand the buffer to autograd without another reference
-        if not bool(grad_out == 1):
-            grad.mul_(grad_out.to(grad.dtype))
-        return grad, None, None, None, None
+            g_t = g_t - (s if self.w is None else s * self.w[t.squeeze(1)])
+            z.sub_(s.unsqueeze(1) if self.w is None else s.unsqueeze(1) * self.w)
+        set_at_cols(z, t.squeeze(1), g_t)
+        return ScoreResult(loss)
 
 
 def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
@@ -195,10 +130,12 @@ def block_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
     formula used for double backward. ``'none'`` has ``target``'s shape (``()`` for a (C)
     input)."""
     x = input.unsqueeze(0) if input.dim() == 1 else input
-    t = target.reshape(x.shape[0])
-    rows = _Rows(x.detach(), t, weight, ignore_index, label_smoothing)
-    want_grad = torch.is_grad_enabled() and input.requires_grad
-    loss = _BlockCrossEntropy.apply(x, rows, reduction, want_grad, reference)
+    scorer = DenseCrossEntropyScorer(x.detach(), target.reshape(x.shape[0]), weight, ignore_index,
+                                     label_smoothing)
+    chunk = default_chunk_size(x.shape[0], x.shape[1], block_bytes=BLOCK_BYTES, min_rows=1,
+                               element_size=scorer.dtype.itemsize)
+    loss = fused_logits_loss(x, scorer, reduction=reduction, chunk_size=chunk, reference=reference,
+                             divisor=scorer.divisor() if reduction == "mean" else None)
     if reduction != "none":
         return loss
     return loss.reshape(()) if input.dim() == 1 else loss.reshape(target.shape)

@@ -4,14 +4,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
 from .._dtensor import has_dtensor, unwrap
 from .._dtypes import autocast_loss_inputs, compute_dtype
-from .._fused.engine import write_points
+from .._fused.engine import fused_logits_loss
 from .._fused.rows import select_kept
 from .._reduce import reduce_loss, resolve_reduction
 from ..linear._pipeline import Batch
@@ -19,41 +18,6 @@ from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
 from ._setup import ce_shard
 
 __all__ = ["vocab_parallel_cross_entropy"]
-
-
-def _kept_block(logits: Tensor, keep: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """A fresh, writable ``(M, V_local)`` copy of the kept rows in the compute dtype."""
-    if keep is None:
-        return logits.to(dtype, copy=True)
-    return logits.index_select(0, keep).to(dtype)
-
-
-class _LocalLogitsLoss(torch.autograd.Function):
-    """Per-row losses of the kept rows; backward = ``g_r * dloss_r/dz`` from the recorded lse.
-
-    The gradient with respect to the local logits is local (the scorer's saved ``lse``), so
-    backward communicates nothing and never gathers logits.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, scorer, keep):
-        z = _kept_block(logits, keep, scorer.dtype)
-        res = scorer.score(z, slice(0, z.shape[0]), None, None)
-        losses = res.values.clone()
-        ctx.save_for_backward(logits)
-        ctx.scorer, ctx.keep, ctx.saved = scorer, keep, res.saved
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        (logits,) = ctx.saved_tensors
-        scorer, keep = ctx.scorer, ctx.keep
-        z = _kept_block(logits, keep, scorer.dtype)
-        res = scorer.score(z, slice(0, z.shape[0]), ctx.saved, grad_losses.to(z.dtype).unsqueeze(1))
-        write_points(z, res.point)
-        if keep is not None:
-            z = z.new_zeros(logits.shape).index_copy_(0, keep, z)
-        return z.to(logits.dtype), None, None
 
 
 @_docs.fill
@@ -135,7 +99,9 @@ def vocab_parallel_cross_entropy(
                                 compute_dtype(local_logits.dtype), shard)
     lead = tuple(local_logits.shape[:-1])
     batch = Batch(keep, math.prod(lead), lead)
-    losses = _LocalLogitsLoss.apply(local_logits.reshape(batch.n, local_vocab), scorer, keep)
+    # per-row losses; backward recomputes from the saved lse, with no collective
+    losses = fused_logits_loss(local_logits.reshape(batch.n, local_vocab), scorer, reduction="none",
+                               keep=keep, policy_vocab=shard.max_size)
     if reduction == "none":
         out = batch.scatter(losses)
     else:
