@@ -1,57 +1,29 @@
 """The chunked engine behind every fused loss: row blocks of logits, scored, with one autograd scheme.
 
-A fused loss is ``loss(z)`` per row of logits ``z`` ``(M, V)``; at vocabulary sizes of 32k-256k
-``z`` and its gradient dominate memory. The engine walks the rows in blocks, so one ``(rows, V)``
-block exists at a time, and hands each block to a :class:`Scorer` that knows the loss. A block
-comes from a block source, which also takes the block's gradient:
+The engine walks the rows of ``z`` ``(M, V)`` in blocks, so one ``(rows, V)`` block exists at a
+time, and hands each block to a :class:`Scorer` that knows the loss. A block source makes the
+block and takes its gradient ``dz``:
 
-* a linear head (:func:`fused_linear_loss`): ``z = hidden @ weight.T + bias`` is never whole; a
-  block is the matmul of a row block of ``hidden``, in the matmul dtype, and its gradient ``dz``
-  goes to the inputs at once: ``grad_hidden[rows] = dz @ weight``, ``grad_weight += dz.T @
-  hidden[rows]``, ``grad_bias += dz.sum(0)`` (three matmuls in all, the unfused roofline);
-* materialized logits (:func:`fused_logits_loss`): a block is a compute-dtype copy of a row
-  slice; its gradient goes to an ``(N, V)`` buffer in the logits' dtype.
+* a linear head (:func:`fused_linear_loss`): the matmul of a row block of ``hidden``, in the
+  matmul dtype; ``grad_hidden[rows] = dz @ weight``, ``grad_weight += dz.T @ hidden[rows]``,
+  ``grad_bias += dz.sum(0)`` at once (three matmuls in all, the unfused roofline);
+* materialized logits (:func:`fused_logits_loss`): a compute-dtype copy of a row slice (or the
+  scorer's ``load`` of it); ``dz`` goes to an ``(N, V)`` buffer in the logits' dtype.
 
-Gradients. For ``reduction='sum'|'mean'`` the gradient of the total with respect to each row's
-loss is a known scalar ``s`` (``1`` or ``1/divisor``), so the engine asks the scorer for
-``s * dloss/dz`` while the block is still in memory and hands it to the source right away;
-``backward`` scales them by the upstream scalar in place (a second backward through a retained
-graph recomputes them). For ``reduction='none'`` the upstream gradient is a vector known only in
-backward, so the forward pass keeps the per-row losses and the backward pass recomputes each
-block (a linear head: four matmuls), handing the scorer the ``saved`` statistics of its first
-scoring. Without grad only the forward blocks run. Gradients are first order; a logits loss may
-give a differentiable ``reference``, which a ``create_graph=True`` backward differentiates.
+``'sum'``/``'mean'``: each row's upstream gradient is a known scalar, so the scorer writes
+``s * dloss/dz`` while the block is in memory and ``backward`` scales the stored gradients in
+place (a retained graph's second backward recomputes them). ``'none'``: forward keeps the
+per-row values; backward recomputes each block with the upstream vector, handing the scorer
+the ``saved`` statistics of its first scoring. First order only, except a logits loss's
+``reference`` formula, which a ``create_graph=True`` backward differentiates.
 
-Precision and memory of a linear head. Matmuls run in the inputs' dtype; statistics, losses and
-gradient accumulation in the compute dtype (float32 for bfloat16/float16, else the input dtype).
-
-* float32/float64: blocks of about ``_BLOCK_BYTES`` (>= ``MIN_CHUNK`` rows); ``grad_weight``
-  accumulates in its own dtype with ``addmm_``.
-* bfloat16/float16: the block stays 16-bit. A scorer with ``low_precision_blocks`` reads it
-  directly (a compiled row kernel, :mod:`leanloss._fused.kernels`) and writes the 16-bit
-  gradient over it; for other scorers the engine upcasts row sub-blocks of about
-  ``_WORK_BYTES`` and casts the gradient back. The weight gradient is the one place where
-  16-bit blocks cost accuracy if summed naively, so it is planned by size:
-
-  - ``M <= 2 D`` (the 16-bit ``(M, V)`` block is no larger than a float32 ``(V, D)``
-    accumulator) or the whole block fits ``_BLOCK_BYTES``: one block over all rows, and
-    ``grad_weight = dz.T @ hidden`` is ONE matmul written in the weight's dtype (rounded once,
-    as eager autograd rounds it). Extra memory ``2 M V`` bytes.
-  - otherwise: blocks of ``max(MIN_CHUNK, D)`` rows into a float32 ``(V, D)`` accumulator;
-    each block's product is taken in vocabulary slices of about ``_SLICE_BYTES`` and added in
-    float32. A block's product is rounded to 16 bits before it is added, and a partial sum of
-    the target terms (``-1`` at each row's class; top-k distillation's ``-p_i`` at the
-    teacher's ids) would lose digits there: scorers report those point terms
-    (:class:`PointGradient`) and the engine adds them to the accumulator exactly (``index_add``
-    of float32 rows, one per point term of a row), so the result is as accurate as one rounded
-    matmul.
-    Extra memory ``4 V D + 2 D V`` bytes.
-
-A scorer is any object with ``score(block, rows, saved, upstream) -> ScoreResult``; see
-:class:`Scorer`. Point terms are reported by the scorer and written by the engine. Scorers must run
-the same sequence of collective calls on every rank when used by the vocab-parallel losses, so
-those pass ``policy_vocab`` (the largest shard), and every block and sub-block size is computed
-from it, never from a rank's own ``V``.
+Statistics and accumulation run in the compute dtype (float32 for 16-bit inputs). 16-bit blocks
+are read in place by a scorer with ``low_precision_blocks`` and upcast in ``_WORK_BYTES``
+sub-blocks for others; the 16-bit weight gradient is one rounded matmul over one block, or a
+float32 accumulator to which the scorers' point terms (:class:`PointGradient`) are added exactly
+(:func:`plan_chunk`; the memory model: ``docs/fused-losses.md``). Vocab-parallel losses pass
+``policy_vocab`` (the largest shard): every block size is computed from it, so all ranks run the
+same collectives.
 """
 from __future__ import annotations
 
@@ -177,8 +149,10 @@ def default_chunk_size(num_rows: int, vocab: int, *, block_bytes: int = _BLOCK_B
 
 def plan_chunk(num_rows: int, vocab: int, dim: int, dtype: torch.dtype, weight_grad: bool) -> int:
     """The engine's default rows per block for ``num_rows`` rows of ``dim`` features against
-    ``vocab`` classes in ``dtype`` (see the module docstring for the 16-bit weight-gradient
-    plan)."""
+    ``vocab`` classes in ``dtype``. 16-bit with a weight gradient: one block over all rows when
+    ``M <= 2 D`` (the 16-bit block is no larger than a float32 ``(V, D)`` accumulator) or it
+    fits ``_BLOCK_BYTES`` (``grad_weight`` is then one matmul, rounded once); otherwise blocks of
+    ``max(MIN_CHUNK, D)`` rows into a float32 accumulator."""
     size = dtype.itemsize
     if compute_dtype(dtype) == dtype:
         return default_chunk_size(num_rows, vocab, element_size=size)
