@@ -213,26 +213,26 @@ class DistillScorer:
         return saved
 
 
-def _check_fused_inputs(fn, student_hidden, student_weight, student_bias, teacher_hidden,
-                        teacher_weight, teacher_bias) -> None:
-    """Each head's shapes (``check_linear_shapes``), then the pairing of the two heads."""
-    for side, h, w, bias in (("student", student_hidden, student_weight, student_bias),
-                             ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
+def check_head_pair(fn: str, student: Head, teacher: Head, weight: str = "weight") -> None:
+    """Each head's shapes (``check_linear_shapes``), then the pairing of the two heads: the same
+    vocabulary rows, one teacher row per student row, one device. ``weight``: the weight
+    arguments' name after ``student_``/``teacher_`` (``'local_weight'`` vocab-parallel)."""
+    for side, (h, w, bias) in (("student", student), ("teacher", teacher)):
         _checks.check_linear_shapes(fn, h, w, bias, None, hidden_name=f"{side}_hidden",
-                                    weight_name=f"{side}_weight", bias_name=f"{side}_bias")
+                                    weight_name=f"{side}_{weight}", bias_name=f"{side}_bias")
     if not _checks.shapes_enabled():
         return
-    _checks.check_same_device(fn, student_hidden=student_hidden, teacher_hidden=teacher_hidden)
-    if teacher_weight.shape[0] != student_weight.shape[0]:
+    _checks.check_same_device(fn, student_hidden=student.hidden, teacher_hidden=teacher.hidden)
+    if teacher.weight.shape[0] != student.weight.shape[0]:
         raise _checks.LeanlossValueError(
-            f"{fn}: argument 'teacher_weight' must have the student's vocabulary size "
-            f"{student_weight.shape[0]} rows, got {_checks.fmt_shape(teacher_weight)}"
+            f"{fn}: argument 'teacher_{weight}' must have the student's vocabulary size "
+            f"{student.weight.shape[0]} rows, got {_checks.fmt_shape(teacher.weight)}"
         )
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+    if teacher.hidden.shape[:-1] != student.hidden.shape[:-1]:
         raise _checks.LeanlossValueError(
             f"{fn}: argument 'teacher_hidden' must have the leading shape of 'student_hidden' "
-            f"{tuple(student_hidden.shape[:-1])} (one teacher row per student row), got "
-            f"{tuple(teacher_hidden.shape[:-1])}"
+            f"{tuple(student.hidden.shape[:-1])} (one teacher row per student row), got "
+            f"{tuple(teacher.hidden.shape[:-1])}"
         )
 
 
@@ -297,7 +297,7 @@ def linear_distill_loss(
                                               student_logit_scale, teacher_logit_scale)
 
     def setup(student: Head, teacher: Head):
-        _check_fused_inputs(fn, *student, *teacher)
+        check_head_pair(fn, student, teacher)
         _checks.check_distill_target(fn, target, tuple(student.hidden.shape[:-1]), student.weight.shape[0],
                                      ignore_index, hard_weight)
         if target is not None:

@@ -14,7 +14,7 @@ from .._compile import graph_break
 from .._reduce import resolve_reduction
 from ..linear._pipeline import Head, run_fused
 from ..linear.cross_entropy import run_ce
-from ..linear.distill import distill_scorer, head_transforms
+from ..linear.distill import check_head_pair, distill_scorer, head_transforms
 from ..linear.log_probs import run_log_probs
 from ..linear.topk_distill import run_topk
 from ._setup import ce_shard, local_args, shard_finder, shard_of
@@ -119,22 +119,6 @@ def vocab_parallel_linear_log_probs(
                          ignore_index=ignore_index, chunk_size=chunk_size, check_range=False, names=_HEAD)
 
 
-def _check_heads(fn: str, student_hidden, student_weight, student_bias, teacher_hidden,
-                 teacher_weight, teacher_bias) -> None:
-    for side, h, w, bias in (("student", student_hidden, student_weight, student_bias),
-                             ("teacher", teacher_hidden, teacher_weight, teacher_bias)):
-        _checks.check_linear_shapes(fn, h, w, bias, None, hidden_name=f"{side}_hidden",
-                                    weight_name=f"{side}_local_weight", bias_name=f"{side}_bias")
-    if _checks.shapes_enabled() and (teacher_weight.shape[0] != student_weight.shape[0]
-                                     or teacher_hidden.shape[:-1] != student_hidden.shape[:-1]):
-        raise _checks.LeanlossValueError(
-            f"{fn}: arguments 'teacher_local_weight' and 'teacher_hidden' must pair with the "
-            f"student's: the same vocabulary rows ({student_weight.shape[0]}) and one row per "
-            f"student row {tuple(student_hidden.shape[:-1])}; got {_checks.fmt_shape(teacher_weight)} "
-            f"and {_checks.fmt_shape(teacher_hidden)}"
-        )
-
-
 @_docs.fill
 @graph_break  # collectives and a data-dependent row selection: run eagerly
 def vocab_parallel_linear_distill_loss(
@@ -187,8 +171,8 @@ def vocab_parallel_linear_distill_loss(
     target = args["target"]
 
     def setup(student: Head, teacher: Head):
-        _check_heads(fn, *student, *teacher)
-        if target is None and hard_weight > 0:
+        check_head_pair(fn, student, teacher, "local_weight")
+        if target is None and hard_weight > 0:  # a given target: shard_of checks it on every rank at once
             raise _checks.LeanlossValueError(
                 f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})")
         shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
