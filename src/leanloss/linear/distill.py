@@ -44,26 +44,17 @@ _TEACHER_MIN_ROWS = MIN_CHUNK
 
 
 class DistillScorer:
-    """The per-block distillation math of :mod:`leanloss._fused.distill_rows`, on one device or
-    vocab-parallel.
+    """The per-block distillation math of :mod:`leanloss._fused.distill_rows` over the reduce hook
+    ``vocab`` (one composed row kernel on one device; over a vocab shard, all-reduced statistics
+    saved for the ``'none'`` recompute).
 
-    The engine's blocks must be the student logits divided by ``temperature`` (times the
-    student's logit scale); ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` global ids
-    (or ``None``) are aligned with the rows the engine walks; ``teacher_scale`` multiplies the
-    teacher's logits (default ``1 / temperature``); ``softcap`` and ``teacher_softcap``, in
-    those units (the soft-cap divided by ``temperature``), cap each block as
-    ``softcap * tanh(a / softcap)`` (:func:`~leanloss._fused.ce_rows.transform`) before the
-    row kernels see it, and the gradient is chained through the cap; the teacher tensors must not require grad (this rank's
-    slice of the head, vocab-parallel). The teacher logits of the same rows are computed
-    (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least ``_TEACHER_MIN_ROWS``
-    rows, sized from the largest slice so every rank walks the same pieces).
-
-    ``vocab``: the reduce hook. On one device 16-bit blocks are scored in place by the
-    composed row kernel :func:`~leanloss._fused.distill_rows.distill_block`. Over a vocab
-    shard each piece all-reduces its row maxima, its sums of exponentials with the target's
-    logit, and the divergence's row sums; those statistics are the block's saved ones, so
-    the ``'none'`` recompute communicates nothing. The hard term's ``-1`` at the target is
-    reported to the engine as a point term.
+    The engine's blocks are the student logits times ``s / T``; ``teacher_hidden`` ``(M, Dt)``
+    and ``target`` ``(M,)`` global ids (or ``None``) are aligned with the engine's rows; the
+    teacher's logits (no autograd, this rank's slice of its head) are scaled by
+    ``teacher_scale`` (default ``1 / T``) in pieces of about ``_TEACHER_BYTES``, sized from the
+    largest slice so every rank walks the same pieces. ``softcap``, ``teacher_softcap`` (over
+    ``T``) cap each block before the row kernels, and the gradient is chained through the cap.
+    The hard term's ``-1`` at the target is a point term.
     """
 
     outputs = 1
@@ -105,14 +96,6 @@ class DistillScorer:
             return transform(out.to(compute_dtype(out.dtype)), 1.0, self.teacher_softcap)
         return out
 
-    def _capped(self, x: Tensor, dtype: torch.dtype, grad: bool):
-        """``(y, slope)``: the student block ``x`` soft-capped in ``dtype`` (``x`` itself without
-        a cap) and, for the gradient, the cap's derivative (``None`` without)."""
-        if self.softcap is None:
-            return x, None
-        y = transform(x.to(dtype), 1.0, self.softcap)
-        return y, (softcap_slope(y, self.softcap) if grad else None)
-
     def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
         """Per-row losses of block ``a`` (student logits / T); with ``upstream`` the dense part
@@ -122,23 +105,29 @@ class DistillScorer:
         soft = self.hard_weight < 1.0
         g = None if upstream is None else upstream.reshape(-1)
         n = a.shape[0]
-        step = max(n, 1) if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
+        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
             self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
         losses, saveds, slopes = [], [], []
-        for start in range(0, max(n, 1), step):
+        for start in range(0, n, step):
             sub = slice(start, min(start + step, n))
             part = slice(rows.start + sub.start, rows.start + sub.stop)
             b = self.teacher_logits(part) if soft else None
-            y, slope = self._capped(a[sub], dtype, g is not None)
+            y, slope = a[sub], None
+            if self.softcap is not None:
+                y = transform(y.to(dtype), 1.0, self.softcap)
+                slope = None if g is None else softcap_slope(y, self.softcap)
             if self.vocab.identity:
                 t = None if self.local_target is None else self.local_target[part]
                 a_y = None if t is None else at_cols(y, t, dtype)
                 losses.append(DISTILL_KERNEL(y, b, a_y, None if g is None else g[sub], dtype=dtype,
                                              **self.options)[0])
-            else:
-                loss, keep = self._score_slice(y, b, part, None if saved is None else saved[sub],
-                                               None if g is None else g[sub])
-                losses.append(loss)
+            else:  # a vocabulary slice: the statistics' collectives on a block's first scoring only
+                keep = self._statistics(y, b, part) if saved is None else saved[sub]
+                if g is not None and self.vocab.size > 0:  # keep: loss, lse_a, lse_b, lse_z, div sums
+                    DISTILL_GRAD_KERNEL(y, b, keep[:, 1].contiguous(), keep[:, 2].contiguous() if b is not None else None,
+                                        keep[:, 3].contiguous() if self.local_target is not None else None,
+                                        keep[:, 4:].contiguous() if b is not None else None, g[sub], **self.options)
+                losses.append(keep[:, 0])
                 saveds.append(keep)
             if slope is not None:  # the gradient with respect to y, chained through the cap
                 if self.local_target is not None and self.vocab.size > 0:
@@ -154,28 +143,13 @@ class DistillScorer:
         coef = g * (-self.hard_weight * self.temperature)
         if slopes:
             coef = coef * (slopes[0] if len(slopes) == 1 else torch.cat(slopes))
-        coef = coef if self.owned is None else owned_only(coef, self.owned[rows])
+        coef = owned_only(coef, self.owned, rows)
         return ScoreResult(loss, PointGradient(t, coef, at_cols(a, t, dtype)), keep)
 
-    def _score_slice(self, a: Tensor, b: Optional[Tensor], rows: slice, saved: Optional[Tensor],
-                     g: Optional[Tensor]):
-        """``(loss, saved)`` of a compute-dtype piece ``a`` over this rank's vocabulary slice
-        (collectives on its first scoring only); with ``g`` writes the gradient's dense part.
-        ``saved`` columns: ``loss, lse_a, lse_b, lse_z`` and the divergence's row sums."""
-        n, vocab = a.shape[0], self.vocab
-        if saved is None:
-            saved = self._statistics(a, b, rows) if n > 0 else a.new_zeros(0, 6)
-        if g is not None and vocab.size > 0 and n > 0:
-            lse_b = saved[:, 2].contiguous() if b is not None else None
-            lse_z = saved[:, 3].contiguous() if self.local_target is not None else None
-            DISTILL_GRAD_KERNEL(a, b, saved[:, 1].contiguous(), lse_b, lse_z,
-                                saved[:, 4:].contiguous() if b is not None else None, g, **self.options)
-        return saved[:, 0], saved
-
-    def _statistics(self, a: Tensor, b: Optional[Tensor], rows: slice) -> Tensor:
-        """The saved statistics of :meth:`_score_slice`, over every rank's slice."""
+    def _statistics(self, x: Tensor, b: Optional[Tensor], rows: slice) -> Tensor:
+        """A slice's saved statistics, over every rank's slice: ``loss, lse_a, lse_b, lse_z`` and
+        the divergence's row sums."""
         vocab, temp, hw = self.vocab, self.temperature, self.hard_weight
-        x = a
         y = None if b is None else b.to(x.dtype)
         hard = self.local_target is not None
         maxes = [local_row_max(x, vocab)] + ([local_row_max(y, vocab)] if y is not None else [])
@@ -187,9 +161,7 @@ class DistillScorer:
             for j, column in enumerate(EXP_SUMS_KERNEL(x, y, m_a, m_b, temperature=temp, hard=hard)):
                 sums[:, j] = column
             if hard:
-                t = self.local_target[rows]
-                owned = None if self.owned is None else self.owned[rows]
-                sums[:, -1] = owned_only(at_cols(x, t, x.dtype) * temp, owned)
+                sums[:, -1] = owned_only(at_cols(x, self.local_target[rows], x.dtype) * temp, self.owned, rows)
         vocab.sum_(sums)
         saved = x.new_zeros(x.shape[0], 6)
         saved[:, 1] = lse_a = m_a + sums[:, 0].log()

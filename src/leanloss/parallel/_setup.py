@@ -15,8 +15,8 @@ from .. import _checks
 from .._dtensor import has_dtensor, unwrap
 from .._fused.reduce_hook import VocabSlice
 
-__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "copy_to_vocab_parallel",
-           "local_args", "shard_of", "shard_finder", "ce_shard"]
+__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "local_args", "shard_of", "shard_finder",
+           "ce_shard"]
 
 
 def resolve_group(fn: str, group):
@@ -61,7 +61,9 @@ class VocabShard(VocabSlice):
         return all_reduce_(t, dist.ReduceOp.SUM, self.group, self.world_size)
 
     def replicated(self, x: Tensor) -> Tensor:
-        return copy_to_vocab_parallel(x, self)
+        if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+            return x
+        return _CopyToVocabParallel.apply(x, self.group, self.world_size)
 
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
@@ -112,20 +114,13 @@ class _CopyToVocabParallel(torch.autograd.Function):
         return all_reduce_(grad, dist.ReduceOp.SUM, ctx.group, ctx.world_size), None, None
 
 
-def copy_to_vocab_parallel(x: Tensor, shard: VocabShard) -> Tensor:
-    """``x`` unchanged; its gradient becomes the sum over the ranks of ``shard.group``."""
-    if shard.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
-        return x
-    return _CopyToVocabParallel.apply(x, shard.group, shard.world_size)
-
-
-def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start):
-    """``(arguments, group, sizes)``: the ``sharded`` (vocabulary on dimension 0) and ``whole``
-    arguments by name, their DTensors made local (:func:`leanloss._dtensor.unwrap`), the group,
-    and every rank's slice size when a DTensor placement gives them (else ``None``)."""
+def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start, dim: int = 0):
+    """``(arguments, group, sizes)``: the ``sharded`` (vocabulary on dimension ``dim``) and
+    ``whole`` arguments by name, their DTensors made local (:func:`leanloss._dtensor.unwrap`), the
+    group, and every rank's slice size when a DTensor placement gives them (else ``None``)."""
     sizes = None
     if has_dtensor(*sharded.values(), *whole.values()):
-        sharded, whole, group, sizes = unwrap(fn, sharded, whole, group, vocab_start, dim=0)
+        sharded, whole, group, sizes = unwrap(fn, sharded, whole, group, vocab_start, dim=dim)
     return {**sharded, **whole}, group, sizes
 
 
