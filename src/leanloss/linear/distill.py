@@ -1,17 +1,9 @@
 r"""Fused distillation on the linear engine: a student and a teacher LM head, no (N, V) logits.
 
-:func:`linear_distill_loss` is :func:`leanloss.distill_loss` on
-``student_logits = student_hidden @ student_weight.T + student_bias`` and
-``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, computed block by block
-by :func:`leanloss._fused.engine.fused_linear_loss` with a :class:`DistillScorer`: for each
-block of student logits the scorer computes the teacher logits of the same rows (without
-autograd), the per-row loss and, in place, the gradient with respect to the student logits.
-
-The row math (each divergence, its gradient, the hard term) is stated once in
-:mod:`leanloss._fused.distill_rows`; the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`.
-:func:`linear_distill_loss` folds :math:`1/T` into the student's hidden states and bias (an
-``(N, D)`` operation), so the engine's block is :math:`a = z_s / T` itself, and the scorer
-writes the gradient with respect to :math:`a` over the block.
+:func:`linear_distill_loss` is :func:`leanloss.distill_loss` of the two heads' logits, block by
+block with a :class:`DistillScorer`, which computes the teacher's logits of each block's rows.
+The row math is in :mod:`leanloss._fused.distill_rows`. :math:`1/T` is folded into the student's
+hidden states and bias (an ``(N, D)`` operation), so the engine's block is :math:`a = z_s / T`.
 """
 from __future__ import annotations
 
@@ -20,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _docs
 from .._compile import graph_break
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
@@ -208,6 +200,7 @@ def check_head_pair(fn: str, student: Head, teacher: Head, weight: str = "weight
         )
 
 
+@_docs.fill
 @graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
 @routes_dtensor  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
@@ -249,18 +242,17 @@ def linear_distill_loss(
             and never gets a gradient.
         target: optional class indices ``(...)``; rows with ``ignore_index`` are dropped from
             both hidden tensors before any matmul. Required when ``hard_weight > 0``.
-        reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
-            blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
-        chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
+        @doc row_reduction
+        @doc chunk_size
         student_softcap, teacher_softcap: positive soft-caps of each head's logits, or ``None``.
         student_logit_scale, teacher_logit_scale: positive multipliers of each head's logits,
             applied before the soft-cap.
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
     ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of at most 128 MiB (or
-    512 rows) are alive. Matmuls run in the inputs' dtypes,
-    the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
-    that compute dtype.
+    512 rows) are alive.
+
+    @doc fused_dtypes
     """
     fn = "linear_distill_loss"
     reduction = resolve_reduction(reduction)

@@ -21,8 +21,6 @@ from ._pipeline import Head, run_fused
 
 __all__ = ["linear_log_probs", "LogProbScorer", "TokenStats"]
 
-_FN = "linear_log_probs"
-
 
 class TokenStats(NamedTuple):
     """Per-token outputs of :func:`linear_log_probs` with ``return_stats``: each shaped like
@@ -178,7 +176,7 @@ def linear_log_probs(
 
     @doc fused_dtypes
     """
-    return run_log_probs(_FN, Head(hidden, weight, bias), target,
+    return run_log_probs("linear_log_probs", Head(hidden, weight, bias), target,
                          lambda head: LocalVocab(head.weight.shape[0]), temperature=temperature,
                          return_entropy=return_entropy, return_stats=return_stats,
                          softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,

@@ -68,11 +68,9 @@ class VocabShard(VocabSlice):
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
                 sizes: Optional[Sequence[int]] = None, payload: Optional[Tensor] = None):
-    """This rank's :class:`VocabShard` and every rank's ``payload`` (a 1-D int64 tensor of one
-    length on every rank, returned as ``(world, k)``, or ``None``), from at most one all-gather
-    that also carries the slice sizes unless ``sizes`` gives them (nothing is communicated
-    without ``payload`` when it does). ``vocab_start``: default the lower ranks' sizes summed.
-    """
+    """This rank's :class:`VocabShard` and every rank's ``payload`` (1-D int64, one length on
+    every rank; returned ``(world, k)``, or ``None``) from at most one all-gather, which carries
+    the slice sizes too unless ``sizes`` gives them. ``vocab_start``: default the lower ranks' sizes summed."""
     group, world_size = resolve_group(fn, group)
     rank = dist.get_rank(group) if world_size > 1 else 0
     gathered = None
@@ -126,12 +124,10 @@ def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start, dim: int
 
 def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
              ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
-    """This rank's shard (at most one all-gather; ``sizes``: every rank's slice size when known),
-    with ``target`` (``None``: none) checked against the batch ``like.shape[:-1]`` and the global
-    vocabulary. When checks are ``'full'`` every rank's target summary travels in the same
-    all-gather, so that a bad target raises on every rank (not only on its own, leaving the
-    others waiting in the next collective). ``check_vocab(V)``: metadata checks that need the
-    global vocabulary."""
+    """This rank's shard (``sizes``: every rank's slice size when known), with ``target``
+    (``None``: none) checked against the batch ``like.shape[:-1]`` and the global vocabulary, on
+    every rank at once (``docs/internals.md``, setting up a shard); ``check_vocab(V)``: metadata
+    checks that need the global vocabulary."""
     payload = None
     if target is not None:
         _checks.check_tensor(fn, "target", target)
