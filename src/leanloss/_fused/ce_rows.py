@@ -111,14 +111,10 @@ def _grad_(z: Tensor, y: Tensor, y_t: Tensor, lse: Tensor, w_t: Optional[Tensor]
 def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
              class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
              num_classes: int, w_total: Union[float, Tensor], z_loss: float):
-    """Cross entropy of a block of raw logits ``z`` over the whole vocabulary, row-wise: the
-    statistics, the row loss and (with ``g``) the gradient, composed.
-
-    ``x_t``: each row's raw target logit (compute dtype); ``w_t``: its class weight (``None``:
-    ones); ``g``: the per-row upstream gradient, or ``None`` for the loss alone. Returns
-    ``(loss, lse)``; with ``g``, also overwrites ``z`` with the dense part of the gradient and
-    returns ``(loss, lse, coef, dense_t)`` (see :func:`_grad_`).
-    """
+    """Cross entropy of a block of raw logits ``z`` over the whole vocabulary, composed:
+    ``(loss, lse)`` from each row's raw target logit ``x_t`` (compute dtype) and class weight
+    ``w_t`` (``None``: ones); with the upstream gradients ``g`` it also overwrites ``z`` with the
+    gradient's dense part and returns ``(loss, lse, coef, dense_t)`` (see :func:`_grad_`)."""
     y = transform(z.to(x_t.dtype), scale, softcap)
     lse = row_logsumexp(y)
     y_t = transform(x_t, scale, softcap)

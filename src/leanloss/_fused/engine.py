@@ -2,28 +2,18 @@
 
 The engine walks the rows of ``z`` ``(M, V)`` in blocks, so one ``(rows, V)`` block exists at a
 time, and hands each block to a :class:`Scorer` that knows the loss. A block source makes the
-block and takes its gradient ``dz``:
+block and takes its gradient ``dz``: a linear head (:func:`fused_linear_loss`; its backward
+matmuls run while the block is in memory, three matmuls in all) or materialized logits
+(:func:`fused_logits_loss`; ``dz`` goes to an ``(N, V)`` buffer in the logits' dtype).
 
-* a linear head (:func:`fused_linear_loss`): the matmul of a row block of ``hidden``, in the
-  matmul dtype; ``grad_hidden[rows] = dz @ weight``, ``grad_weight += dz.T @ hidden[rows]``,
-  ``grad_bias += dz.sum(0)`` at once (three matmuls in all, the unfused roofline);
-* materialized logits (:func:`fused_logits_loss`): a compute-dtype copy of a row slice (or the
-  scorer's ``load`` of it); ``dz`` goes to an ``(N, V)`` buffer in the logits' dtype.
-
-``'sum'``/``'mean'``: each row's upstream gradient is a known scalar, so the scorer writes
-``s * dloss/dz`` while the block is in memory and ``backward`` scales the stored gradients in
-place (a retained graph's second backward recomputes them). ``'none'``: forward keeps the
-per-row values; backward recomputes each block with the upstream vector, handing the scorer
-the ``saved`` statistics of its first scoring. First order only, except a logits loss's
-``reference`` formula, which a ``create_graph=True`` backward differentiates.
-
-Statistics and accumulation run in the compute dtype (float32 for 16-bit inputs). 16-bit blocks
-are read in place by a scorer with ``low_precision_blocks`` and upcast in ``_WORK_BYTES``
-sub-blocks for others; the 16-bit weight gradient is one rounded matmul over one block, or a
-float32 accumulator to which the scorers' point terms (:class:`PointGradient`) are added exactly
-(:func:`plan_chunk`; the memory model: ``docs/fused-losses.md``). Vocab-parallel losses pass
-``policy_vocab`` (the largest shard): every block size is computed from it, so all ranks run the
-same collectives.
+``'sum'``/``'mean'``: each row's upstream gradient is a known scalar, so the scorer writes the
+gradient in forward and ``backward`` scales it in place (a retained graph's second backward
+recomputes it). ``'none'``: backward recomputes each block with the upstream vector, handing the
+scorer the ``saved`` statistics of its first scoring. First order only, except a logits loss's
+``reference`` formula under ``create_graph=True``. Statistics run in the compute dtype; how
+blocks are sized and the 16-bit weight gradient planned (:func:`plan_chunk`):
+``docs/fused-losses.md``. Vocab-parallel losses pass ``policy_vocab`` (the largest shard), so all
+ranks walk the same blocks and run the same collectives.
 """
 from __future__ import annotations
 
@@ -54,20 +44,11 @@ _SLICE_BYTES = 8 * 2**20
 
 
 class PointGradient(NamedTuple):
-    """The point terms of a block's gradient, which the engine writes.
-
-    A scorer writes the dense part of its gradient over the block and reports its point terms:
-
-    * one per row, ``coef[r]`` at column ``cols[r]`` (``(n,)`` each; ``None``: none): the
-      engine writes ``dense + coef`` there, rounded once to the block's dtype; ``dense[r]`` is
-      the dense part's value at ``(r, cols[r])`` in the compute dtype. For a softmax loss the
-      ``-1`` at the target class.
-    * ``k`` per row, ``add_coef[r, i]`` added at column ``add_cols[r, i]`` (``(n, k)`` each;
-      ``None``: none), after the first kind: repeated columns add up and columns ``< 0``
-      contribute nothing. Top-k distillation's ``-p_i`` at the teacher's ids.
-
-    In a 16-bit float32 weight-gradient accumulator the engine adds them exactly (see the module
-    docstring).
+    """The point terms of a block's gradient, which the engine writes over the dense part: per
+    row ``dense + coef`` at column ``cols`` (``(n,)`` each, rounded once; ``dense``: the dense
+    part there, in the compute dtype; a softmax loss's ``-1`` at the target), then ``add_coef``
+    added at ``add_cols`` (``(n, k)``; repeated columns add up, columns ``< 0`` add nothing; top-k
+    distillation's ``-p_i``). ``None``: no terms of a kind. A float32 accumulator adds them exactly.
     """
 
     cols: Optional[Tensor]
@@ -85,14 +66,10 @@ class PointGradient(NamedTuple):
 
 
 class ScoreResult(NamedTuple):
-    """What :meth:`Scorer.score` returns for one block.
-
-    ``values``: ``(n,)`` per-row losses in the compute dtype, weighted so that the ``'sum'``
-    reduction is their plain sum; ``(n, k)`` per-row outputs for a scorer with
-    ``outputs = k > 1``. ``point``: the block's :class:`PointGradient`, or ``None``.
-    ``saved``: ``None``, or ``(n, s)`` per-row statistics that the engine keeps from the first
-    scoring of the block and hands back when it scores the block again (``reduction='none'``
-    recomputes blocks in backward), so a scorer can skip work (its collectives) there.
+    """What :meth:`Scorer.score` returns for one block: ``values``, the ``(n,)`` per-row losses in
+    the compute dtype whose plain sum is ``'sum'`` (``(n, k)`` for ``outputs = k > 1``); ``point``,
+    its :class:`PointGradient` or ``None``; ``saved``, ``None`` or ``(n, s)`` statistics handed back
+    when ``'none'``'s backward scores the block again (so a scorer can skip its collectives).
     """
 
     values: Tensor
@@ -103,28 +80,17 @@ class ScoreResult(NamedTuple):
 class Scorer(Protocol):
     """Per-block loss math plugged into :func:`fused_linear_loss` or :func:`fused_logits_loss`.
 
-    ``score(block, rows, saved, upstream)``:
+    ``score(block, rows, saved, upstream)``: ``block`` is the ``(n, V)`` logits of the engine's
+    ``rows`` (a ``slice``, never empty: index per-row state with it), in the compute dtype, or in
+    the 16-bit matmul dtype for a scorer with ``low_precision_blocks``; the scorer may overwrite it
+    and must not keep it (the next block reuses its memory). ``saved``: ``None`` on a block's first
+    scoring, else the statistics that scoring saved. ``upstream``: ``None``, or the ``(n, outputs)``
+    upstream gradients in the compute dtype; then the scorer overwrites ``block`` with the dense
+    part of ``sum_j upstream_j d out_j / d z`` (``z`` the raw logits) and reports its point terms.
 
-    * ``block``: ``(n, V)`` logits of the block source (``hidden[rows] @ weight.T + bias``, or
-      rows of materialized logits); in the compute dtype (float32, float64), or in the 16-bit
-      matmul dtype when the scorer of a linear head sets ``low_precision_blocks = True``. The
-      engine owns it: the scorer may overwrite it and must not keep a reference past the call
-      (the next block reuses its memory).
-    * ``rows``: the ``slice`` of the engine's rows this block covers (index per-row state such
-      as targets or teacher hidden states with it).
-    * ``saved``: ``None`` on a block's first scoring; else the ``(n, s)`` ``saved`` statistics
-      that scoring returned.
-    * ``upstream``: ``None`` when no gradient is wanted; otherwise the upstream gradient of each
-      row's output, ``(n, outputs)`` in the compute dtype, and the scorer must overwrite
-      ``block`` in place with the dense part of ``sum_j upstream_j d out_j / d z`` (the gradient
-      with respect to the raw logits, before any transform the scorer applies) and report its
-      point terms, if any, in the result.
-
-    ``outputs``: per-row outputs (``k > 1``, say a log-probability and an entropy, allows only
-    ``reduction='none'``: the loss is ``(M, k)``). Returns a :class:`ScoreResult`.
-
-    Over materialized logits a scorer may have ``load(block, x)``, which writes the block of the
-    logits rows ``x`` in place of ``block.copy_(x)`` (its first pass, e.g. a softmax) and returns it.
+    ``outputs``: per-row outputs (``k > 1`` allows only ``reduction='none'``: the loss is
+    ``(M, k)``). Over materialized logits a scorer may have ``load(block, x)``, which writes the
+    rows ``x`` into ``block`` in place of ``block.copy_(x)`` (its first pass, e.g. a softmax).
     """
 
     low_precision_blocks: bool
@@ -219,8 +185,7 @@ class _Upcast:
     def score(self, scorer, z: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
         results = []
-        for start in range(0, z.shape[0], self.step):
-            part = slice(start, min(start + self.step, z.shape[0]))
+        for part in _chunks(z.shape[0], self.step):
             sub = z[part]
             w = self.work[: sub.shape[0]].copy_(sub)
             results.append(scorer.score(w, slice(rows.start + part.start, rows.start + part.stop),
@@ -239,44 +204,36 @@ class _Upcast:
 
 
 class _Grads:
-    """Gradient buffers of the three inputs and the weight-gradient plan.
-
-    * same dtype (float32/float64 weight): ``grad_weight`` is written by the first block's
-      matmul (no zero fill) and accumulated with ``addmm_``;
-    * 16-bit weight, one block: ``dz.T @ h`` straight into a weight-dtype buffer;
-    * 16-bit weight, several blocks: a float32 accumulator, products added per vocabulary
-      slice, point terms added exactly.
-    """
+    """Gradient buffers of the three inputs. ``grad_weight`` is written by the first block's
+    matmul (no zero fill), then accumulated with ``addmm_`` in its own dtype; a 16-bit weight
+    over several blocks has a float32 accumulator (``acc``) instead, with products added per
+    vocabulary slice and the point terms added exactly."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs,
                  acc_dtype: torch.dtype, single_block: bool) -> None:
-        self.need_h, self.need_w, self.need_b = needs
-        self.h = torch.empty_like(hidden) if self.need_h else None
-        self.low = weight.dtype != acc_dtype
-        self.single = self.low and single_block
-        w_dtype = weight.dtype if (self.single or not self.low) else acc_dtype
-        self.w = torch.empty(weight.shape, dtype=w_dtype, device=weight.device) if self.need_w else None
+        need_h, need_w, need_b = needs
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.acc = weight.dtype != acc_dtype and not single_block
+        w_dtype = acc_dtype if self.acc else weight.dtype
+        self.w = torch.empty(weight.shape, dtype=w_dtype, device=weight.device) if need_w else None
         self.w_started = False
-        self.b = (torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device)
-                  if (self.need_b and bias is not None) else None)
+        self.b = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_b and bias is not None else None
         self.acc_dtype = acc_dtype
         self._slice_buf: Optional[Tensor] = None
 
     def add_block(self, dz: Tensor, h: Tensor, weight: Tensor, rows: slice,
                   point: Optional[PointGradient]) -> None:
         """Add one block's gradient: ``dz`` (its dense part) plus the ``point`` terms."""
-        if self.w is not None and self.low and not self.single:
+        if self.w is not None and self.acc:
             self._accumulate(dz, h, point)  # dense part, then the point terms exactly
-        elif self.w is not None:
-            write_points(dz, point)
-            if self.w_started and not self.low:
+        write_points(dz, point)
+        if self.w is not None and not self.acc:
+            if self.w_started:  # several blocks: the weight's own dtype
                 self.w.addmm_(dz.T, h)
             else:
                 torch.mm(dz.T, h, out=self.w)
-            point = None
         if self.w is not None:
             self.w_started = True
-        write_points(dz, point)
         if self.b is not None:
             self.b += dz.sum(0, dtype=self.acc_dtype)
         if self.h is not None:
@@ -313,7 +270,6 @@ class _Grads:
             self.w.zero_()
         gw = None if self.w is None else self.w.to(weight.dtype)
         gb = None if self.b is None or bias is None else self.b.to(bias.dtype)
-        self._slice_buf = None
         return self.h, gw, gb
 
 
@@ -401,11 +357,9 @@ class _LogitsBlocks:
 
 
 def _run(source, plan: "_Plan", upstream_of, memo: Optional[Dict[int, Tensor]] = None) -> Tensor:
-    """One pass over the blocks of ``source``: the per-row outputs, and with ``upstream_of``
-    the gradients (``source.finish()`` hands them out).
-
-    ``memo``: ``None``, or a dict that keeps the scorer's ``saved`` statistics of each block of
-    a first pass (by its first row) and hands them back on the next (the ``'none'`` recompute)."""
+    """One pass over the blocks of ``source``: the per-row outputs, and with ``upstream_of`` the
+    gradients (``source.finish()`` hands them out). ``memo``: ``None``, or a dict that keeps each
+    block's ``saved`` statistics of a first pass (by its first row) for the ``'none'`` recompute."""
     dtype = compute_dtype(source.dtype)
     m, scorer, chunk = source.m, plan.scorer, plan.chunk
     outputs = scorer.outputs
@@ -514,21 +468,14 @@ def fused_linear_loss(
 ) -> Tensor:
     """Reduce ``scorer``'s per-row losses over ``z = hidden @ weight.T + bias`` without holding ``z``.
 
-    Args:
-        hidden: ``(M, D)`` rows that count (callers drop ignored rows before calling).
-        weight: ``(V, D)``; bias: ``(V,)`` or ``None``.
-        scorer: the per-block loss math (:class:`Scorer`).
-        reduction: ``'none'`` -> ``(M,)`` per-row losses (``(M, k)`` for a scorer with
-            ``outputs = k``, which allows no other reduction); ``'sum'`` -> their sum;
-            ``'mean'`` -> their sum divided by ``divisor`` (a Python number or 0-dim tensor,
-            ``M`` when ``None``; ``0`` gives ``nan`` like torch's mean over nothing).
-        chunk_size: rows per block (default: :func:`plan_chunk`).
-        policy_vocab: the vocabulary size that block sizes are computed from (default
-            ``V``; the vocab-parallel losses pass the largest shard so every rank walks the same
-            blocks).
-
-    Returns the loss in the compute dtype (float32 for 16-bit inputs). Differentiable with
-    respect to ``hidden``, ``weight`` and ``bias`` (first order only).
+    ``hidden`` ``(M, D)``: the rows that count (callers drop ignored rows); ``weight`` ``(V, D)``;
+    ``bias`` ``(V,)`` or ``None``. ``reduction``: ``'none'`` -> ``(M,)`` per-row losses (``(M, k)``
+    for a scorer of ``outputs = k``, which allows no other reduction); ``'sum'``; ``'mean'``: the
+    sum over ``divisor`` (a number or 0-dim tensor, ``M`` when ``None``; ``0`` gives ``nan`` like
+    torch). ``chunk_size``: rows per block (default: :func:`plan_chunk`); ``policy_vocab``: the
+    vocabulary block sizes are computed from (default ``V``; vocab-parallel: the largest shard).
+    Returns the loss in the compute dtype, differentiable in ``hidden``, ``weight`` and ``bias``
+    (first order only).
     """
     new_loss_call()
     m = hidden.shape[0]

@@ -2,33 +2,29 @@
 
 The elementwise math of a fused loss (row statistics, the row loss, the gradient written over
 the logits block) is one plain torch function of a ``(n, V)`` block and per-row tensors.
-:class:`RowKernel` runs it in one of two ways that give the same values:
+:class:`RowKernel` runs it compiled (``torch.compile(fn, dynamic=True, fullgraph=True)``: the
+16-bit block is read and overwritten in place; a ``tiled`` kernel runs on CPU on row tiles of
+about ``_TILE_BYTES``, which stay in the L2 caches) or eagerly on row sub-blocks of about
+``_SUB_BYTES`` per float32 temporary, with the same values.
 
-* compiled: ``torch.compile(fn, dynamic=True, fullgraph=True)``; the 16-bit block is read in
-  place and the gradient written over it, with no float32 copy. A ``tiled`` kernel runs on CPU
-  on row tiles of about ``_TILE_BYTES`` (several block-wide inputs read in several passes stay
-  in the L2 caches).
-* eager: the function on row sub-blocks of about ``_SUB_BYTES`` per float32 temporary.
-
-Mode ``'auto'`` (default): on CUDA compiled from the first call; on CPU only the kernels for
-which :meth:`RowKernel.compile_pays` (the tiled ones), tiered like a JIT: the first loss call
-that meets a signature (what dynamo guards on: :func:`_signature`) runs it eagerly; a LATER
-loss call (:func:`new_loss_call`) that meets it hands a copy of a few rows to one background
-daemon thread that compiles it, and calls run compiled once it is ready
-(:func:`wait_for_compiles`). While a job runs, the interpreter's switch interval is lowered to
-``_SWITCH_INTERVAL_S``, so that the caller's small eager ops do not wait ~5 ms each for the
-interpreter lock. Eager everywhere compiling is unavailable or does not pay (dynamo disabled,
-a compile error, a Python dispatch mode, float64, other devices, blocks under
-``_MIN_COMPILED_NUMEL``). ``'compiled'`` compiles every kernel on the calling thread (errors
-propagate); ``'eager'`` never compiles. :func:`set_kernel_mode` or ``LEANLOSS_KERNELS`` set it.
-A compile failure in ``'auto'`` falls back to eager for the process, with one warning. The
-measurements behind this policy: ``docs/fused-losses.md`` (the row kernels).
+Mode ``'auto'`` (default): compiled on CUDA from the first call; on CPU only where
+:meth:`RowKernel.compile_pays` (the tiled kernels), tiered like a JIT: a signature
+(:func:`_signature`) runs eagerly in the first loss call that meets it; a LATER loss call
+(:func:`new_loss_call`) hands a copy of a few rows to one background daemon thread that compiles
+it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile, so the caller's small
+eager ops do not wait for the interpreter lock), and calls run compiled once it is ready
+(:func:`wait_for_compiles`). Eager wherever compiling is unavailable or does not pay.
+``'compiled'`` compiles every kernel on the calling thread (errors propagate); ``'eager'`` never
+compiles (:func:`set_kernel_mode` or ``LEANLOSS_KERNELS``). A compile failure in ``'auto'`` falls
+back to eager for the process, with one warning. The measurements behind this policy:
+``docs/fused-losses.md`` (the row kernels).
 """
 from __future__ import annotations
 
 import atexit
 import collections
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -37,6 +33,7 @@ from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optiona
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["RowKernel", "set_kernel_mode", "get_kernel_mode", "new_loss_call", "wait_for_compiles",
            "compiles_deferred", "background_compiles_submitted", "row_logsumexp", "row_softmax"]
@@ -92,14 +89,6 @@ def _dynamo_disabled() -> bool:
     return bool(config is not None and config.disable)
 
 
-def _dispatch_mode_active() -> bool:
-    """A Python dispatch mode (a memory or FLOP counter, say) is on: dynamo would run the
-    function eagerly and then refuse, so run it eagerly ourselves."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
-
-
 def row_logsumexp(x: Tensor) -> Tensor:
     """``logsumexp`` of each row of ``x`` as an ``(n,)`` vector, shifted by the row maximum: the
     statistic the block kernels share, written as plain ops so inductor fuses it into them."""
@@ -115,10 +104,6 @@ def row_softmax(x: Tensor) -> Tuple[Tensor, Tensor]:
     e = (x - m).exp()
     total = e.sum(1, keepdim=True)
     return e / total, m + total.log()
-
-
-def _sub_rows(vocab: int) -> int:
-    return max(1, _SUB_BYTES // (4 * max(vocab, 1)))
 
 
 class RowKernel:
@@ -156,7 +141,9 @@ class RowKernel:
             return True
         return (_compile_broken is None and block.dtype in _COMPILABLE_DTYPES
                 and block.device.type in ("cpu", "cuda") and block.numel() >= _MIN_COMPILED_NUMEL
-                and self.compile_pays(block) and not _dynamo_disabled() and not _dispatch_mode_active())
+                and self.compile_pays(block) and not _dynamo_disabled()
+                # a Python dispatch mode (a memory or FLOP counter): dynamo would run eagerly and refuse
+                and _get_current_dispatch_mode() is None)
 
     def __call__(self, block: Tensor, *row_args: Optional[Tensor], **options) -> Tuple[Tensor, ...]:
         _report_background_failure()
@@ -169,7 +156,7 @@ class RowKernel:
                     raise
                 _disable_compiled(exc)
                 _warn_disabled(self.name)
-        return self._run_eager(block, row_args, options)
+        return _by_rows(self.fn, block, row_args, options, max(1, _SUB_BYTES // (4 * max(block.shape[1], 1))), alias=False)
 
     def _ready_or_queue(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options) -> bool:
         """True where this call's signature is compiled; otherwise False, and where a later loss
@@ -190,22 +177,35 @@ class RowKernel:
             del self._first_seen[key]
             self._queued.add(key)
         rows = block.shape[0] if block.shape[0] < 4 else (4 if block.shape[0] < _WARM_ROWS else _WARM_ROWS)
-        _submit(_Job(self, key, _copy_rows(block, rows), tuple(None if a is None else _copy_rows(a, rows)
-                                                               for a in row_args), dict(options), state))
+        _submit(functools.partial(self._compile_in_background, key, _copy_rows(block, rows),
+                                  tuple(None if a is None else _copy_rows(a, rows) for a in row_args), dict(options), state))
         return False
 
-    def _compiled_fn(self) -> Callable:
-        compiled = self._compiled
-        if compiled is None:  # made outside the lock: the first one imports torch._dynamo
+    def _compile_in_background(self, key: Hashable, block: Tensor, row_args: tuple, options: Dict[str, Any],
+                               state: "_State") -> None:
+        """A background job: compile this kernel for one signature on a copy of a few rows of a call."""
+        try:
+            if _mode == "auto" and _compile_broken is None and _background_off is None:
+                with _as_caller(state):
+                    self._run_compiled(block, row_args, options, step=_WARM_TILE)
+                with _lock:
+                    if len(self._ready) >= _MAX_SIGNATURES:  # option values that never repeat
+                        self._ready.clear()
+                    self._ready.add(key)
+        except Exception as exc:  # noqa: BLE001 -- reported by the next call, on its thread
+            if _background_off is None:
+                _disable_compiled(exc, report=self.name)
+        finally:
+            with _lock:
+                self._queued.discard(key)
+
+    def _run_compiled(self, block, row_args, options, step: Optional[int] = None):
+        if self._compiled is None:  # made outside the lock: the first one imports torch._dynamo
             made = torch.compile(self.fn, dynamic=True, fullgraph=True)
             with _lock:
                 if self._compiled is None:
                     self._compiled = made
-                compiled = self._compiled
-        return compiled
-
-    def _run_compiled(self, block, row_args, options, step: Optional[int] = None):
-        compiled = self._compiled_fn()
+        compiled = self._compiled
         if step is None:
             step = block.shape[0]
             if self.tiled and block.device.type == "cpu":
@@ -216,13 +216,6 @@ class RowKernel:
         with _recompile_limit():
             return _by_rows(compiled, block, row_args, options, step, alias=True)
 
-    def _run_eager(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options):
-        return _by_rows(self.fn, block, row_args, options, _sub_rows(block.shape[1]), alias=False)
-
-
-# --------------------------------------------------------------------------------------------
-# what dynamo guards on: the signature of a call, and the caller's state to reproduce
-# --------------------------------------------------------------------------------------------
 
 _State = Tuple[bool, bool, bool, torch.dtype]
 
@@ -269,41 +262,11 @@ def _signature(block: Tensor, row_args: Sequence[Optional[Tensor]], options: Dic
             tuple(sorted((k, option(v)) for k, v in options.items())), state)
 
 
-# --------------------------------------------------------------------------------------------
-# the background compiler: one daemon thread, one job at a time
-# --------------------------------------------------------------------------------------------
-
-
-class _Job:
-    """Compile ``kernel`` for one signature by running it on a copy of a few rows of a call."""
-
-    def __init__(self, kernel: RowKernel, key: Hashable, block: Tensor, row_args: tuple,
-                 options: Dict[str, Any], state: _State) -> None:
-        self.kernel, self.key, self.block, self.row_args, self.options, self.state = (
-            kernel, key, block, row_args, options, state)
-
-    def run(self) -> None:
-        kernel = self.kernel
-        try:
-            if _mode == "auto" and _compile_broken is None and _background_off is None:
-                with _as_caller(self.state):
-                    kernel._run_compiled(self.block, self.row_args, self.options, step=_WARM_TILE)
-                with _lock:
-                    if len(kernel._ready) >= _MAX_SIGNATURES:  # option values that never repeat
-                        kernel._ready.clear()
-                    kernel._ready.add(self.key)
-        except Exception as exc:  # noqa: BLE001 -- reported by the next call, on its thread
-            if _background_off is None:
-                _disable_compiled(exc, report=kernel.name)
-        finally:
-            with _lock:
-                kernel._queued.discard(self.key)
-
-
+# The background compiler: one daemon thread, one job at a time.
 _kernels: List["RowKernel"] = []  # every kernel made, for compiles_deferred
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
-_jobs: Deque[_Job] = collections.deque()
+_jobs: Deque[Callable[[], None]] = collections.deque()
 _worker: Optional[threading.Thread] = None
 _running = 0  # jobs taken by the worker and not finished
 # why no job is started any more: the process exits, or it was forked while a job ran
@@ -312,7 +275,7 @@ _unreported: Optional[str] = None  # a kernel whose background compile failed, t
 _submitted = 0  # background compile jobs submitted in this process
 
 
-def _submit(job: _Job) -> None:
+def _submit(job: Callable[[], None]) -> None:
     global _worker, _submitted
     with _lock:
         _submitted += 1
@@ -334,7 +297,7 @@ def _work() -> None:
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, _SWITCH_INTERVAL_S))
         try:
-            job.run()
+            job()
         finally:
             sys.setswitchinterval(interval)
             with _lock:

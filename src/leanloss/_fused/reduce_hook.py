@@ -86,6 +86,7 @@ def finite_or_zero(m: Tensor) -> Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-def owned_only(values: Tensor, owned: Optional[Tensor]) -> Tensor:
-    """``values`` where this slice owns the row's target (``owned`` ``None``: all), else ``0``."""
-    return values if owned is None else torch.where(owned, values, torch.zeros_like(values))
+def owned_only(values: Tensor, owned: Optional[Tensor], rows: slice) -> Tensor:
+    """``values`` where this slice owns the target of each of the ``rows`` (``owned[rows]``;
+    ``owned`` ``None``: all), else ``0``."""
+    return values if owned is None else torch.where(owned[rows], values, torch.zeros_like(values))

@@ -63,14 +63,11 @@ def dense_grad(z: Tensor, y: Tensor, lse: Tensor, lse_z: Optional[Tensor], p_sum
 def topk_block(z: Tensor, x_ids: Tensor, p: Tensor, p_sum: Tensor, p_logp: Tensor,
                x_t: Optional[Tensor], g: Optional[Tensor], *, scale: float, temperature: float,
                hard_weight: float):
-    """The composed row kernel on a block of raw logits ``z`` holding the whole vocabulary.
-
-    ``x_ids``: ``(n, k)`` raw student logits at the teacher's ids (compute dtype); ``p``: the
-    teacher's probabilities (0 at padding); ``p_sum``, ``p_logp``: ``sum_i p_i`` and
-    ``sum_i p_i log p_i``; ``x_t``: the raw target logit (``None`` without the hard term);
-    ``g``: the per-row gradient scale, or ``None``. Returns ``(loss,)``; with ``g`` it also
-    overwrites ``z`` with the dense part of ``g * dloss/dz``.
-    """
+    """The composed row kernel on a block of raw logits ``z`` holding the whole vocabulary:
+    ``(loss,)`` from ``x_ids`` ``(n, k)``, the raw logits at the teacher's ids (compute dtype),
+    its probabilities ``p`` (0 at padding), ``p_sum = sum_i p_i``, ``p_logp = sum_i p_i log p_i``
+    and the raw target logit ``x_t`` (``None`` without the hard term); with the upstream
+    gradients ``g`` it also overwrites ``z`` with the dense part of ``g * dloss/dz``."""
     y = transform(z.to(p.dtype), scale, None)
     lse = row_logsumexp(y)
     lse_z = None

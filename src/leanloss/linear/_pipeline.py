@@ -45,17 +45,15 @@ def run_fused(fn: str, head: Head, target: Optional[Tensor], setup: Setup, *,
               teacher: Optional[Head] = None, rows: Sequence[Tensor] = (), ignore_index: int = -100,
               reduction: str = "mean", chunk_size: Optional[int] = None, input_scale: float = 1.0,
               names: Sequence[str] = ("hidden", "weight", "bias")) -> Tuple[Tensor, Batch]:
-    """A fused loss from its public arguments to ``(result, Batch)``: autocast, the loss's checks,
-    ignored rows dropped before any matmul, the engine, ``'none'`` results scattered back to the
-    batch shape (a scorer of ``k`` outputs adds a last dimension), the finite check.
+    """A fused loss from its public arguments to ``(result, Batch)``, in the steps of
+    ``docs/internals.md`` (a scorer of ``k`` outputs adds a last dimension to ``'none'``'s result).
 
     ``setup(head, teacher)`` checks the autocast operands and returns ``(vocab, make_scorer,
     divisor)``: the reduce hook, ``make_scorer(kept_target, *kept_rows)`` and the ``'mean'``
     divisor (a number, a tensor, ``None`` for the kept-row count, or a callable of the scorer).
-    ``teacher``: a second, detached head row-aligned with ``head``; ``rows``: more row-aligned
-    ``(..., k)`` tensors (their kept rows follow the teacher's hidden states into
-    ``make_scorer``); ``input_scale`` multiplies ``hidden`` and ``bias``; ``names``: the head's
-    argument names for the finite check's warning.
+    ``teacher``: a second, detached head; ``rows``: more row-aligned ``(..., k)`` tensors (kept
+    rows after the teacher's hidden states in ``make_scorer``); ``input_scale`` multiplies
+    ``hidden`` and ``bias``; ``names``: the head's argument names for the finite check.
     """
     cast = autocast_matmul_operands(*head, *(teacher or ()))
     head = Head(*cast[:3])

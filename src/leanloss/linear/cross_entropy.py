@@ -61,32 +61,26 @@ class CrossEntropyScorer:
             if g is not None:
                 point = PointGradient(t, out[2], out[3])
         else:
-            owned = None if self.owned is None else self.owned[rows]
-            if saved is None:
-                loss, lse = self._statistics(z, t, owned, w_t)
-            else:
-                loss, lse = saved[:, 0].contiguous(), saved[:, 1].contiguous()
-            keep = torch.stack((loss, lse), 1)
-            if g is not None and self.vocab.size > 0 and z.shape[0] > 0:
+            keep = torch.stack(self._statistics(z, t, rows, w_t), 1) if saved is None else saved
+            loss, lse = keep[:, 0].contiguous(), keep[:, 1].contiguous()
+            if g is not None and self.vocab.size > 0:
                 coef, _ = CE_GRAD_KERNEL(z, at_cols(z, t, self.dtype), lse, w_t, g, **self.options)
-                point = PointGradient(t, owned_only(coef, owned), at_cols(z, t, self.dtype))
+                point = PointGradient(t, owned_only(coef, self.owned, rows), at_cols(z, t, self.dtype))
         if self.lse_out is not None:
             self.lse_out[rows] = lse
         return ScoreResult(loss, point, keep)
 
-    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor], w_t: Optional[Tensor]):
+    def _statistics(self, z: Tensor, t: Tensor, rows: slice, w_t: Optional[Tensor]):
         """``(loss, lse)`` of the block's rows over every slice of the vocabulary."""
-        n, smoothing = z.shape[0], self.stats["smoothing"]
-        if n == 0:  # the same on every rank: no rank skips a collective the others run
-            return z.new_zeros(0), z.new_zeros(0)
+        smoothing = self.stats["smoothing"]
         y = transform(z.to(self.dtype), self.options["scale"], self.options["softcap"])
         m = global_row_max(y, self.vocab)
-        sums = y.new_zeros(n, 3 if smoothing > 0.0 else 2)
+        sums = y.new_zeros(y.shape[0], 3 if smoothing > 0.0 else 2)
         if self.vocab.size > 0:
             parts = CE_PARTIALS_KERNEL(y, m, class_weight=self.options["class_weight"],
                                        smoothing=smoothing)
             sums[:, 0] = parts[0]
-            sums[:, 1] = owned_only(at_cols(y, t, self.dtype), owned)
+            sums[:, 1] = owned_only(at_cols(y, t, self.dtype), self.owned, rows)
             if smoothing > 0.0:
                 sums[:, 2] = parts[1]
         self.vocab.sum_(sums)

@@ -1,17 +1,9 @@
 r"""Fused distillation on the linear engine: a student and a teacher LM head, no (N, V) logits.
 
-:func:`linear_distill_loss` is :func:`leanloss.distill_loss` on
-``student_logits = student_hidden @ student_weight.T + student_bias`` and
-``teacher_logits = teacher_hidden @ teacher_weight.T + teacher_bias``, computed block by block
-by :func:`leanloss._fused.engine.fused_linear_loss` with a :class:`DistillScorer`: for each
-block of student logits the scorer computes the teacher logits of the same rows (without
-autograd), the per-row loss and, in place, the gradient with respect to the student logits.
-
-The row math (each divergence, its gradient, the hard term) is stated once in
-:mod:`leanloss._fused.distill_rows`; the row loss is :math:`a_h \mathrm{CE} + (1-a_h) T^2 D`.
-:func:`linear_distill_loss` folds :math:`1/T` into the student's hidden states and bias (an
-``(N, D)`` operation), so the engine's block is :math:`a = z_s / T` itself, and the scorer
-writes the gradient with respect to :math:`a` over the block.
+:func:`linear_distill_loss` is :func:`leanloss.distill_loss` of the two heads' logits, block by
+block with a :class:`DistillScorer`, which computes the teacher's logits of each block's rows.
+The row math is in :mod:`leanloss._fused.distill_rows`. :math:`1/T` is folded into the student's
+hidden states and bias (an ``(N, D)`` operation), so the engine's block is :math:`a = z_s / T`.
 """
 from __future__ import annotations
 
@@ -20,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, _docs
 from .._compile import graph_break
 from .._reduce import resolve_reduction
 from .._dtypes import compute_dtype
@@ -44,26 +36,17 @@ _TEACHER_MIN_ROWS = MIN_CHUNK
 
 
 class DistillScorer:
-    """The per-block distillation math of :mod:`leanloss._fused.distill_rows`, on one device or
-    vocab-parallel.
+    """The per-block distillation math of :mod:`leanloss._fused.distill_rows` over the reduce hook
+    ``vocab`` (one composed row kernel on one device; over a vocab shard, all-reduced statistics
+    saved for the ``'none'`` recompute).
 
-    The engine's blocks must be the student logits divided by ``temperature`` (times the
-    student's logit scale); ``teacher_hidden`` ``(M, Dt)`` and ``target`` ``(M,)`` global ids
-    (or ``None``) are aligned with the rows the engine walks; ``teacher_scale`` multiplies the
-    teacher's logits (default ``1 / temperature``); ``softcap`` and ``teacher_softcap``, in
-    those units (the soft-cap divided by ``temperature``), cap each block as
-    ``softcap * tanh(a / softcap)`` (:func:`~leanloss._fused.ce_rows.transform`) before the
-    row kernels see it, and the gradient is chained through the cap; the teacher tensors must not require grad (this rank's
-    slice of the head, vocab-parallel). The teacher logits of the same rows are computed
-    (without autograd) in pieces of about ``_TEACHER_BYTES`` (at least ``_TEACHER_MIN_ROWS``
-    rows, sized from the largest slice so every rank walks the same pieces).
-
-    ``vocab``: the reduce hook. On one device 16-bit blocks are scored in place by the
-    composed row kernel :func:`~leanloss._fused.distill_rows.distill_block`. Over a vocab
-    shard each piece all-reduces its row maxima, its sums of exponentials with the target's
-    logit, and the divergence's row sums; those statistics are the block's saved ones, so
-    the ``'none'`` recompute communicates nothing. The hard term's ``-1`` at the target is
-    reported to the engine as a point term.
+    The engine's blocks are the student logits times ``s / T``; ``teacher_hidden`` ``(M, Dt)``
+    and ``target`` ``(M,)`` global ids (or ``None``) are aligned with the engine's rows; the
+    teacher's logits (no autograd, this rank's slice of its head) are scaled by
+    ``teacher_scale`` (default ``1 / T``) in pieces of about ``_TEACHER_BYTES``, sized from the
+    largest slice so every rank walks the same pieces. ``softcap``, ``teacher_softcap`` (over
+    ``T``) cap each block before the row kernels, and the gradient is chained through the cap.
+    The hard term's ``-1`` at the target is a point term.
     """
 
     outputs = 1
@@ -105,14 +88,6 @@ class DistillScorer:
             return transform(out.to(compute_dtype(out.dtype)), 1.0, self.teacher_softcap)
         return out
 
-    def _capped(self, x: Tensor, dtype: torch.dtype, grad: bool):
-        """``(y, slope)``: the student block ``x`` soft-capped in ``dtype`` (``x`` itself without
-        a cap) and, for the gradient, the cap's derivative (``None`` without)."""
-        if self.softcap is None:
-            return x, None
-        y = transform(x.to(dtype), 1.0, self.softcap)
-        return y, (softcap_slope(y, self.softcap) if grad else None)
-
     def score(self, a: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
         """Per-row losses of block ``a`` (student logits / T); with ``upstream`` the dense part
@@ -122,23 +97,29 @@ class DistillScorer:
         soft = self.hard_weight < 1.0
         g = None if upstream is None else upstream.reshape(-1)
         n = a.shape[0]
-        step = max(n, 1) if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
+        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
             self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
         losses, saveds, slopes = [], [], []
-        for start in range(0, max(n, 1), step):
+        for start in range(0, n, step):
             sub = slice(start, min(start + step, n))
             part = slice(rows.start + sub.start, rows.start + sub.stop)
             b = self.teacher_logits(part) if soft else None
-            y, slope = self._capped(a[sub], dtype, g is not None)
+            y, slope = a[sub], None
+            if self.softcap is not None:
+                y = transform(y.to(dtype), 1.0, self.softcap)
+                slope = None if g is None else softcap_slope(y, self.softcap)
             if self.vocab.identity:
                 t = None if self.local_target is None else self.local_target[part]
                 a_y = None if t is None else at_cols(y, t, dtype)
                 losses.append(DISTILL_KERNEL(y, b, a_y, None if g is None else g[sub], dtype=dtype,
                                              **self.options)[0])
-            else:
-                loss, keep = self._score_slice(y, b, part, None if saved is None else saved[sub],
-                                               None if g is None else g[sub])
-                losses.append(loss)
+            else:  # a vocabulary slice: the statistics' collectives on a block's first scoring only
+                keep = self._statistics(y, b, part) if saved is None else saved[sub]
+                if g is not None and self.vocab.size > 0:  # keep: loss, lse_a, lse_b, lse_z, div sums
+                    DISTILL_GRAD_KERNEL(y, b, keep[:, 1].contiguous(), keep[:, 2].contiguous() if b is not None else None,
+                                        keep[:, 3].contiguous() if self.local_target is not None else None,
+                                        keep[:, 4:].contiguous() if b is not None else None, g[sub], **self.options)
+                losses.append(keep[:, 0])
                 saveds.append(keep)
             if slope is not None:  # the gradient with respect to y, chained through the cap
                 if self.local_target is not None and self.vocab.size > 0:
@@ -154,28 +135,13 @@ class DistillScorer:
         coef = g * (-self.hard_weight * self.temperature)
         if slopes:
             coef = coef * (slopes[0] if len(slopes) == 1 else torch.cat(slopes))
-        coef = coef if self.owned is None else owned_only(coef, self.owned[rows])
+        coef = owned_only(coef, self.owned, rows)
         return ScoreResult(loss, PointGradient(t, coef, at_cols(a, t, dtype)), keep)
 
-    def _score_slice(self, a: Tensor, b: Optional[Tensor], rows: slice, saved: Optional[Tensor],
-                     g: Optional[Tensor]):
-        """``(loss, saved)`` of a compute-dtype piece ``a`` over this rank's vocabulary slice
-        (collectives on its first scoring only); with ``g`` writes the gradient's dense part.
-        ``saved`` columns: ``loss, lse_a, lse_b, lse_z`` and the divergence's row sums."""
-        n, vocab = a.shape[0], self.vocab
-        if saved is None:
-            saved = self._statistics(a, b, rows) if n > 0 else a.new_zeros(0, 6)
-        if g is not None and vocab.size > 0 and n > 0:
-            lse_b = saved[:, 2].contiguous() if b is not None else None
-            lse_z = saved[:, 3].contiguous() if self.local_target is not None else None
-            DISTILL_GRAD_KERNEL(a, b, saved[:, 1].contiguous(), lse_b, lse_z,
-                                saved[:, 4:].contiguous() if b is not None else None, g, **self.options)
-        return saved[:, 0], saved
-
-    def _statistics(self, a: Tensor, b: Optional[Tensor], rows: slice) -> Tensor:
-        """The saved statistics of :meth:`_score_slice`, over every rank's slice."""
+    def _statistics(self, x: Tensor, b: Optional[Tensor], rows: slice) -> Tensor:
+        """A slice's saved statistics, over every rank's slice: ``loss, lse_a, lse_b, lse_z`` and
+        the divergence's row sums."""
         vocab, temp, hw = self.vocab, self.temperature, self.hard_weight
-        x = a
         y = None if b is None else b.to(x.dtype)
         hard = self.local_target is not None
         maxes = [local_row_max(x, vocab)] + ([local_row_max(y, vocab)] if y is not None else [])
@@ -187,9 +153,7 @@ class DistillScorer:
             for j, column in enumerate(EXP_SUMS_KERNEL(x, y, m_a, m_b, temperature=temp, hard=hard)):
                 sums[:, j] = column
             if hard:
-                t = self.local_target[rows]
-                owned = None if self.owned is None else self.owned[rows]
-                sums[:, -1] = owned_only(at_cols(x, t, x.dtype) * temp, owned)
+                sums[:, -1] = owned_only(at_cols(x, self.local_target[rows], x.dtype) * temp, self.owned, rows)
         vocab.sum_(sums)
         saved = x.new_zeros(x.shape[0], 6)
         saved[:, 1] = lse_a = m_a + sums[:, 0].log()
@@ -236,6 +200,7 @@ def check_head_pair(fn: str, student: Head, teacher: Head, weight: str = "weight
         )
 
 
+@_docs.fill
 @graph_break  # a data-dependent row selection and the engine's in-place blocks: run eagerly
 @routes_dtensor  # DTensor arguments: local, or a clear refusal
 def linear_distill_loss(
@@ -277,18 +242,17 @@ def linear_distill_loss(
             and never gets a gradient.
         target: optional class indices ``(...)``; rows with ``ignore_index`` are dropped from
             both hidden tensors before any matmul. Required when ``hard_weight > 0``.
-        reduction: ``'none'`` (shape ``(...)``, 0 at ignored rows; backward recomputes the
-            blocks) | ``'sum'`` | ``'mean'`` (over the kept rows).
-        chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`).
+        @doc row_reduction
+        @doc chunk_size
         student_softcap, teacher_softcap: positive soft-caps of each head's logits, or ``None``.
         student_logit_scale, teacher_logit_scale: positive multipliers of each head's logits,
             applied before the soft-cap.
 
     Cost: the engine's three student matmuls plus the teacher's forward matmul; at most a few
     ``(chunk_size, V)`` blocks in the matmul dtype plus a teacher block of at most 128 MiB (or
-    512 rows) are alive. Matmuls run in the inputs' dtypes,
-    the softmaxes and accumulation in float32 (float64 stays float64); the loss is returned in
-    that compute dtype.
+    512 rows) are alive.
+
+    @doc fused_dtypes
     """
     fn = "linear_distill_loss"
     reduction = resolve_reduction(reduction)

@@ -21,8 +21,6 @@ from ._pipeline import Head, run_fused
 
 __all__ = ["linear_log_probs", "LogProbScorer", "TokenStats"]
 
-_FN = "linear_log_probs"
-
 
 class TokenStats(NamedTuple):
     """Per-token outputs of :func:`linear_log_probs` with ``return_stats``: each shaped like
@@ -64,12 +62,11 @@ class LogProbScorer:
     def score(self, z: Tensor, rows: slice, saved: Optional[Tensor],
               upstream: Optional[Tensor]) -> ScoreResult:
         t = self.local_target[rows]
-        owned = None if self.owned is None else self.owned[rows]
         if saved is None:
-            saved = self._statistics(z, t, owned, rows)
+            saved = self._statistics(z, t, rows)
         k = self.outputs
         values = saved[:, :k] if k > 1 else saved[:, 0]
-        if upstream is None or self.vocab.size == 0 or z.shape[0] == 0:
+        if upstream is None or self.vocab.size == 0:
             return ScoreResult(values, saved=saved)
         dense_t, coef = LOGP_GRAD_KERNEL(
             z, at_cols(z, t, self.dtype), saved[:, k].contiguous(),
@@ -77,46 +74,35 @@ class LogProbScorer:
             upstream[:, 0].contiguous(), self._column(upstream, "entropy"),
             self._column(upstream, "log_sum_sq_probs"), self._column(upstream, "mean_logit"),
             **self.options)
-        return ScoreResult(values, PointGradient(t, owned_only(coef, owned), dense_t), saved)
+        return ScoreResult(values, PointGradient(t, owned_only(coef, self.owned, rows), dense_t), saved)
 
-    def _statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor], rows: slice) -> Tensor:
+    def _statistics(self, z: Tensor, t: Tensor, rows: slice) -> Tensor:
         """``(n, outputs + 1)``: the outputs and ``lse`` of the block's rows over the whole
         vocabulary; ``is_top1`` into :attr:`top1`."""
-        if self.vocab.identity:
-            out = LOGP_STATS_KERNEL(z, at_cols(z, t, self.dtype), t if self.stats.top1 else None,
-                                    **self.options, **self.stats._asdict())
-        else:
-            out = self._shard_statistics(z, t, owned, rows)
-        if self.top1 is not None and out:
-            self.top1[rows] = out[-1]
-            out = out[:-1]
-        return torch.stack(out, 1) if out else z.new_zeros(0, self.outputs + 1, dtype=self.dtype)
-
-    def _shard_statistics(self, z: Tensor, t: Tensor, owned: Optional[Tensor],
-                          rows: slice) -> Tuple[Tensor, ...]:
-        """The statistics of a vocabulary slice: per-slice maxima and sums, reduced."""
-        n = z.shape[0]
-        if n == 0:  # the same on every rank: no rank skips a collective the others run
-            return ()
-        y = transform(z, self.options["scale"], self.options["softcap"])
-        vocab = self.vocab
-        partial_before: Tuple[Tensor, ...] = ()
-        if self.stats.top1:
-            partial_before = ((max_before_target(y, self.target[rows], vocab.start) if vocab.size > 0
-                               else y.new_full((n,), float("-inf"))),)
-        m, *before = global_row_max_with(y, vocab, *partial_before)
-        width = 1 + self.outputs
-        sums = y.new_zeros(n, width)
-        if vocab.size > 0:
-            for i, partial in enumerate(row_sums(y, m, self.stats)):
-                sums[:, i] = partial
-            sums[:, -1] = owned_only(at_cols(y, t, y.dtype), owned)
-        vocab.sum_(sums)
-        y_t = sums[:, -1]
-        out = finish_stats(m, list(sums[:, :-1].unbind(1)), y_t, self.stats, vocab.vocab)
-        if self.stats.top1:
-            out.append(is_top1(y_t, m, before[0]))
-        return tuple(out)
+        stats, vocab = self.stats, self.vocab
+        if vocab.identity:
+            out = list(LOGP_STATS_KERNEL(z, at_cols(z, t, self.dtype), t if stats.top1 else None,
+                                         **self.options, **stats._asdict()))
+        else:  # a vocabulary slice: per-slice maxima and sums, reduced
+            y = transform(z, self.options["scale"], self.options["softcap"])
+            n = y.shape[0]
+            partial_before: Tuple[Tensor, ...] = ()
+            if stats.top1:
+                partial_before = ((max_before_target(y, self.target[rows], vocab.start) if vocab.size > 0
+                                   else y.new_full((n,), float("-inf"))),)
+            m, *before = global_row_max_with(y, vocab, *partial_before)
+            sums = y.new_zeros(n, 1 + self.outputs)
+            if vocab.size > 0:
+                for i, partial in enumerate(row_sums(y, m, stats)):
+                    sums[:, i] = partial
+                sums[:, -1] = owned_only(at_cols(y, t, y.dtype), self.owned, rows)
+            vocab.sum_(sums)
+            out = finish_stats(m, list(sums[:, :-1].unbind(1)), sums[:, -1], stats, vocab.vocab)
+            if stats.top1:
+                out.append(is_top1(sums[:, -1], m, before[0]))
+        if self.top1 is not None:
+            self.top1[rows] = out.pop()
+        return torch.stack(out, 1)
 
 
 def stat_options(fn: str, return_entropy: bool, return_stats: Sequence[str]) -> LogProbStats:
@@ -190,7 +176,7 @@ def linear_log_probs(
 
     @doc fused_dtypes
     """
-    return run_log_probs(_FN, Head(hidden, weight, bias), target,
+    return run_log_probs("linear_log_probs", Head(hidden, weight, bias), target,
                          lambda head: LocalVocab(head.weight.shape[0]), temperature=temperature,
                          return_entropy=return_entropy, return_stats=return_stats,
                          softcap=softcap, logit_scale=logit_scale, ignore_index=ignore_index,

@@ -69,8 +69,7 @@ class TopKDistillScorer:
         a, temp = self.options["hard_weight"], self.options["temperature"]
         point = [None] * 5
         if t is not None:
-            owned = None if self.owned is None else self.owned[rows]
-            point[:3] = t, owned_only(g * (-a), owned), at_cols(z, t, dtype)
+            point[:3] = t, owned_only(g * (-a), self.owned, rows), at_cols(z, t, dtype)
         if a < 1.0:
             point[3:] = cols, p * (g * (-(1.0 - a) * temp)).unsqueeze(1)
         return ScoreResult(loss, PointGradient(*point), saved)
@@ -89,8 +88,7 @@ class TopKDistillScorer:
                                                   hard=hard)):
                 sums[:, j] = column
             if hard:
-                owned = None if self.owned is None else self.owned[rows]
-                sums[:, 3] = owned_only(at_cols(z, self.local_target[rows], z.dtype), owned)
+                sums[:, 3] = owned_only(at_cols(z, self.local_target[rows], z.dtype), self.owned, rows)
         vocab.sum_(sums)
         saved = z.new_zeros(z.shape[0], 3)
         log_s = sums[:, 0].log()

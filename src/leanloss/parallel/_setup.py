@@ -15,8 +15,8 @@ from .. import _checks
 from .._dtensor import has_dtensor, unwrap
 from .._fused.reduce_hook import VocabSlice
 
-__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "copy_to_vocab_parallel",
-           "local_args", "shard_of", "shard_finder", "ce_shard"]
+__all__ = ["VocabShard", "resolve_group", "vocab_shard", "all_reduce_", "local_args", "shard_of", "shard_finder",
+           "ce_shard"]
 
 
 def resolve_group(fn: str, group):
@@ -61,16 +61,16 @@ class VocabShard(VocabSlice):
         return all_reduce_(t, dist.ReduceOp.SUM, self.group, self.world_size)
 
     def replicated(self, x: Tensor) -> Tensor:
-        return copy_to_vocab_parallel(x, self)
+        if self.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+            return x
+        return _CopyToVocabParallel.apply(x, self.group, self.world_size)
 
 
 def vocab_shard(fn: str, group, local_size: int, vocab_start: Optional[int], device, *,
                 sizes: Optional[Sequence[int]] = None, payload: Optional[Tensor] = None):
-    """This rank's :class:`VocabShard` and every rank's ``payload`` (a 1-D int64 tensor of one
-    length on every rank, returned as ``(world, k)``, or ``None``), from at most one all-gather
-    that also carries the slice sizes unless ``sizes`` gives them (nothing is communicated
-    without ``payload`` when it does). ``vocab_start``: default the lower ranks' sizes summed.
-    """
+    """This rank's :class:`VocabShard` and every rank's ``payload`` (1-D int64, one length on
+    every rank; returned ``(world, k)``, or ``None``) from at most one all-gather, which carries
+    the slice sizes too unless ``sizes`` gives them. ``vocab_start``: default the lower ranks' sizes summed."""
     group, world_size = resolve_group(fn, group)
     rank = dist.get_rank(group) if world_size > 1 else 0
     gathered = None
@@ -112,31 +112,22 @@ class _CopyToVocabParallel(torch.autograd.Function):
         return all_reduce_(grad, dist.ReduceOp.SUM, ctx.group, ctx.world_size), None, None
 
 
-def copy_to_vocab_parallel(x: Tensor, shard: VocabShard) -> Tensor:
-    """``x`` unchanged; its gradient becomes the sum over the ranks of ``shard.group``."""
-    if shard.world_size == 1 or not (torch.is_grad_enabled() and x.requires_grad):
-        return x
-    return _CopyToVocabParallel.apply(x, shard.group, shard.world_size)
-
-
-def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start):
-    """``(arguments, group, sizes)``: the ``sharded`` (vocabulary on dimension 0) and ``whole``
-    arguments by name, their DTensors made local (:func:`leanloss._dtensor.unwrap`), the group,
-    and every rank's slice size when a DTensor placement gives them (else ``None``)."""
+def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start, dim: int = 0):
+    """``(arguments, group, sizes)``: the ``sharded`` (vocabulary on dimension ``dim``) and
+    ``whole`` arguments by name, their DTensors made local (:func:`leanloss._dtensor.unwrap`), the
+    group, and every rank's slice size when a DTensor placement gives them (else ``None``)."""
     sizes = None
     if has_dtensor(*sharded.values(), *whole.values()):
-        sharded, whole, group, sizes = unwrap(fn, sharded, whole, group, vocab_start, dim=0)
+        sharded, whole, group, sizes = unwrap(fn, sharded, whole, group, vocab_start, dim=dim)
     return {**sharded, **whole}, group, sizes
 
 
 def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
              ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
-    """This rank's shard (at most one all-gather; ``sizes``: every rank's slice size when known),
-    with ``target`` (``None``: none) checked against the batch ``like.shape[:-1]`` and the global
-    vocabulary. When checks are ``'full'`` every rank's target summary travels in the same
-    all-gather, so that a bad target raises on every rank (not only on its own, leaving the
-    others waiting in the next collective). ``check_vocab(V)``: metadata checks that need the
-    global vocabulary."""
+    """This rank's shard (``sizes``: every rank's slice size when known), with ``target``
+    (``None``: none) checked against the batch ``like.shape[:-1]`` and the global vocabulary, on
+    every rank at once (``docs/internals.md``, setting up a shard); ``check_vocab(V)``: metadata
+    checks that need the global vocabulary."""
     payload = None
     if target is not None:
         _checks.check_tensor(fn, "target", target)

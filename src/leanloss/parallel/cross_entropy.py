@@ -8,14 +8,13 @@ from torch import Tensor
 
 from .. import _checks, _docs, _heuristics
 from .._compile import graph_break
-from .._dtensor import has_dtensor, unwrap
 from .._dtypes import autocast_loss_inputs, compute_dtype
 from .._fused.engine import fused_logits_loss
 from .._fused.rows import select_kept
 from .._reduce import reduce_loss, resolve_reduction
 from ..linear._pipeline import Batch
 from ..linear.cross_entropy import CrossEntropyScorer, ce_divisor
-from ._setup import ce_shard
+from ._setup import ce_shard, local_args
 
 __all__ = ["vocab_parallel_cross_entropy"]
 
@@ -60,10 +59,8 @@ def vocab_parallel_cross_entropy(
             ``None``) and its gradient is a DTensor of the same placement.
         target: ``(...)`` int64 GLOBAL class ids in ``[0, V)`` or ``ignore_index``; identical on
             every rank.
-        group: the ``torch.distributed`` process group sharding the vocabulary; ``None`` is the
-            default group, or a single process when ``torch.distributed`` is not initialized.
-        vocab_start: first global class id of this rank's slice; default: the sum of the slice
-            sizes of the lower ranks of ``group`` (found with one all-gather of one number).
+        @doc group
+        @doc vocab_start
         class_weight: the FULL ``(V,)`` per-class weights, the same on every rank (each rank
             uses its slice, and ``w_t`` for targets owned by other ranks).
         reduction: ``'mean'`` | ``'sum'`` | ``'none'`` (shape of ``target``).
@@ -76,12 +73,9 @@ def vocab_parallel_cross_entropy(
     fn = "vocab_parallel_cross_entropy"
     local_logits, class_weight = autocast_loss_inputs("cross_entropy", local_logits, class_weight)
     reduction = resolve_reduction(reduction)
-    sizes = None
-    if has_dtensor(local_logits, target, class_weight):
-        sharded, whole, group, sizes = unwrap(fn, {"local_logits": local_logits},
-                                              {"target": target, "class_weight": class_weight},
-                                              group, vocab_start, dim=-1)
-        local_logits, target, class_weight = sharded["local_logits"], whole["target"], whole["class_weight"]
+    args, group, sizes = local_args(fn, {"local_logits": local_logits}, {"target": target, "class_weight": class_weight},
+                                    group, vocab_start, dim=-1)
+    local_logits, target, class_weight = args["local_logits"], args["target"], args["class_weight"]
     _checks.check_tensor(fn, "local_logits", local_logits)
     if _checks.shapes_enabled():
         _checks.check_floating(fn, "local_logits", local_logits, "logits")

@@ -17,7 +17,7 @@ from ..linear.cross_entropy import run_ce
 from ..linear.distill import check_head_pair, distill_scorer, head_transforms
 from ..linear.log_probs import run_log_probs
 from ..linear.topk_distill import run_topk
-from ._setup import ce_shard, local_args, shard_finder, shard_of
+from ._setup import ce_shard, local_args, shard_finder
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_log_probs",
            "vocab_parallel_linear_distill_loss", "vocab_parallel_linear_topk_distill_loss"]
@@ -175,8 +175,7 @@ def vocab_parallel_linear_distill_loss(
         if target is None and hard_weight > 0:  # a given target: shard_of checks it on every rank at once
             raise _checks.LeanlossValueError(
                 f"{fn}: argument 'target' is required when hard_weight > 0 (got hard_weight={hard_weight})")
-        shard = shard_of(fn, student.hidden, student.weight.shape[0], target, group, vocab_start,
-                         ignore_index, sizes=sizes)
+        shard = shard_finder(fn, target, group, vocab_start, ignore_index, sizes)(student)
         return shard, distill_scorer(teacher, shard, kind=kind, beta=beta, temperature=temperature,
                                      hard_weight=hard_weight, **transforms), None
 
