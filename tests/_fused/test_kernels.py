@@ -108,7 +108,7 @@ def test_eager_runs_in_row_sub_blocks(monkeypatch, mode):
 def test_compiled_runs_in_row_tiles_on_cpu(monkeypatch, mode, tiled):
     """On CPU the compiled function gets row tiles of about _TILE_BYTES of the block and of the
     row arguments as wide as it (here 2 rows of 10 float32 + 10 float32), each a plain tensor
-    (not a view), and the outputs are joined in order; ``tiled=False`` calls it once."""
+    (not a view), and the outputs are joined in order; ``cpu='compiled'`` calls it once."""
     seen = []
 
     def rowsum(block, wide, w):
@@ -119,7 +119,7 @@ def test_compiled_runs_in_row_tiles_on_cpu(monkeypatch, mode, tiled):
 
     monkeypatch.setattr(kernels, "_TILE_BYTES", 2 * 2 * 10 * 4)
     mode("compiled")
-    kernel = RowKernel(rowsum, "test", tiled=tiled)  # the default is untiled
+    kernel = RowKernel(rowsum, "test", cpu="tiled" if tiled else "compiled")
     kernel._compiled = rowsum  # stands in for torch.compile(rowsum): the tiling is under test
     base = torch.arange(60.0).reshape(6, 10)
     block = base[1:]  # a view, as the engine's blocks are
@@ -205,7 +205,7 @@ def test_auto_compiles_a_signature_met_again_in_a_later_loss_call(monkeypatch, a
     (however often it calls the kernel); a later loss call queues one background compile and
     stays eager until it is ready; then calls run compiled on the calling thread."""
     fake = FakeCompile(monkeypatch)
-    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    kernel = RowKernel(_scaled_rowsum, "test", cpu="tiled")
     kernels.new_loss_call()
     for _ in range(2):  # one loss call, two blocks: eager, nothing queued
         block, w = _inputs()
@@ -253,7 +253,7 @@ def test_background_compile_lowers_the_switch_interval_while_it_runs(monkeypatch
 
     monkeypatch.setattr(torch, "compile", compiling)
     before = sys.getswitchinterval()
-    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    kernel = RowKernel(_scaled_rowsum, "test", cpu="tiled")
     for _ in range(2):
         kernels.new_loss_call()
         kernel(*_inputs(), factor=1.0)
@@ -263,12 +263,16 @@ def test_background_compile_lowers_the_switch_interval_while_it_runs(monkeypatch
 
 
 def test_auto_compiles_on_cpu_only_where_it_pays(monkeypatch, auto):
-    """Untiled kernels (cross entropy, log-probs, ...) run eagerly on CPU: no compile at all."""
+    """Kernels made with ``cpu='eager'`` (the default: cross entropy, top-k, ...) run eagerly on
+    CPU, no compile at all; ``'compiled'`` and ``'tiled'`` ones compile there; the option is checked."""
     fake = FakeCompile(monkeypatch)
     fake.release()
     kernel = RowKernel(_scaled_rowsum, "test")
     block, w = _inputs()
-    assert not kernel.compile_pays(block) and RowKernel(_scaled_rowsum, "t", tiled=True).compile_pays(block)
+    assert not kernel.compile_pays(block)
+    assert all(RowKernel(_scaled_rowsum, "t", cpu=c).compile_pays(block) for c in ("compiled", "tiled"))
+    with pytest.raises(ValueError, match="argument 'cpu'"):
+        RowKernel(_scaled_rowsum, "t", cpu="yes")
     (out,) = kernel(block, w, factor=1.0)
     assert kernels.wait_for_compiles(timeout=30)
     assert fake.compiles == 0 and not kernel._queued and not kernel._ready
@@ -281,7 +285,7 @@ def test_forced_modes_do_no_background_work(monkeypatch, auto, mode, forced):
     fake = FakeCompile(monkeypatch)
     fake.release()
     mode(forced)
-    kernel = RowKernel(_scaled_rowsum, "test")  # untiled: 'compiled' compiles it anyway
+    kernel = RowKernel(_scaled_rowsum, "test")  # cpu='eager': mode 'compiled' compiles it anyway
     block, w = _inputs()
     (out,) = kernel(block, w, factor=2.0)
     assert not kernel._queued and not kernel._ready and kernels.wait_for_compiles(timeout=0)
@@ -330,7 +334,7 @@ def test_background_compile_failure_falls_back_to_eager_with_one_warning(monkeyp
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", broken)
-    kernel = RowKernel(_scaled_rowsum, "test", tiled=True)
+    kernel = RowKernel(_scaled_rowsum, "test", cpu="tiled")
     outs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -357,7 +361,7 @@ def test_process_exits_and_forks_while_compiling(tmp_path):
         gate = threading.Event()
         torch.compile = lambda fn, **kw: (lambda *a, **k: gate.wait() or fn(*a, **k))
         kernels._MIN_COMPILED_NUMEL = 1
-        kernel = kernels.RowKernel(lambda z: (z.sum(1),), "test", tiled=True)
+        kernel = kernels.RowKernel(lambda z: (z.sum(1),), "test", cpu="tiled")
         for _ in range(2):  # the second loss call queues the compile
             kernels.new_loss_call()
             assert kernel(torch.ones(4, 3))[0].tolist() == [3.0] * 4
@@ -378,7 +382,7 @@ def test_process_exits_and_forks_while_compiling(tmp_path):
 def test_auto_mode_rules(monkeypatch, mode):
     mode("auto")
     monkeypatch.setattr(kernels, "_compile_broken", None)
-    k = RowKernel(lambda z: (z,), "test", tiled=True)
+    k = RowKernel(lambda z: (z,), "test", cpu="tiled")
     big = torch.empty(1024, 1024)
     assert not RowKernel(lambda z: (z,), "test").use_compiled(big)  # CPU: only where it pays
     assert k.use_compiled(big)

@@ -186,6 +186,6 @@ def distill_grad_block(a: Tensor, b: Optional[Tensor], lse_a: Tensor, lse_b: Opt
     return ()
 
 
-DISTILL_KERNEL = RowKernel(distill_block, "distillation", tiled=True)
+DISTILL_KERNEL = RowKernel(distill_block, "distillation", cpu="tiled")
 EXP_SUMS_KERNEL = RowKernel(exp_sums_block, "distillation statistics")
 DISTILL_GRAD_KERNEL = RowKernel(distill_grad_block, "distillation gradient")

@@ -3,12 +3,12 @@
 The elementwise math of a fused loss (row statistics, the row loss, the gradient written over
 the logits block) is one plain torch function of a ``(n, V)`` block and per-row tensors.
 :class:`RowKernel` runs it compiled (``torch.compile(fn, dynamic=True, fullgraph=True)``: the
-16-bit block is read and overwritten in place; a ``tiled`` kernel runs on CPU on row tiles of
-about ``_TILE_BYTES``, which stay in the L2 caches) or eagerly on row sub-blocks of about
+16-bit block is read and overwritten in place; on CPU a kernel made with ``cpu='tiled'`` runs
+on row tiles of about ``_TILE_BYTES``, which stay in the L2 caches) or eagerly on row sub-blocks of about
 ``_SUB_BYTES`` per float32 temporary, with the same values.
 
 Mode ``'auto'`` (default): compiled on CUDA from the first call; on CPU only where
-:meth:`RowKernel.compile_pays` (the tiled kernels), tiered like a JIT: a signature
+:meth:`RowKernel.compile_pays` (kernels made with ``cpu='compiled'`` or ``'tiled'``), tiered like a JIT: a signature
 (:func:`_signature`) runs eagerly in the first loss call that meets it; a LATER loss call
 (:func:`new_loss_call`) hands a copy of a few rows to one background daemon thread that compiles
 it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile, so the caller's small
@@ -113,13 +113,16 @@ class RowKernel:
     in place) depends only on row ``r`` of ``block`` and of each tensor in ``row_args``
     (``None`` entries allowed). ``options`` are Python scalars, bools or tensors that are not
     per row (a class-weight vector, say); bools select code paths (one compiled graph each).
-    ``tiled``: on CPU, compile it at all (:meth:`compile_pays`) and run it on row tiles.
+    ``cpu``: how mode ``'auto'`` runs it on CPU: ``'eager'``, ``'compiled'`` (tiered), or
+    ``'tiled'`` (tiered, on row tiles: for kernels that read several block-wide inputs).
     """
 
-    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, tiled: bool = False) -> None:
+    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, cpu: str = "eager") -> None:
+        if cpu not in ("eager", "compiled", "tiled"):
+            raise ValueError(f"RowKernel: argument 'cpu' must be 'eager', 'compiled' or 'tiled', got {cpu!r}")
         self.fn = fn
         self.name = name
-        self.tiled = tiled
+        self.cpu = cpu
         self._compiled: Optional[Callable] = None
         # signatures (see _signature) compiled in the background / handed to it
         self._ready: Set[Hashable] = set()
@@ -130,8 +133,8 @@ class RowKernel:
 
     def compile_pays(self, block: Tensor) -> bool:
         """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``):
-        CUDA always; CPU only for tiled kernels (measured: ``docs/fused-losses.md``)."""
-        return block.device.type == "cuda" or self.tiled
+        CUDA always; CPU as ``cpu`` says (measured: ``docs/fused-losses.md``)."""
+        return block.device.type == "cuda" or self.cpu != "eager"
 
     def use_compiled(self, block: Tensor) -> bool:
         """Whether ``block`` goes to the compiled form (in ``'auto'`` on CPU: once it is ready)."""
@@ -208,7 +211,7 @@ class RowKernel:
         compiled = self._compiled
         if step is None:
             step = block.shape[0]
-            if self.tiled and block.device.type == "cpu":
+            if self.cpu == "tiled" and block.device.type == "cpu":
                 # bytes per row of the block and of the row arguments as wide as it
                 row_bytes = sum(t.shape[1] * t.element_size() for t in (block, *row_args)
                                 if t is not None and t.dim() == 2 and t.shape[1] == block.shape[1])

@@ -185,5 +185,5 @@ def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor],
     return dense_t, coef
 
 
-LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics")
-LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient")
+LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics", cpu="compiled")
+LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient", cpu="compiled")
