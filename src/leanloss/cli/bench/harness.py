@@ -18,7 +18,8 @@ Method (:func:`measure`), inside the child, after the imports, the inputs, any c
   C heap's free memory is handed back to the system (``malloc_trim(0)``) right before the
   baseline is read and again right before the peak is reset: the baseline is then the live
   memory, and every page the step touches counts, whatever an earlier step left resident in
-  the heap (without it the same case read 256 or 1014 MB in two processes). Memory that the
+  the heap (without it the baseline of one case varied by 280-670 MB between processes; the
+  step's own peak still varies by a few hundred MB with how glibc places it). Memory that the
   step frees and glibc keeps resident while the step runs still counts: the step holds it.
   Trimming makes the step fault its pages in afresh, so it is not one of the timed rounds;
   the allocator's settings are left alone, so the timed rounds run as any program would.
