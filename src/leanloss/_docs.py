@@ -46,8 +46,8 @@ target: ``(...)`` int64 class indices.
 bias: ``(V,)`` or ``None``.""",
     "chunk_size": """\
 chunk_size: rows per block (default: the engine's plan, :func:`leanloss._fused.engine.plan_chunk`:
-    ~96 MiB blocks of at least 512 rows; in bf16/fp16 with a weight gradient one block over
-    all rows when ``N <= 2 D``).""",
+    ~96 MiB blocks of at least 512 rows, or a quarter of the rows below 2048; in bf16/fp16
+    with a weight gradient one block over all rows when ``N <= 2 D``).""",
     "row_reduction": """\
 reduction: ``'none'`` (shape ``(...)``, ``0`` at ignored rows; backward recomputes the blocks) |
     ``'sum'`` | ``'mean'`` (over the kept rows).""",

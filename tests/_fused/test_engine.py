@@ -183,10 +183,12 @@ def test_added_point_terms_repeat_and_skip_negative_columns(dtype, chunk):
 
 def test_plan_chunk():
     mib = 2**20
-    # float32: ~96 MiB blocks of at least 512 rows, as default_chunk_size
+    # float32: ~96 MiB blocks of at least 512 rows (a quarter of fewer), as default_chunk_size
     assert engine.plan_chunk(2048, 32000, 1024, torch.float32, True) == 683
+    assert engine.plan_chunk(512, 128256, 512, torch.float32, True) == 171
     # bfloat16 with a weight gradient: one block while M <= 2 D ...
     assert engine.plan_chunk(2048, 32000, 1024, torch.bfloat16, True) == 2048
+    assert engine.plan_chunk(512, 128256, 512, torch.bfloat16, True) == 512
     assert engine.plan_chunk(4096, 128256, 4096, torch.bfloat16, True) == 4096
     # ... else blocks of max(512, D) rows into a float32 accumulator
     assert engine.plan_chunk(8192, 131072, 1024, torch.bfloat16, True) == 1024
@@ -200,8 +202,14 @@ def test_plan_chunk():
 
 def test_default_chunk_size_evens_out_blocks():
     assert engine.default_chunk_size(2048, 32000) == 683  # 3 blocks of ~87 MB
-    assert engine.default_chunk_size(2048, 131072) == 512  # never fewer than 512 rows
-    assert engine.default_chunk_size(600, 131072) == 300  # two even blocks, not 512 + 88
+    assert engine.default_chunk_size(2048, 131072) == 512  # 512 rows at least from 2048 rows on
+    assert engine.default_chunk_size(2600, 131072) == 434  # six even blocks, not five of 512 + 40
+    # fewer rows: a quarter of them at least, so no block holds more than max(96 MiB, 1/4 of
+    # the logits) (one 512-row block would be all 262 MB of them)
+    assert engine.default_chunk_size(512, 128256) == 171  # 3 blocks of ~88 MB
+    assert engine.default_chunk_size(1024, 131072) == 256
+    assert engine.default_chunk_size(600, 131072) == 150
+    assert engine.default_chunk_size(512, 32000) == 512  # 65 MB: one block
     assert engine.default_chunk_size(0, 10) == 1
     assert engine.default_chunk_size(2048, 32000, element_size=2) == 1024
     sizes = [engine.default_chunk_size(n, 50000, min_rows=7, block_bytes=4 * 50000 * 7)

@@ -175,6 +175,25 @@ def test_step_memory_counts_one_steps_temporaries_not_inputs_or_grads():
     assert leaf.grad is None  # cleared after the measured step
 
 
+@needs_vmhwm
+@pytest.mark.skipif(not harness.trim_heap(), reason="no malloc_trim (not glibc)")
+def test_step_memory_counts_heap_memory_an_earlier_step_left_resident():
+    mb = 2**20
+    pins = []
+
+    def step():
+        # 1 MiB temporaries come from the heap once an earlier step freed one (glibc raises its
+        # mmap threshold), and a small tensor kept alive above them stops glibc from trimming
+        # the heap's top: freed, they stay resident, and the next step reuses them
+        tmp = [torch.ones(mb // 4) for _ in range(64)]
+        pins.append(torch.ones(16))
+        del tmp
+
+    # without the trims the warm-up steps' freed heap was in the baseline: 2 MB once in three runs
+    got = harness.step_memory(step, warmup=2)
+    assert 60 <= got["extra_mb"] <= 72, got
+
+
 def test_paired_times_interleaves_step_and_reference():
     calls = []
 

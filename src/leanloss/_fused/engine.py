@@ -34,8 +34,12 @@ __all__ = ["Scorer", "ScoreResult", "PointGradient", "fused_linear_loss", "fused
 # cost that grows with the number of blocks and not with their size, so a block has at least
 # MIN_CHUNK rows (measured on a 2-core CPU at D=1024: 256-row blocks cost ~4% over the
 # unchunked matmuls, 512-row ~2-3%, 1024-row ~1%). Above that, about _BLOCK_BYTES per block.
+# With few rows that floor would make the block most or all of the logits (at 512 tokens and
+# V=128256 all of them, 262 MB in float32), so it is lowered to 1/_MIN_BLOCKS of the rows: a
+# block then holds at most max(_BLOCK_BYTES, 1/_MIN_BLOCKS of the logits). Only M < 2048 changes.
 _BLOCK_BYTES = 96 * 2**20
 MIN_CHUNK = 512
+_MIN_BLOCKS = 4
 # float32 bytes per upcast sub-block (16-bit blocks scored by a float32-only scorer).
 _WORK_BYTES = 16 * 2**20
 # 16-bit bytes of one vocabulary slice of a block's weight-gradient product (stays in cache
@@ -105,9 +109,11 @@ class Scorer(Protocol):
 def default_chunk_size(num_rows: int, vocab: int, *, block_bytes: int = _BLOCK_BYTES,
                        min_rows: int = MIN_CHUNK, element_size: int = 4) -> int:
     """Rows per block: about ``block_bytes`` of ``element_size``-byte logits, at least
-    ``min_rows`` rows, evened out so that the last block is not a sliver (same block count,
+    ``min(min_rows, ceil(num_rows / 4))`` rows (so a block holds at most ``max(block_bytes,
+    1/4 of the logits)``), evened out so that the last block is not a sliver (same block count,
     smaller blocks)."""
-    rows = max(min_rows, block_bytes // (element_size * max(vocab, 1)), 1)
+    floor = min(min_rows, -(-num_rows // _MIN_BLOCKS))
+    rows = max(floor, block_bytes // (element_size * max(vocab, 1)), 1)
     if num_rows <= rows:
         return max(1, num_rows)
     blocks = -(-num_rows // rows)

@@ -9,12 +9,20 @@ package.
 Method (:func:`measure`), inside the child, after the imports, the inputs, any compilation and
 ``warmup`` untimed steps:
 
-* memory: ``extra_mb`` is the peak resident set size of ONE warmed-up step (the first timed
-  one) minus the resident set size holding the inputs and the warm-up step's gradients. On Linux the peak is reset
-  right before the step (``5`` written to ``/proc/self/clear_refs``) and read from ``VmHWM`` in
-  ``/proc/self/status`` after it (``mem_method='VmHWM'``); where that is not possible the
-  process's lifetime peak is used (``mem_method='ru_maxrss'``, which also counts the imports
-  and the warm-up).
+* memory: ``extra_mb`` is the peak resident set size of ONE warmed-up step (an untimed step
+  after the warm-up) minus the resident set size holding the inputs and the warm-up step's
+  gradients. On Linux the peak is reset right before the step (``5`` written to
+  ``/proc/self/clear_refs``) and read from ``VmHWM`` in ``/proc/self/status`` after it
+  (``mem_method='VmHWM'``); where that is not possible the process's lifetime peak is used
+  (``mem_method='ru_maxrss'``, which also counts the imports and the warm-up). Under glibc the
+  C heap's free memory is handed back to the system (``malloc_trim(0)``) right before the
+  baseline is read and again right before the peak is reset: the baseline is then the live
+  memory, and every page the step touches counts, whatever an earlier step left resident in
+  the heap (without it the baseline of one case varied by 280-670 MB between processes; the
+  step's own peak still varies by a few hundred MB with how glibc places it). Memory that the
+  step frees and glibc keeps resident while the step runs still counts: the step holds it.
+  Trimming makes the step fault its pages in afresh, so it is not one of the timed rounds;
+  the allocator's settings are left alone, so the timed rounds run as any program would.
 * time: ``rounds`` rounds of the step and the ``reference`` (the matmuls alone: the roofline)
   timed alternately in the same process. ``time_s`` is the step's median, ``x_roof`` the median
   of the per-round ratios step / reference. Absolute times drift between processes on a shared
@@ -27,6 +35,8 @@ the tour uses it; the suites report RSS).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import re
@@ -46,6 +56,7 @@ __all__ = [
     "PeakTensorMemory",
     "rss_bytes",
     "reset_peak_rss",
+    "trim_heap",
     "peak_rss_bytes",
     "step_memory",
     "paired_times",
@@ -137,6 +148,24 @@ def peak_rss_bytes() -> int:
     return hwm if hwm is not None else _ru_maxrss_bytes()
 
 
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free memory back to the system (glibc ``malloc_trim(0)``), so that the
+    resident set is the memory in use. Returns False where there is no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def _clearer(leaves: Iterable[Any]) -> Callable[[], None]:
     leaves = list(leaves)
 
@@ -149,7 +178,8 @@ def _clearer(leaves: Iterable[Any]) -> Callable[[], None]:
 
 def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warmup: int) -> int:
     """Untimed calls: the reference once (one-time kernel setup), then ``warmup`` steps, whose
-    gradients stay set. Returns the RSS then: the inputs and one step's gradients.
+    gradients stay set. Returns the RSS then, the heap trimmed (:func:`trim_heap`): the inputs
+    and one step's gradients.
 
     leanloss serves a row kernel's first calls eagerly and compiles it in a background thread
     from its second loss call on (:mod:`leanloss._fused.kernels`): where a kernel waits for
@@ -169,32 +199,36 @@ def _warm(step: Step, reference: Optional[Step], clear: Callable[[], None], warm
         kernels.wait_for_compiles()
         clear()
         step()
+    trim_heap()
     return rss_bytes()
 
 
-def paired_times(step: Step, reference: Optional[Step], rounds: int, leaves: Iterable[Any] = (), *,
-                 base_rss: Optional[int] = None) -> Dict[str, Any]:
+def _step_peak(step: Step, clear: Callable[[], None], base_rss: int) -> Dict[str, Any]:
+    """One step's peak RSS over ``base_rss`` (the module docstring's method): ``peak_rss_mb``,
+    ``base_rss_mb``, ``extra_mb``, ``mem_method``. The step's gradients stay set."""
+    clear()
+    trim_heap()
+    exact = reset_peak_rss()
+    step()
+    peak = peak_rss_bytes()
+    return dict(peak_rss_mb=peak / MB, base_rss_mb=base_rss / MB, extra_mb=(peak - base_rss) / MB,
+                mem_method="VmHWM" if exact else "ru_maxrss")
+
+
+def paired_times(step: Step, reference: Optional[Step], rounds: int, leaves: Iterable[Any] = ()) -> Dict[str, Any]:
     """Time ``step`` and ``reference`` alternately, ``rounds`` times each, in this process.
 
     Returns ``time_s`` (the step's median) and ``times``, and with a reference ``x_roof`` (the
     median of the per-round ratios step / reference) and ``roofline_s`` (the reference's median).
-    With ``base_rss`` (the RSS holding the inputs and the gradients) the first round's step is
-    also the memory measurement: the peak is reset right before it and read right after it,
-    before the reference runs (``peak_rss_mb``, ``base_rss_mb``, ``extra_mb``, ``mem_method``)."""
+    The gradients of ``leaves`` are cleared before each step and after the last."""
     clear = _clearer(leaves)
     out: Dict[str, Any] = {}
     times, refs, ratios = [], [], []
-    for i in range(max(1, rounds)):
+    for _ in range(max(1, rounds)):
         clear()
-        exact = reset_peak_rss() if (i == 0 and base_rss is not None) else False
         start = time.perf_counter()
         step()
-        mid = time.perf_counter()
-        times.append(mid - start)
-        if i == 0 and base_rss is not None:
-            peak = peak_rss_bytes()
-            out.update(peak_rss_mb=peak / MB, base_rss_mb=base_rss / MB, extra_mb=(peak - base_rss) / MB,
-                       mem_method="VmHWM" if exact else "ru_maxrss")
+        times.append(time.perf_counter() - start)
         if reference is not None:
             ref_start = time.perf_counter()
             reference()
@@ -211,21 +245,22 @@ def step_memory(step: Step, leaves: Iterable[Any] = (), *, warmup: int = 1) -> D
     """``warmup`` steps, then one step's peak RSS over the RSS that holds the inputs and the
     gradients of ``leaves`` (``step`` leaves them set; they are cleared before each step).
     Returns ``peak_rss_mb``, ``base_rss_mb``, ``extra_mb`` and ``mem_method``."""
-    leaves = list(leaves)
-    base = _warm(step, None, _clearer(leaves), warmup)
-    got = paired_times(step, None, 1, leaves, base_rss=base)
-    return {k: got[k] for k in ("peak_rss_mb", "base_rss_mb", "extra_mb", "mem_method")}
+    clear = _clearer(leaves)
+    got = _step_peak(step, clear, _warm(step, None, clear, warmup))
+    clear()
+    return got
 
 
 def measure(case: Dict[str, Any], step: Step, *, leaves: Iterable[Any] = (), reference: Optional[Step] = None,
             warmup: int = 1, **extra: Any) -> Dict[str, Any]:
-    """The result record of one case: the case, then (after the untimed warm-up) ``case['repeats']``
-    rounds of :func:`paired_times`, the first of which also measures the memory, and any
+    """The result record of one case: the case, then (after the untimed warm-up) one untimed
+    step's memory and ``case['repeats']`` rounds of :func:`paired_times`, and any
     suite-specific ``extra`` fields."""
     leaves = list(leaves)
-    base = _warm(step, reference, _clearer(leaves), warmup)
+    clear = _clearer(leaves)
     result = dict(case)
-    result.update(paired_times(step, reference, int(case.get("repeats", 3)), leaves, base_rss=base))
+    result.update(_step_peak(step, clear, _warm(step, reference, clear, warmup)))
+    result.update(paired_times(step, reference, int(case.get("repeats", 3)), leaves))
     result.update(extra)
     return result
 
