@@ -4,16 +4,16 @@ The elementwise math of a fused loss (row statistics, the row loss, the gradient
 the logits block) is one plain torch function of a ``(n, V)`` block and per-row tensors.
 :class:`RowKernel` runs it compiled (``torch.compile(fn, dynamic=True, fullgraph=True)``: the
 16-bit block is read and overwritten in place; on CPU a kernel made with ``cpu='tiled'`` runs
-on row tiles of about ``_TILE_BYTES``, which stay in the L2 caches) or eagerly on row sub-blocks of about
-``_SUB_BYTES`` per float32 temporary, with the same values.
+on row tiles of about ``_TILE_BYTES``, which stay in the L2 caches) or eagerly on row
+sub-blocks of about ``_SUB_BYTES`` per float32 temporary, with the same values.
 
 Mode ``'auto'`` (default): compiled on CUDA from the first call; on CPU only where
-:meth:`RowKernel.compile_pays` (kernels made with ``cpu='compiled'`` or ``'tiled'``), tiered like a JIT: a signature
-(:func:`_signature`) runs eagerly in the first loss call that meets it; a LATER loss call
-(:func:`new_loss_call`) hands a copy of a few rows to one background daemon thread that compiles
-it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile, so the caller's small
-eager ops do not wait for the interpreter lock), and calls run compiled once it is ready
-(:func:`wait_for_compiles`). Eager wherever compiling is unavailable or does not pay.
+:meth:`RowKernel.compile_pays` (kernels made with ``cpu='compiled'`` or ``'tiled'``), tiered
+like a JIT: a signature (:func:`_signature`) runs eagerly in the first loss call that meets it;
+a LATER loss call (:func:`new_loss_call`) hands a copy of a few rows to one background daemon
+thread that compiles it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile,
+so the caller's small eager ops do not wait for the interpreter lock), and calls run compiled
+once it is ready (:func:`wait_for_compiles`). Eager wherever compiling is unavailable or does not pay.
 ``'compiled'`` compiles every kernel on the calling thread (errors propagate); ``'eager'`` never
 compiles (:func:`set_kernel_mode` or ``LEANLOSS_KERNELS``). A compile failure in ``'auto'`` falls
 back to eager for the process, with one warning. The measurements behind this policy:
