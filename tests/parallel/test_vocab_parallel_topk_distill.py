@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import leanloss
-from _spawn import run_cases
+from _spawn import run_cases, run_ranks
 from leanloss.errors import LeanlossTypeError, LeanlossValueError, TargetOutOfRangeError
 from leanloss.parallel import vocab_parallel_linear_topk_distill_loss
 
@@ -118,6 +118,37 @@ def test_two_ranks_equal_the_one_process_loss_and_the_dense_oracle(tmp_path):
             if case["dtensor"] and got["placements"] != ["(Shard(dim=0),)"] * 2:
                 failures.append(f"{name} rank {rank}: gradient placements {got['placements']}")
     assert not failures, "\n".join(failures)
+
+
+def _differing_teacher(rank: int, world: int, case: dict) -> dict:
+    """Each rank's error (class, message) when rank 1's teacher ids, or its log-probabilities,
+    differ from rank 0's in one entry; and the loss when they agree."""
+    start = sum(case["sizes"][:rank])
+    w = case["weight"][start:start + case["sizes"][rank]]
+    out = {}
+    for name in ("same", "topk_ids", "topk_logprobs"):
+        ids, lps = case["ids"].clone(), case["logprobs"].clone()
+        if rank == 1 and name == "topk_ids":
+            ids[5, 0] = (ids[5, 0] + 1) % sum(case["sizes"])
+        if rank == 1 and name == "topk_logprobs":
+            lps[5, 0] -= 0.25
+        try:
+            loss = vocab_parallel_linear_topk_distill_loss(case["hidden"], w, ids, lps, case["target"])
+            out[name] = (None, float(loss))
+        except Exception as exc:  # noqa: BLE001 -- reported to the test
+            out[name] = (type(exc), str(exc))
+    return out
+
+
+def test_teacher_entries_must_agree_across_ranks(tmp_path):
+    """Different top-k ids or log-probabilities on one rank raise on EVERY rank, naming the
+    argument (no rank is left waiting in a collective, no loss is silently wrong)."""
+    results = run_ranks(_differing_teacher, 2, CASES["fp64_uneven_mean"], tmp_path, timeout_s=60)
+    for rank, res in enumerate(results):
+        assert res["same"][0] is None, res["same"]
+        for name in ("topk_ids", "topk_logprobs"):
+            error, message = res[name]
+            assert error is LeanlossValueError and f"'{name}'" in message and "identical" in message, (rank, res)
 
 
 @pytest.mark.parametrize("reduction, temperature, hard_weight", [

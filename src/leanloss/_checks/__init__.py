@@ -7,13 +7,15 @@
   message formatters, and :func:`warn`;
 * :mod:`.losses`: validators of one loss's arguments (class weights, label smoothing, targets,
   fused LM-head inputs, distillation options, top-k teachers);
-* :mod:`.distributed`: the target summaries a vocab-parallel group checks together.
+* :mod:`.distributed`: the summaries of targets (and other per-row tensors that must agree)
+  that a vocab-parallel group checks together.
 
 Callers use the names below as ``_checks.<name>``.
 """
 from .. import errors
 from ..errors import *  # noqa: F403 - the public error classes, re-exported (errors.__all__)
-from .distributed import TARGET_SUMMARY_SIZE, check_targets_across_ranks, target_summary
+from .distributed import (TARGET_SUMMARY_SIZE, check_identical_across_ranks, check_targets_across_ranks,
+                          fingerprint, target_summary)
 from .losses import (
     DISTILL_KINDS,
     check_class_weight,
@@ -88,4 +90,6 @@ __all__ = errors.__all__ + [
     "TARGET_SUMMARY_SIZE",
     "target_summary",
     "check_targets_across_ranks",
+    "fingerprint",
+    "check_identical_across_ranks",
 ]

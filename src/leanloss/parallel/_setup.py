@@ -5,7 +5,7 @@ arguments made local (``docs/internals.md``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -123,33 +123,44 @@ def local_args(fn: str, sharded: dict, whole: dict, group, vocab_start, dim: int
 
 
 def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], group, vocab_start,
-             ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None) -> VocabShard:
+             ignore_index: int, check_vocab=None, sizes: Optional[Sequence[int]] = None,
+             same: Sequence[Tuple[str, Tensor]] = ()) -> VocabShard:
     """This rank's shard (``sizes``: every rank's slice size when known), with ``target``
-    (``None``: none) checked against the batch ``like.shape[:-1]`` and the global vocabulary, on
-    every rank at once (``docs/internals.md``, setting up a shard); ``check_vocab(V)``: metadata
-    checks that need the global vocabulary."""
-    payload = None
+    (``None``: none) checked against the batch ``like.shape[:-1]`` and the global vocabulary, and
+    the named integer tensors ``same`` checked to be identical, on every rank at once
+    (``docs/internals.md``, setting up a shard); ``check_vocab(V)``: metadata checks that need
+    the global vocabulary."""
+    parts = []
+    checking = _checks.values_enabled() and resolve_group(fn, group)[1] > 1
     if target is not None:
         _checks.check_tensor(fn, "target", target)
         if _checks.shapes_enabled():
             _checks.check_row_targets(fn, target, like.shape[:-1], "the input (all but its last dimension)")
-        if _checks.values_enabled() and resolve_group(fn, group)[1] > 1:
-            payload = _checks.target_summary(target, ignore_index)
-    shard, summaries = vocab_shard(fn, group, local_vocab, vocab_start, like.device, sizes=sizes, payload=payload)
+        if checking:
+            parts.append(_checks.target_summary(target, ignore_index))
+    if checking:
+        parts += [_checks.fingerprint(t) for _, t in same]
+    shard, summaries = vocab_shard(fn, group, local_vocab, vocab_start, like.device, sizes=sizes,
+                                   payload=torch.cat(parts) if parts else None)
     if target is not None:
         _checks.check_index_target_range(fn, target, shard.vocab, ignore_index)
     if summaries is not None:
-        _checks.check_targets_across_ranks(fn, summaries, shard.vocab, ignore_index)
+        if target is not None:
+            _checks.check_targets_across_ranks(fn, summaries[:, :_checks.TARGET_SUMMARY_SIZE], shard.vocab,
+                                               ignore_index)
+            summaries = summaries[:, _checks.TARGET_SUMMARY_SIZE:]
+        for i, (name, _) in enumerate(same):
+            _checks.check_identical_across_ranks(fn, name, summaries[:, 3 * i:3 * i + 3])
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
     return shard
 
 
 def shard_finder(fn: str, target: Optional[Tensor], group, vocab_start, ignore_index: int,
-                 sizes: Optional[Sequence[int]]) -> Callable:
+                 sizes: Optional[Sequence[int]], same: Sequence[Tuple[str, Tensor]] = ()) -> Callable:
     """``vocab_of(head)``: :func:`shard_of` the (autocast) head's hidden states and rows."""
     return lambda head: shard_of(fn, head.hidden, head.weight.shape[0], target, group, vocab_start,
-                                 ignore_index, sizes=sizes)
+                                 ignore_index, sizes=sizes, same=same)
 
 
 def ce_shard(fn: str, like: Tensor, local_vocab: int, target: Tensor, group, vocab_start: Optional[int],

@@ -224,6 +224,8 @@ def vocab_parallel_linear_topk_distill_loss(
         dict(student_hidden=student_hidden, topk_ids=topk_ids, topk_logprobs=topk_logprobs, target=target),
         group, vocab_start)
     return run_topk(fn, Head(*(args[name] for name in _STUDENT)), args["topk_ids"], args["topk_logprobs"],
-                    args["target"], shard_finder(fn, args["target"], group, vocab_start, ignore_index, sizes),
+                    args["target"], shard_finder(fn, args["target"], group, vocab_start, ignore_index, sizes,
+                                                 same=(("topk_ids", args["topk_ids"]),
+                                                       ("topk_logprobs", args["topk_logprobs"]))),
                     temperature=temperature, ignore_index=ignore_index, hard_weight=hard_weight,
                     reduction=reduction, chunk_size=chunk_size, check_range=False, names=_STUDENT)
