@@ -86,8 +86,7 @@ class Scorer(Protocol):
 
     ``score(block, rows, saved, upstream)``: ``block`` is the ``(n, V)`` logits of the engine's
     ``rows`` (a ``slice``, never empty: index per-row state with it), in the compute dtype, or in
-    the 16-bit matmul dtype for a scorer with ``low_precision_blocks`` (on CPU only in a pass that
-    writes a gradient: see :func:`_run`); the scorer may overwrite it
+    the 16-bit matmul dtype for a scorer with ``low_precision_blocks``; the scorer may overwrite it
     and must not keep it (the next block reuses its memory). ``saved``: ``None`` on a block's first
     scoring, else the statistics that scoring saved. ``upstream``: ``None``, or the ``(n, outputs)``
     upstream gradients in the compute dtype; then the scorer overwrites ``block`` with the dense
@@ -374,13 +373,8 @@ def _run(source, plan: "_Plan", upstream_of, memo: Optional[Dict[int, Tensor]] =
     source.start(chunk, plan.needs, upstream_of is not None, dtype)
     if m == 0:
         return values
-    # 16-bit blocks go through float32 work sub-blocks for a scorer that cannot read them, and
-    # on CPU in a pass that writes no gradient: inductor's CPU reductions over a 16-bit input
-    # run about twice as long as over float32 (the log-prob statistics of a bf16 512 x 32000
-    # block: 28 ms in place, 14 ms copied), while its gradient passes are faster in place.
     upcast = None
-    if source.block_dtype != dtype and (not scorer.low_precision_blocks or (
-            upstream_of is None and source.device.type == "cpu")):
+    if source.block_dtype != dtype and not scorer.low_precision_blocks:
         upcast = _Upcast(source.width, plan.policy_vocab, dtype, source.device)
     for rows in _chunks(m, chunk):
         z = source.block(rows)
