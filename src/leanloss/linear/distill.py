@@ -116,9 +116,11 @@ class DistillScorer:
             else:  # a vocabulary slice: the statistics' collectives on a block's first scoring only
                 keep = self._statistics(y, b, part) if saved is None else saved[sub]
                 if g is not None and self.vocab.size > 0:  # keep: loss, lse_a, lse_b, lse_z, div sums
-                    DISTILL_GRAD_KERNEL(y, b, keep[:, 1].contiguous(), keep[:, 2].contiguous() if b is not None else None,
-                                        keep[:, 3].contiguous() if self.local_target is not None else None,
-                                        keep[:, 4:].contiguous() if b is not None else None, g[sub], **self.options)
+                    lse_a = keep[:, 1].contiguous()
+                    lse_b = keep[:, 2].contiguous() if b is not None else None
+                    lse_z = keep[:, 3].contiguous() if self.local_target is not None else None
+                    div_sums = keep[:, 4:].contiguous() if b is not None else None
+                    DISTILL_GRAD_KERNEL(y, b, lse_a, lse_b, lse_z, div_sums, g[sub], **self.options)
                 losses.append(keep[:, 0])
                 saveds.append(keep)
             if slope is not None:  # the gradient with respect to y, chained through the cap
