@@ -14,8 +14,8 @@ Callers use the names below as ``_checks.<name>``.
 """
 from .. import errors
 from ..errors import *  # noqa: F403 - the public error classes, re-exported (errors.__all__)
-from .distributed import (TARGET_SUMMARY_SIZE, check_identical_across_ranks, check_targets_across_ranks,
-                          fingerprint, target_summary)
+from .distributed import (FINGERPRINT_SIZE, TARGET_SUMMARY_SIZE, check_identical_across_ranks,
+                          check_targets_across_ranks, fingerprint, target_summary)
 from .losses import (
     DISTILL_KINDS,
     check_class_weight,
@@ -90,6 +90,7 @@ __all__ = errors.__all__ + [
     "TARGET_SUMMARY_SIZE",
     "target_summary",
     "check_targets_across_ranks",
+    "FINGERPRINT_SIZE",
     "fingerprint",
     "check_identical_across_ranks",
 ]

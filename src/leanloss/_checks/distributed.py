@@ -9,8 +9,10 @@ from torch import Tensor
 
 from ..errors import LeanlossValueError, TargetOutOfRangeError
 
-#: Length of :func:`target_summary`.
-TARGET_SUMMARY_SIZE = 5
+#: Length of :func:`fingerprint`.
+FINGERPRINT_SIZE = 3
+#: Length of :func:`target_summary`: the lowest and highest id, then the :func:`fingerprint`.
+TARGET_SUMMARY_SIZE = 2 + FINGERPRINT_SIZE
 
 
 def fingerprint(t: Tensor) -> Tensor:
@@ -63,4 +65,4 @@ def check_targets_across_ranks(fn: str, summaries: Tensor, num_classes: int, ign
                 f"group must hold class indices in [0, {num_classes - 1}] (or "
                 f"ignore_index={ignore_index}), got {value}"
             )
-    check_identical_across_ranks(fn, "target", summaries[:, 2:])
+    check_identical_across_ranks(fn, "target", summaries[:, TARGET_SUMMARY_SIZE - FINGERPRINT_SIZE:])

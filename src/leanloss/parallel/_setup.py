@@ -127,7 +127,7 @@ def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], 
              same: Sequence[Tuple[str, Tensor]] = ()) -> VocabShard:
     """This rank's shard (``sizes``: every rank's slice size when known), with ``target``
     (``None``: none) checked against the batch ``like.shape[:-1]`` and the global vocabulary, and
-    the named integer tensors ``same`` checked to be identical, on every rank at once
+    the named tensors ``same`` checked to be identical, on every rank at once
     (``docs/internals.md``, setting up a shard); ``check_vocab(V)``: metadata checks that need
     the global vocabulary."""
     parts = []
@@ -149,8 +149,9 @@ def shard_of(fn: str, like: Tensor, local_vocab: int, target: Optional[Tensor], 
             _checks.check_targets_across_ranks(fn, summaries[:, :_checks.TARGET_SUMMARY_SIZE], shard.vocab,
                                                ignore_index)
             summaries = summaries[:, _checks.TARGET_SUMMARY_SIZE:]
+        size = _checks.FINGERPRINT_SIZE
         for i, (name, _) in enumerate(same):
-            _checks.check_identical_across_ranks(fn, name, summaries[:, 3 * i:3 * i + 3])
+            _checks.check_identical_across_ranks(fn, name, summaries[:, size * i:size * (i + 1)])
     if _checks.shapes_enabled() and check_vocab is not None:
         check_vocab(shard.vocab)
     return shard
