@@ -29,7 +29,8 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Deque, Dict, Hashable, Iterator, List, Optional, Sequence, Set, Tuple
+import weakref
+from typing import Any, Callable, Deque, Dict, Hashable, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor
@@ -133,7 +134,7 @@ class RowKernel:
         self._queued: Set[Hashable] = set()
         # signature -> the loss call that first met it (not compiled yet)
         self._first_seen: Dict[Hashable, int] = {}
-        _kernels.append(self)
+        _kernels.add(self)
 
     def compile_pays(self, block: Tensor) -> bool:
         """Whether the compiled form beats the eager one for ``block``'s device (in ``'auto'``):
@@ -163,7 +164,8 @@ class RowKernel:
                     raise
                 _disable_compiled(exc)
                 _warn_disabled(self.name)
-        return _by_rows(self.fn, block, row_args, options, max(1, _SUB_BYTES // (4 * max(block.shape[1], 1))), alias=False)
+        sub_rows = max(1, _SUB_BYTES // (4 * max(block.shape[1], 1)))  # _SUB_BYTES of float32 per temporary
+        return _by_rows(self.fn, block, row_args, options, sub_rows, alias=False)
 
     def _ready_or_queue(self, block: Tensor, row_args: Sequence[Optional[Tensor]], options) -> bool:
         """True where this call's signature is compiled; otherwise False, and where a later loss
@@ -184,8 +186,9 @@ class RowKernel:
             del self._first_seen[key]
             self._queued.add(key)
         rows = block.shape[0] if block.shape[0] < 4 else (4 if block.shape[0] < _WARM_ROWS else _WARM_ROWS)
-        _submit(functools.partial(self._compile_in_background, key, _copy_rows(block, rows),
-                                  tuple(None if a is None else _copy_rows(a, rows) for a in row_args), dict(options), state))
+        row_copies = tuple(None if a is None else _copy_rows(a, rows) for a in row_args)
+        _submit(functools.partial(self._compile_in_background, key, _copy_rows(block, rows), row_copies,
+                                  dict(options), state))
         return False
 
     def _compile_in_background(self, key: Hashable, block: Tensor, row_args: tuple, options: Dict[str, Any],
@@ -270,7 +273,7 @@ def _signature(block: Tensor, row_args: Sequence[Optional[Tensor]], options: Dic
 
 
 # The background compiler: one daemon thread, one job at a time.
-_kernels: List["RowKernel"] = []  # every kernel made, for compiles_deferred
+_kernels: "weakref.WeakSet[RowKernel]" = weakref.WeakSet()  # every live kernel, for compiles_deferred
 _lock = threading.Lock()
 _changed = threading.Condition(_lock)
 _jobs: Deque[Callable[[], None]] = collections.deque()
