@@ -240,8 +240,12 @@ def test_one_step_equals_trl_in_float32(name):
     want_logs, want_grads = _step(TRAINERS[name], leanloss=False)
     got_logs, got_grads = _step(TRAINERS[name], leanloss=True)
     _assert_close_dicts(got_logs, want_logs, 1e-5, 1e-7, f"{name} logs")
+    # Two float32 computations of the same gradient in a different order (TRL's chunks; leanloss's
+    # native or compiled kernels) differ by a few roundings of the largest terms where entries
+    # cancel toward 0: measured up to 1.7e-6 of the largest entry (the JSD through a native
+    # kernel); a wrong term would be off by orders of magnitude more.
     scale = max(g.abs().max().item() for g in want_grads.values())
-    _assert_close_dicts(got_grads, want_grads, 1e-5, 1e-6 * scale, f"{name} gradient")
+    _assert_close_dicts(got_grads, want_grads, 1e-5, 4e-6 * scale, f"{name} gradient")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import native
 from .kernels import RowKernel, row_logsumexp, row_softmax
 
 __all__ = ["resolve_kind", "divergence_sums", "divergence_finish", "divergence_grad", "hard_loss",
@@ -186,6 +187,6 @@ def distill_grad_block(a: Tensor, b: Optional[Tensor], lse_a: Tensor, lse_b: Opt
     return ()
 
 
-DISTILL_KERNEL = RowKernel(distill_block, "distillation", cpu="tiled")
+DISTILL_KERNEL = RowKernel(distill_block, "distillation", cpu="tiled", native=native.distill)
 EXP_SUMS_KERNEL = RowKernel(exp_sums_block, "distillation statistics")
 DISTILL_GRAD_KERNEL = RowKernel(distill_grad_block, "distillation gradient")

@@ -14,6 +14,8 @@ a LATER loss call (:func:`new_loss_call`) hands a copy of a few rows to one back
 thread that compiles it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile,
 so the caller's small eager ops do not wait for the interpreter lock), and calls run compiled
 once it is ready (:func:`wait_for_compiles`). Eager wherever compiling is unavailable or does not pay.
+A kernel with a native form (the distillation block: :mod:`leanloss._fused.native`) runs that
+form on CPU in ``'auto'`` wherever it applies, instead of either.
 ``'compiled'`` compiles every kernel on the calling thread (errors propagate); ``'eager'`` never
 compiles (:func:`set_kernel_mode` or ``LEANLOSS_KERNELS``). A compile failure in ``'auto'`` falls
 back to eager for the process, with one warning. The measurements behind this policy:
@@ -120,14 +122,18 @@ class RowKernel:
     per row (a class-weight vector, say); bools select code paths (one compiled graph each).
     ``cpu``: how mode ``'auto'`` runs it on CPU: ``'eager'``, ``'compiled'`` (tiered), or
     ``'tiled'`` (tiered, on row tiles: for kernels that read several block-wide inputs).
+    ``native``: ``fn``'s values computed natively on CPU (:mod:`leanloss._fused.native`), or
+    ``None`` where that does not apply; mode ``'auto'`` tries it first.
     """
 
-    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, cpu: str = "eager") -> None:
+    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, *, cpu: str = "eager",
+                 native: Optional[Callable[..., Optional[Tuple[Tensor, ...]]]] = None) -> None:
         if cpu not in ("eager", "compiled", "tiled"):
             raise ValueError(f"RowKernel: argument 'cpu' must be 'eager', 'compiled' or 'tiled', got {cpu!r}")
         self.fn = fn
         self.name = name
         self.cpu = cpu
+        self.native = native
         self._compiled: Optional[Callable] = None
         # signatures (see _signature) compiled in the background / handed to it
         self._ready: Set[Hashable] = set()
@@ -155,6 +161,10 @@ class RowKernel:
 
     def __call__(self, block: Tensor, *row_args: Optional[Tensor], **options) -> Tuple[Tensor, ...]:
         _report_background_failure()
+        if self.native is not None and _mode == "auto" and block.device.type == "cpu":
+            out = self.native(block, *row_args, **options)
+            if out is not None:
+                return out
         if self.use_compiled(block) and (_mode == "compiled" or block.device.type != "cpu"
                                          or self._ready_or_queue(block, row_args, options)):
             try:

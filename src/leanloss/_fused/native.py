@@ -1,0 +1,142 @@
+"""Native CPU row kernels: ``native_rows.c``, built at run time with the system C compiler.
+
+On CPU the distillation kernel's elementwise work (two exponentials and a logarithm per logit)
+is what a step spends beyond its matmuls. Inductor's kernel for it makes six passes with
+tile-sized float32 buffers; ``native_rows.c`` makes four passes over a row that stays in cache,
+with one exponential per operand and logit and glibc's vector math. It computes
+:func:`~leanloss._fused.distill_rows.distill_block`'s values (the tests hold it to them) for
+float32 and bfloat16 blocks.
+
+The library is built once per process, the first time a kernel asks for it (``cc -O3
+-march=native``, about 0.4 s, less than the eager form of one large block; ``CC`` in the
+environment names another compiler). Where it cannot be built (no compiler, a build error:
+:func:`status` says why) the torch form runs. ``LEANLOSS_NATIVE=0`` turns it off; kernel modes
+other than ``'auto'`` never use it.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["distill", "library", "status"]
+
+_SOURCE = Path(__file__).with_name("native_rows.c")
+_KINDS = {"forward": 0, "reverse": 1, "jsd": 2}
+_DTYPES = (torch.float32, torch.bfloat16)
+# Blocks with fewer elements run on the calling thread only.
+_MIN_THREADED_NUMEL = 2**16
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_state = "not built"  # -> "ready" | "failed: <why>"
+
+
+def _enabled() -> bool:
+    return os.environ.get("LEANLOSS_NATIVE", "1") not in ("0", "")
+
+
+def status() -> str:
+    """``'ready'``, ``'not built'`` (not asked for yet), ``'off'`` (``LEANLOSS_NATIVE=0``) or
+    ``'failed: <why>'``."""
+    return "off" if not _enabled() else _state
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded library (built on the first call), or None: it failed to build, or it is off."""
+    global _lib, _state
+    if _lib is not None or not _enabled():
+        return _lib
+    with _lock:
+        if _state == "not built":
+            _lib, _state = _build()
+    return _lib
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # a build on another thread of the parent does not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _compile_commands(cc: str, source: Path, out: Path) -> List[List[str]]:
+    """The build, tuned for this CPU first, then plain (a compiler without ``-march=native``)."""
+    base = [cc, "-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
+    tuned = ["-march=native"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        tuned.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it
+    files = [str(source), "-o", str(out), "-lm"]
+    return [base + tuned + files, base + files]
+
+
+def _build() -> Tuple[Optional[ctypes.CDLL], str]:
+    """Compile ``native_rows.c`` into a temporary folder (removed at exit) and load it."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None, "failed: no C compiler (cc, gcc or clang) on PATH"
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="leanloss-native-"))
+        atexit.register(shutil.rmtree, folder, True)
+        out = folder / "native_rows.so"
+        for command in _compile_commands(cc, _SOURCE, out):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if done.returncode == 0:
+                break
+        else:
+            return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
+        lib = ctypes.CDLL(str(out))
+        lib.leanloss_distill.restype = ctypes.c_int
+        lib.leanloss_distill.argtypes = (
+            [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] + [ctypes.c_float] * 3 + [ctypes.c_int] * 3)
+        return lib, "ready"
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"failed: {type(exc).__name__}: {exc}"
+
+
+def _is_plain(t: Optional[Tensor], dtypes=_DTYPES) -> bool:
+    return (t is not None and type(t) is Tensor and t.device.type == "cpu" and t.dtype in dtypes
+            and t.is_contiguous() and not t.requires_grad)
+
+
+def _pointer(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def distill(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *, kind: str,
+            beta: float, temperature: float, hard_weight: float, dtype: torch.dtype) -> Optional[Tuple[Tensor]]:
+    """:func:`~leanloss._fused.distill_rows.distill_block` natively, or ``None`` where it does
+    not apply (no library, a float16 or float64 block, no teacher, a hard term at
+    ``T != 1``, a tensor subclass or dispatch mode): the caller then runs the torch form."""
+    if (b is None or a.numel() == 0 or dtype != torch.float32 or kind not in _KINDS or a.dim() != 2 or not _is_plain(a)
+            or not _is_plain(b) or b.shape != a.shape or (a_y is not None and temperature != 1.0)
+            or _get_current_dispatch_mode() is not None):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    a_y = None if a_y is None else a_y.to(torch.float32).contiguous()
+    g = None if g is None else g.to(torch.float32).contiguous()
+    if not all(t is None or (_is_plain(t, (torch.float32,)) and t.shape == (a.shape[0],)) for t in (a_y, g)):
+        return None
+    n, v = a.shape
+    loss = torch.empty(n, dtype=torch.float32)
+    threads = torch.get_num_threads() if a.numel() >= _MIN_THREADED_NUMEL else 1
+    failed = lib.leanloss_distill(
+        _pointer(a), _pointer(b), _pointer(a_y), _pointer(g), _pointer(loss), n, v, _KINDS[kind], beta,
+        (1.0 - hard_weight) * temperature * temperature, hard_weight, a.dtype == torch.bfloat16,
+        b.dtype == torch.bfloat16, threads)
+    return None if failed else (loss,)

@@ -1,0 +1,220 @@
+"""Native row kernels (leanloss._fused.native): the C form of the distillation block computes
+the torch form's values, is used only where it applies, and its absence changes nothing."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import leanloss
+from leanloss._fused import kernels, native
+from leanloss._fused.distill_rows import DISTILL_KERNEL, distill_block
+from leanloss._fused.kernels import RowKernel
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture
+def lib():
+    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    got = native.library()
+    assert got is not None, native.status()
+    return got
+
+
+def _block(n, v, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g) * scale).to(dtype)
+
+
+def _torch_form(a, b, a_y, g, **options):
+    before = kernels.get_kernel_mode()
+    kernels.set_kernel_mode("eager")
+    try:
+        out = a.clone()
+        (loss,) = distill_block(out, b, a_y, g, dtype=F32, **options)
+    finally:
+        kernels.set_kernel_mode(before)
+    return loss, out
+
+
+def _assert_grad_close(got, want):
+    """float32: to the rounding of terms as large as the largest; 16-bit: one unit in the last place."""
+    scale = want.float().abs().max().item()
+    if got.dtype == F32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("a_dtype,b_dtype", [(F32, F32), (BF16, BF16), (F32, BF16), (BF16, F32)])
+@pytest.mark.parametrize("kind,beta", [("forward", 0.5), ("reverse", 0.5), ("jsd", 0.5), ("jsd", 0.1)])
+@pytest.mark.parametrize("hard,temperature,grad", [(False, 1.0, True), (True, 1.0, True), (False, 2.0, True),
+                                                   (True, 1.0, False)])
+def test_native_equals_torch_form(lib, a_dtype, b_dtype, kind, beta, hard, temperature, grad):
+    n, v = 7, 301
+    a, b = _block(n, v, a_dtype, seed=1), _block(n, v, b_dtype, seed=2)
+    a_y = a[:, 5].float() if hard else None
+    g = torch.rand(n) if grad else None
+    options = dict(kind=kind, beta=beta, temperature=temperature, hard_weight=0.3 if hard else 0.0)
+    want_loss, want = _torch_form(a, b, a_y, g, **options)
+    got = a.clone()
+    result = native.distill(got, b, a_y, g, dtype=F32, **options)
+    assert result is not None
+    torch.testing.assert_close(result[0], want_loss, rtol=2e-6, atol=2e-6)
+    if grad:
+        _assert_grad_close(got, want)
+    else:
+        assert torch.equal(got, a)  # without an upstream gradient the block is left as it was
+
+
+def test_rows_split_over_threads(lib):
+    """Several threads share the rows (an odd count); each row's result is the one-thread one."""
+    n, v = 37, 4096
+    a, b = _block(n, v, BF16, seed=3), _block(n, v, BF16, seed=4)
+    g = torch.rand(n)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            z = a.clone()
+            outs.append((native.distill(z, b, None, g, kind="jsd", beta=0.5, temperature=1.0, hard_weight=0.0,
+                                        dtype=F32)[0], z))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dtype,bound", [(BF16, 1.01), (F32, 2.0)])
+def test_gradient_error_against_float64(lib, dtype, bound):
+    """Against float64 on the same logits, the native gradient is as accurate as the torch
+    form's: in bfloat16 both round the float32 result once; in float32 both are a few roundings
+    off where the JSD's terms cancel (ratios 0.8-1.5 measured over betas and seeds)."""
+    n, v = 64, 2000
+    a, b = _block(n, v, dtype, seed=5), _block(n, v, dtype, seed=6)
+    g = torch.full((n,), 1.0 / n)
+    x = a.double().requires_grad_()
+    q, p = x.log_softmax(1), b.double().log_softmax(1)
+    m = torch.logsumexp(torch.stack([q, p]), 0) - torch.tensor(2.0, dtype=torch.float64).log()
+    jsd = 0.5 * (p.exp() * (p - m)).sum(1) + 0.5 * (q.exp() * (q - m)).sum(1)
+    (exact,) = torch.autograd.grad((jsd * g.double()).sum(), x)
+    options = dict(kind="jsd", beta=0.5, temperature=1.0, hard_weight=0.0)
+    _, torch_form = _torch_form(a, b, None, g, **options)
+    got = a.clone()
+    native.distill(got, b, None, g, dtype=F32, **options)
+    err_native = (got.double() - exact).abs().max().item()
+    err_torch = (torch_form.double() - exact).abs().max().item()
+    assert err_native <= bound * err_torch, (err_native, err_torch)
+    assert err_native < (2**-8 if dtype == BF16 else 1e-5) * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("case", ["float16", "float64", "no teacher", "hard term at T=2", "strided", "grad mode"])
+def test_does_not_apply(lib, case):
+    n, v = 4, 64
+    a, b = _block(n, v, F32), _block(n, v, F32, seed=1)
+    a_y, temperature = None, 1.0
+    if case == "float16":
+        a, b = a.half(), b.half()
+    elif case == "float64":
+        a, b = a.double(), b.double()
+    elif case == "no teacher":
+        b = None
+    elif case == "hard term at T=2":
+        a_y, temperature = a[:, 0].clone(), 2.0
+    elif case == "strided":
+        a = _block(n, 2 * v, F32)[:, ::2]
+    elif case == "grad mode":
+        a.requires_grad_()
+    assert native.distill(a, b, a_y, None, kind="jsd", beta=0.5, temperature=temperature, hard_weight=0.5,
+                          dtype=F32) is None
+
+
+def test_row_kernel_tries_native_in_auto_mode_only():
+    calls = []
+
+    def torch_form(block):
+        return (block.sum(1),)
+
+    def native_form(block):
+        calls.append(kernels.get_kernel_mode())
+        return (block.sum(1) + 1,)
+
+    kernel = RowKernel(torch_form, "test", native=native_form)
+    block = torch.ones(3, 4)
+    before = kernels.get_kernel_mode()
+    try:
+        outs = {}
+        for mode in ("auto", "eager", "compiled"):
+            kernels.set_kernel_mode(mode)
+            outs[mode] = kernel(block)[0]
+    finally:
+        kernels.set_kernel_mode(before)
+    assert calls == ["auto"]
+    assert outs["auto"].tolist() == [5.0] * 3 and outs["eager"].tolist() == [4.0] * 3
+    # a native form that does not apply (None) leaves the call to the torch form
+    assert RowKernel(torch_form, "test", native=lambda block: None)(block)[0].tolist() == [4.0] * 3
+
+
+@pytest.fixture
+def fresh_build(monkeypatch):
+    """The module as in a process that has not built the library yet."""
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_state", "not built")
+    return monkeypatch
+
+
+def test_build_failure_leaves_the_torch_form(fresh_build, tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'no compiling today' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    fresh_build.setenv("CC", str(broken))
+    h, w = torch.randn(6, 8), torch.randn(50, 8, requires_grad=True)
+    ht, wt = torch.randn(6, 8), torch.randn(50, 8)
+    loss = leanloss.linear_distill_loss(h, w, ht, wt, kind="jsd")
+    assert native.status().startswith("failed:") and "exited with 3" in native.status()
+    assert "no compiling today" in native.status()
+    assert native.library() is None  # tried once per process
+    kernels.set_kernel_mode("eager")
+    try:
+        torch.testing.assert_close(loss, leanloss.linear_distill_loss(h, w, ht, wt, kind="jsd"))
+    finally:
+        kernels.set_kernel_mode("auto")
+
+
+def test_no_compiler(fresh_build):
+    fresh_build.delenv("CC", raising=False)
+    fresh_build.setattr(native.shutil, "which", lambda name: None)
+    assert native.library() is None
+    assert native.status() == "failed: no C compiler (cc, gcc or clang) on PATH"
+
+
+def test_switched_off(fresh_build):
+    fresh_build.setenv("LEANLOSS_NATIVE", "0")
+    assert native.status() == "off" and native.library() is None
+    a, b = _block(3, 40, F32), _block(3, 40, F32, seed=1)
+    assert native.distill(a, b, None, None, kind="jsd", beta=0.5, temperature=1.0, hard_weight=0.0, dtype=F32) is None
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_fused_loss_with_and_without_native(lib, dtype):
+    """linear_distill_loss in 'auto' (native) equals the eager torch form, value and gradients."""
+    torch.manual_seed(0)
+    h = (torch.randn(40, 16) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(600, 16) * 0.3).to(dtype).requires_grad_()
+    ht, wt = (torch.randn(40, 16) * 0.5).to(dtype), (torch.randn(600, 16) * 0.3).to(dtype)
+    target = torch.randint(0, 600, (40,))
+    runs = []
+    for mode in ("auto", "eager"):
+        kernels.set_kernel_mode(mode)
+        try:
+            loss = leanloss.linear_distill_loss(h, w, ht, wt, target, kind="jsd", beta=0.3, hard_weight=0.2)
+            runs.append((loss, *torch.autograd.grad(loss, (h, w))))
+        finally:
+            kernels.set_kernel_mode("auto")
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == F32 else dict(rtol=2e-2, atol=1e-4)
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, **tol)
+    assert DISTILL_KERNEL.native is native.distill
