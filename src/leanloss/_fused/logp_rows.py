@@ -48,6 +48,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import native
 from .ce_rows import softcap_slope, transform
 from .kernels import RowKernel
 
@@ -137,31 +138,64 @@ def logp_stats_block(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: floa
     return tuple(out)
 
 
-def _dense_grad(y: Tensor, lse: Tensor, ent: Optional[Tensor], log_sum_sq: Optional[Tensor],
-                a: Tensor, b: Optional[Tensor], g: Optional[Tensor], k: Optional[Tensor], *,
-                scale: float, softcap: Optional[float], num_classes: int) -> Tensor:
-    """The module docstring's gradient without ``a [c == t]``, times ``dy/dz``, at the
-    transformed logits ``y`` (``(n, V)`` with row statistics ``(n, 1)``, or ``(n,)`` with
-    ``(n,)``); ``None`` for a statistic not asked for."""
-    log_p = y - lse
-    p = log_p.exp()
-    shift = a
-    inner = None
+def _stats_natively(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: float, softcap: Optional[float],
+                    num_classes: int, entropy: bool, log_sum_sq: bool, mean: bool, top1: bool):
+    """:func:`logp_stats_block` with the row sums from :func:`leanloss._fused.native.logp_sums`
+    (without softcap, in float32); ``None`` where that does not apply."""
+    if softcap is not None or x_t.dtype != torch.float32:
+        return None
+    stats = LogProbStats(entropy, log_sum_sq, mean, top1)
+    got = native.logp_sums(z, scale, t if top1 else None, all_sums=entropy or log_sum_sq or mean)
+    if got is None:
+        return None
+    m, s, u, q, y_sum, before = got
+    sums = [s, *(v for v, on in ((u, entropy), (q, log_sum_sq), (y_sum, mean)) if on)]
+    y_t = transform(x_t, scale, None)
+    out = finish_stats(m, sums, y_t, stats, num_classes)
+    if top1:
+        out.append(is_top1(y_t, m, before))
+    return tuple(out)
+
+
+def _coefficients(ent: Optional[Tensor], log_sum_sq: Optional[Tensor], a: Tensor, b: Optional[Tensor],
+                  g: Optional[Tensor], k: Optional[Tensor], num_classes: int):
+    """``(A, B, G, K)`` per row, with which the module docstring's gradient (without
+    ``a [c == t]`` and ``dy/dz``) is ``p_c (B log p_c + G p_c + A) + K``; ``None`` for a term
+    not asked for."""
+    shift, B, G = a, None, None
     if b is not None:
         assert ent is not None
-        shift = shift + b * ent
-        inner = -b * log_p
+        shift, B = shift + b * ent, -b
     if g is not None:
         assert log_sum_sq is not None
-        shift = shift + 2.0 * g
-        sq = (2.0 * g * (-log_sum_sq).exp()) * p
-        inner = sq if inner is None else inner + sq
-    inner = -shift if inner is None else inner - shift
+        shift, G = shift + 2.0 * g, 2.0 * g * (-log_sum_sq).exp()
+    return -shift, B, G, None if k is None else k * (1.0 / num_classes)
+
+
+def _dense_grad(y: Tensor, lse: Tensor, coefficients, *, scale: float, softcap: Optional[float]) -> Tensor:
+    """:func:`_coefficients`' gradient times ``dy/dz`` at the transformed logits ``y`` (``(n, V)``
+    with ``(n, 1)`` row terms, or ``(n,)`` with ``(n,)``)."""
+    A, B, G, K = coefficients
+    log_p = y - lse
+    p = log_p.exp()
+    inner = A
+    if B is not None:
+        inner = inner + B * log_p
+    if G is not None:
+        inner = inner + G * p
     grad = torch.where(p > 0, p * inner, torch.zeros_like(p))
-    if k is not None:
-        grad = grad + k * (1.0 / num_classes)
+    if K is not None:
+        grad = grad + K
     grad = grad * scale
     return grad if softcap is None else grad * softcap_slope(y, softcap)
+
+
+def _target_terms(x_t: Tensor, lse: Tensor, coefficients, a: Tensor, *, scale: float, softcap: Optional[float]):
+    """``(dense_t, coef)``: the dense gradient at each row's target and the point term ``a dy/dz`` there."""
+    y_t = transform(x_t, scale, softcap)
+    dense_t = _dense_grad(y_t, lse, coefficients, scale=scale, softcap=softcap)
+    coef = a * scale if softcap is None else a * scale * softcap_slope(y_t, softcap)
+    return dense_t, coef
 
 
 def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor],
@@ -172,18 +206,25 @@ def logp_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor],
     ``a logp + b H + g L + k mean`` (the module docstring's, without ``a [c == t]``) from the
     recorded ``lse``, ``H`` and ``L``. Returns ``(dense_t, coef)``: that dense part at the
     target and the point term ``a dy/dz`` there."""
-    def col(t: Optional[Tensor]) -> Optional[Tensor]:
-        return None if t is None else t.unsqueeze(1)
-
+    coefficients = _coefficients(ent, log_sum_sq, a, b, g, k, num_classes)
+    column = tuple(None if c is None else c.unsqueeze(1) for c in coefficients)
     y = transform(z.to(lse.dtype), scale, softcap)
-    z.copy_(_dense_grad(y, lse.unsqueeze(1), col(ent), col(log_sum_sq), a.unsqueeze(1), col(b),
-                        col(g), col(k), scale=scale, softcap=softcap, num_classes=num_classes))
-    y_t = transform(x_t, scale, softcap)
-    dense_t = _dense_grad(y_t, lse, ent, log_sum_sq, a, b, g, k, scale=scale, softcap=softcap,
-                          num_classes=num_classes)
-    coef = a * scale if softcap is None else a * scale * softcap_slope(y_t, softcap)
-    return dense_t, coef
+    z.copy_(_dense_grad(y, lse.unsqueeze(1), column, scale=scale, softcap=softcap))
+    return _target_terms(x_t, lse, coefficients, a, scale=scale, softcap=softcap)
 
 
-LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics", cpu="compiled")
-LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient", cpu="compiled")
+def _grad_natively(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor], log_sum_sq: Optional[Tensor],
+                   a: Tensor, b: Optional[Tensor], g: Optional[Tensor], k: Optional[Tensor], *, scale: float,
+                   softcap: Optional[float], num_classes: int):
+    """:func:`logp_grad_block` with the block written by :func:`leanloss._fused.native.logp_grad`
+    (without softcap, in float32); ``None`` where that does not apply."""
+    if softcap is not None or lse.dtype != torch.float32:
+        return None
+    coefficients = _coefficients(ent, log_sum_sq, a, b, g, k, num_classes)
+    if not native.logp_grad(z, scale, lse, *coefficients):
+        return None
+    return _target_terms(x_t, lse, coefficients, a, scale=scale, softcap=softcap)
+
+
+LOGP_STATS_KERNEL = RowKernel(logp_stats_block, "log-prob statistics", cpu="compiled", native=_stats_natively)
+LOGP_GRAD_KERNEL = RowKernel(logp_grad_block, "log-prob gradient", cpu="compiled", native=_grad_natively)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["distill", "library", "status"]
+__all__ = ["distill", "logp_sums", "logp_grad", "library", "status"]
 
 _SOURCE = Path(__file__).with_name("native_rows.c")
 _KINDS = {"forward": 0, "reverse": 1, "jsd": 2}
@@ -99,9 +99,12 @@ def _build() -> Tuple[Optional[ctypes.CDLL], str]:
         else:
             return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
         lib = ctypes.CDLL(str(out))
-        lib.leanloss_distill.restype = ctypes.c_int
-        lib.leanloss_distill.argtypes = (
-            [ctypes.c_void_p] * 5 + [ctypes.c_long] * 2 + [ctypes.c_int] + [ctypes.c_float] * 3 + [ctypes.c_int] * 3)
+        ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+        for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
+                           ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32, i32] + [ptr] * 6 + [i32] * 2),
+                           ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] + [ptr] * 5 + [i32] * 2)):
+            getattr(lib, name).restype = i32
+            getattr(lib, name).argtypes = args
         return lib, "ready"
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"failed: {type(exc).__name__}: {exc}"
@@ -134,9 +137,52 @@ def distill(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[T
         return None
     n, v = a.shape
     loss = torch.empty(n, dtype=torch.float32)
-    threads = torch.get_num_threads() if a.numel() >= _MIN_THREADED_NUMEL else 1
     failed = lib.leanloss_distill(
         _pointer(a), _pointer(b), _pointer(a_y), _pointer(g), _pointer(loss), n, v, _KINDS[kind], beta,
         (1.0 - hard_weight) * temperature * temperature, hard_weight, a.dtype == torch.bfloat16,
-        b.dtype == torch.bfloat16, threads)
+        b.dtype == torch.bfloat16, _threads(a))
     return None if failed else (loss,)
+
+
+def _threads(block: Tensor) -> int:
+    return torch.get_num_threads() if block.numel() >= _MIN_THREADED_NUMEL else 1
+
+
+def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, all_sums: bool) -> Optional[Tuple[Tensor, ...]]:
+    """The log-probabilities' row statistics of ``y = scale z``
+    (:func:`~leanloss._fused.logp_rows.row_sums` and the maxima): ``(m, S, U, Q, Y, before)``,
+    ``U``, ``Q``, ``Y`` ``None`` unless ``all_sums``, ``before`` (the maximum over the classes
+    before each row's target ``t``) ``None`` without ``t``; or ``None`` where it does not apply."""
+    if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
+            or (t is not None and not (_is_plain(t, (torch.int64,)) and t.shape == (z.shape[0],)))
+            or _get_current_dispatch_mode() is not None):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    n, v = z.shape
+    m, S, *rest = (torch.empty(n) for _ in range(6))
+    U, Q, Y = rest[:3] if all_sums else (None, None, None)
+    before = rest[3] if t is not None else None
+    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, all_sums, *map(_pointer, (m, S, U, Q, Y, before)),
+                                    z.dtype == torch.bfloat16, _threads(z))
+    return None if failed else (m, S, U, Q, Y, before)
+
+
+def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tensor], G: Optional[Tensor],
+              K: Optional[Tensor]) -> bool:
+    """Overwrite ``z`` with ``scale (p (B log p + G p + A) + K)`` (``0`` for the part with
+    ``p = 0``), ``log p = scale z - lse``, per-row coefficients ``(n,)`` (``None``: 0); returns
+    whether it ran (False where it does not apply: the caller runs the torch form)."""
+    if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
+            or _get_current_dispatch_mode() is not None):
+        return False
+    n = z.shape[0]
+    rows = [torch.zeros(n) if c is None else c.to(torch.float32).contiguous() for c in (lse, A, B, G, K)]
+    if not all(_is_plain(c, (torch.float32,)) and c.shape == (n,) for c in rows):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], scale, *map(_pointer, rows), z.dtype == torch.bfloat16,
+                                      _threads(z))
