@@ -218,3 +218,86 @@ def test_fused_loss_with_and_without_native(lib, dtype):
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, **tol)
     assert DISTILL_KERNEL.native is native.distill
+
+
+# ---- log-probabilities ------------------------------------------------------------------------
+
+def _logp_block(dtype):
+    """Rows with a masked class (-inf), and maxima tied with the target before and after it."""
+    z = _block(6, 257, F32, scale=2.0, seed=7)
+    t = torch.tensor([3, 100, 0, 256, 50, 7])
+    z[0, 10] = float("-inf")
+    z[1, 5] = z[1, 100] = z[1].max() + 1.0  # a tie before the target: not top-1
+    z[2, 0] = z[2, 9] = z[2].max() + 1.0  # the target is the first of two maxima: top-1
+    z[3, 256] = z[3].max() + 1.0  # the last class
+    return z.to(dtype), t
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+@pytest.mark.parametrize("flags", [(False, False, False, False), (True, False, False, False),
+                                   (True, True, True, True), (False, True, False, True), (False, False, True, False)])
+def test_logp_statistics_equal_torch_form(lib, dtype, scale, flags):
+    from leanloss._fused.logp_rows import _stats_natively, logp_stats_block
+
+    z, t = _logp_block(dtype)
+    x_t = z.float().gather(1, t[:, None]).squeeze(1)
+    entropy, log_sum_sq, mean, top1 = flags
+    options = dict(scale=scale, softcap=None, num_classes=z.shape[1], entropy=entropy, log_sum_sq=log_sum_sq,
+                   mean=mean, top1=top1)
+    want = logp_stats_block(z, x_t, t, **options)
+    got = _stats_natively(z, x_t, t, **options)
+    assert got is not None and len(got) == len(want) == 2 + sum(flags)
+    for g, w in zip(got, want):
+        if w.dtype == torch.bool:
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=2e-6, atol=2e-6)
+    if top1:
+        assert got[-1].tolist() == [False, False, True, True, False, False]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("terms", ["logp", "entropy", "all"])
+def test_logp_gradient_equals_torch_form(lib, dtype, terms):
+    from leanloss._fused.logp_rows import _grad_natively, logp_grad_block
+
+    z, t = _logp_block(dtype)
+    n, v = z.shape
+    y = z.float() * 0.7
+    lse = torch.logsumexp(y, 1)
+    p = (y - lse[:, None]).exp()
+    ent = -torch.where(p > 0, p * (y - lse[:, None]), torch.zeros_like(p)).sum(1)
+    log_sum_sq = (p * p).sum(1).log()
+    x_t = z.float().gather(1, t[:, None]).squeeze(1)
+    up = lambda seed: torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    b = up(2) if terms != "logp" else None
+    g, k = (up(3), up(4)) if terms == "all" else (None, None)
+    args = (x_t, lse, ent, log_sum_sq, up(1), b, g, k)
+    options = dict(scale=0.7, softcap=None, num_classes=v)
+    want_block = z.clone()
+    want = logp_grad_block(want_block, *args, **options)
+    got_block = z.clone()
+    got = _grad_natively(got_block, *args, **options)
+    assert got is not None
+    for gt, w in zip(got, want):
+        torch.testing.assert_close(gt, w)
+    _assert_grad_close(got_block, want_block)
+    # the masked class: 0, but for the mean logit's k / V (which counts every class)
+    assert got_block[0, 10].item() == (0.0 if k is None else pytest.approx(0.7 * k[0].item() / v, rel=1e-2))
+
+
+@pytest.mark.parametrize("case", ["softcap", "float64", "float16", "scale 0"])
+def test_logp_does_not_apply(lib, case):
+    from leanloss._fused.logp_rows import _grad_natively, _stats_natively
+
+    z, t = _logp_block(F32)
+    scale, softcap = (0.0 if case == "scale 0" else 1.0), (30.0 if case == "softcap" else None)
+    if case in ("float64", "float16"):
+        z = z.to(getattr(torch, case))
+    dtype = torch.float64 if case == "float64" else F32
+    x_t = z.to(dtype).gather(1, t[:, None]).squeeze(1)
+    stats = dict(scale=scale, softcap=softcap, num_classes=z.shape[1])
+    assert _stats_natively(z, x_t, t, entropy=True, log_sum_sq=False, mean=False, top1=False, **stats) is None
+    rows = torch.zeros(z.shape[0], dtype=dtype)
+    assert _grad_natively(z, x_t, rows, rows, None, rows + 1, rows, None, None, **stats) is None

@@ -145,14 +145,14 @@ def _stats_natively(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: float
     if softcap is not None or x_t.dtype != torch.float32:
         return None
     stats = LogProbStats(entropy, log_sum_sq, mean, top1)
-    got = native.logp_sums(z, scale, t if top1 else None, all_sums=entropy or log_sum_sq or mean)
+    got = native.logp_sums(z, scale, t if top1 else None, entropy=entropy, log_sum_sq=log_sum_sq, mean=mean)
     if got is None:
         return None
-    m, s, u, q, y_sum, before = got
-    sums = [s, *(v for v, on in ((u, entropy), (q, log_sum_sq), (y_sum, mean)) if on)]
+    m, sums, before = got
     y_t = transform(x_t, scale, None)
     out = finish_stats(m, sums, y_t, stats, num_classes)
     if top1:
+        assert before is not None
         out.append(is_top1(y_t, m, before))
     return tuple(out)
 

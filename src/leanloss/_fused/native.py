@@ -148,11 +148,12 @@ def _threads(block: Tensor) -> int:
     return torch.get_num_threads() if block.numel() >= _MIN_THREADED_NUMEL else 1
 
 
-def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, all_sums: bool) -> Optional[Tuple[Tensor, ...]]:
-    """The log-probabilities' row statistics of ``y = scale z``
-    (:func:`~leanloss._fused.logp_rows.row_sums` and the maxima): ``(m, S, U, Q, Y, before)``,
-    ``U``, ``Q``, ``Y`` ``None`` unless ``all_sums``, ``before`` (the maximum over the classes
-    before each row's target ``t``) ``None`` without ``t``; or ``None`` where it does not apply."""
+def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, log_sum_sq: bool,
+              mean: bool) -> Optional[Tuple[Tensor, List[Tensor], Optional[Tensor]]]:
+    """The log-probabilities' row statistics of ``y = scale z``: the row maxima ``m``,
+    :func:`~leanloss._fused.logp_rows.row_sums` (``[S, U?, Q?, Y?]``, the optional ones where
+    asked for) and, with targets ``t``, the maxima over the classes before each target; or
+    ``None`` where it does not apply."""
     if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
             or (t is not None and not (_is_plain(t, (torch.int64,)) and t.shape == (z.shape[0],)))
             or _get_current_dispatch_mode() is not None):
@@ -161,12 +162,15 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, all_sums: bool) -
     if lib is None:
         return None
     n, v = z.shape
-    m, S, *rest = (torch.empty(n) for _ in range(6))
-    U, Q, Y = rest[:3] if all_sums else (None, None, None)
-    before = rest[3] if t is not None else None
-    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, all_sums, *map(_pointer, (m, S, U, Q, Y, before)),
-                                    z.dtype == torch.bfloat16, _threads(z))
-    return None if failed else (m, S, U, Q, Y, before)
+    m, s, u, q, y_sum, before = (torch.empty(n) for _ in range(6))
+    all_sums = entropy or log_sum_sq or mean
+    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, all_sums,
+                                    *(t_.data_ptr() for t_ in (m, s, u, q, y_sum, before)), z.dtype == torch.bfloat16,
+                                    _threads(z))
+    if failed:
+        return None
+    sums = [s, *(x for x, on in ((u, entropy), (q, log_sum_sq), (y_sum, mean)) if on)]
+    return m, sums, before if t is not None else None
 
 
 def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tensor], G: Optional[Tensor],
