@@ -191,8 +191,9 @@ def test_no_compiler(fresh_build):
     assert native.status() == "failed: no C compiler (cc, gcc or clang) on PATH"
 
 
-def test_switched_off(fresh_build):
-    fresh_build.setenv("LEANLOSS_NATIVE", "0")
+def test_switched_off(lib, monkeypatch):
+    """Off even after the library was built."""
+    monkeypatch.setenv("LEANLOSS_NATIVE", "0")
     assert native.status() == "off" and native.library() is None
     a, b = _block(3, 40, F32), _block(3, 40, F32, seed=1)
     assert native.distill(a, b, None, None, kind="jsd", beta=0.5, temperature=1.0, hard_weight=0.0, dtype=F32) is None

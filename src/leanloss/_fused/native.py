@@ -1,11 +1,12 @@
 """Native CPU row kernels: ``native_rows.c``, built at run time with the system C compiler.
 
-On CPU the distillation kernel's elementwise work (two exponentials and a logarithm per logit)
-is what a step spends beyond its matmuls. Inductor's kernel for it makes six passes with
-tile-sized float32 buffers; ``native_rows.c`` makes four passes over a row that stays in cache,
-with one exponential per operand and logit and glibc's vector math. It computes
-:func:`~leanloss._fused.distill_rows.distill_block`'s values (the tests hold it to them) for
-float32 and bfloat16 blocks.
+On CPU the elementwise work of the distillation and log-prob kernels is what a step spends
+beyond its matmuls. Inductor's code for the JSD makes six passes with tile-sized float32
+buffers; ``native_rows.c`` reads each row from memory once (prefetching ahead), keeps it in
+cache for its other passes, and uses glibc's vector math. It computes the values of
+:func:`~leanloss._fused.distill_rows.distill_block` and of the log-prob kernels' sums and
+gradient (:mod:`leanloss._fused.logp_rows`) for float32 and bfloat16 blocks; the tests hold it
+to the torch forms.
 
 The library is built once per process, the first time a kernel asks for it (``cc -O3
 -march=native``, about 0.4 s, less than the eager form of one large block; ``CC`` in the
@@ -56,7 +57,9 @@ def status() -> str:
 def library() -> Optional[ctypes.CDLL]:
     """The loaded library (built on the first call), or None: it failed to build, or it is off."""
     global _lib, _state
-    if _lib is not None or not _enabled():
+    if not _enabled():
+        return None
+    if _lib is not None:
         return _lib
     with _lock:
         if _state == "not built":
