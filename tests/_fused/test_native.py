@@ -167,6 +167,7 @@ def fresh_build(monkeypatch):
 
 
 def test_build_failure_leaves_the_torch_form(fresh_build, tmp_path):
+    fresh_build.setenv("LEANLOSS_CACHE_DIR", str(tmp_path / "cache"))
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\necho 'no compiling today' >&2\nexit 3\n")
     broken.chmod(0o755)
@@ -302,3 +303,27 @@ def test_logp_does_not_apply(lib, case):
     assert _stats_natively(z, x_t, t, entropy=True, log_sum_sq=False, mean=False, top1=False, **stats) is None
     rows = torch.zeros(z.shape[0], dtype=dtype)
     assert _grad_natively(z, x_t, rows, rows, None, rows + 1, rows, None, None, **stats) is None
+
+
+def test_built_library_is_cached(fresh_build, tmp_path):
+    """A later process loads the cached library instead of compiling again; an unwritable cache
+    leaves a build of the process's own."""
+    fresh_build.setenv("LEANLOSS_CACHE_DIR", str(tmp_path))
+    assert native.library() is not None
+    assert [p.name.startswith("native_rows-") for p in (tmp_path / "native").iterdir()] == [True]
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled although the library was cached")
+
+    fresh_build.setattr(native, "_lib", None)
+    fresh_build.setattr(native, "_state", "not built")
+    fresh_build.setattr(native.subprocess, "run", no_compiling)
+    assert native.library() is not None and native.status() == "ready"
+
+
+def test_unwritable_cache(fresh_build, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    fresh_build.setenv("LEANLOSS_CACHE_DIR", str(blocked))  # a file: no folder can be made under it
+    assert native._cache_dir() is None
+    assert native.library() is not None and native.status() == "ready"

@@ -8,16 +8,18 @@ cache for its other passes, and uses glibc's vector math. It computes the values
 gradient (:mod:`leanloss._fused.logp_rows`) for float32 and bfloat16 blocks; the tests hold it
 to the torch forms.
 
-The library is built once per process, the first time a kernel asks for it (``cc -O3
--march=native``, about 0.4 s, less than the eager form of one large block; ``CC`` in the
-environment names another compiler). Where it cannot be built (no compiler, a build error:
-:func:`status` says why) the torch form runs. ``LEANLOSS_NATIVE=0`` turns it off; kernel modes
-other than ``'auto'`` never use it.
+The library is built the first time a kernel asks for it (``cc -O3 -march=native``, about
+0.9 s; ``CC`` in the environment names another compiler) into a cache that later processes
+load from (``$LEANLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/leanloss`` or ``~/.cache/leanloss``;
+keyed by the source, the build command, the compiler and the CPU). Where it cannot be built (no
+compiler, a build error: :func:`status` says why) the torch form runs. ``LEANLOSS_NATIVE=0``
+turns it off; kernel modes other than ``'auto'`` never use it.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
+import hashlib
 import os
 import platform
 import shutil
@@ -76,41 +78,80 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _compile_commands(cc: str, source: Path, out: Path) -> List[List[str]]:
-    """The build, tuned for this CPU first, then plain (a compiler without ``-march=native``)."""
-    base = [cc, "-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
+def _build_flags() -> List[List[str]]:
+    """The build's flags, tuned for this CPU first, then plain (a compiler without ``-march=native``)."""
+    base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
     tuned = ["-march=native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         tuned.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it
-    files = [str(source), "-o", str(out), "-lm"]
-    return [base + tuned + files, base + files]
+    return [base + tuned, base]
+
+
+def _cache_dir() -> Optional[Path]:
+    """Where built libraries are kept (created), or None where it cannot be."""
+    root = os.environ.get("LEANLOSS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "leanloss")
+    folder = Path(root) / "native"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _machine() -> str:
+    """What ``-march=native`` builds for: the CPU's model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "".join(line for line in info.read().split("\n\n")[0].splitlines(True)
+                           if line.startswith(("model name", "flags", "Features", "CPU part")))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def _build() -> Tuple[Optional[ctypes.CDLL], str]:
-    """Compile ``native_rows.c`` into a temporary folder (removed at exit) and load it."""
+    """Load the cached library, or compile ``native_rows.c`` (into the cache, or a temporary
+    folder removed at exit) and load it."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "failed: no C compiler (cc, gcc or clang) on PATH"
     try:
-        folder = Path(tempfile.mkdtemp(prefix="leanloss-native-"))
-        atexit.register(shutil.rmtree, folder, True)
-        out = folder / "native_rows.so"
-        for command in _compile_commands(cc, _SOURCE, out):
-            done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        source = _SOURCE.read_bytes()
+        compiler = shutil.which(cc) or cc
+        compiler_id = f"{os.path.realpath(compiler)} {os.stat(compiler).st_mtime_ns}" if os.path.exists(compiler) else cc
+        cache = _cache_dir()
+        folder: Optional[Path] = None
+        for flags in _build_flags():
+            key = hashlib.sha256(b"\0".join(
+                [source, " ".join(flags).encode(), compiler_id.encode(), _machine().encode()])).hexdigest()[:24]
+            cached = None if cache is None else cache / f"native_rows-{key}.so"
+            if cached is not None and cached.exists():
+                return _load(cached), "ready"
+            if folder is None:  # in the cache's folder, so that the rename below is atomic
+                folder = Path(tempfile.mkdtemp(prefix="leanloss-native-", dir=cache))
+                atexit.register(shutil.rmtree, folder, True)
+            built = folder / f"native_rows-{key}.so"
+            done = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                  text=True, timeout=120)
             if done.returncode == 0:
-                break
-        else:
-            return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
-        lib = ctypes.CDLL(str(out))
-        ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
-        for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
-                           ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32, i32] + [ptr] * 6 + [i32] * 2),
-                           ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] + [ptr] * 5 + [i32] * 2)):
-            getattr(lib, name).restype = i32
-            getattr(lib, name).argtypes = args
-        return lib, "ready"
+                if cached is not None:
+                    os.replace(built, cached)
+                    shutil.rmtree(folder, True)
+                return _load(cached or built), "ready"
+        return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"failed: {type(exc).__name__}: {exc}"
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
+                       ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32, i32] + [ptr] * 6 + [i32] * 2),
+                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] + [ptr] * 5 + [i32] * 2)):
+        getattr(lib, name).restype = i32
+        getattr(lib, name).argtypes = args
+    return lib
 
 
 def _is_plain(t: Optional[Tensor], dtypes=_DTYPES) -> bool:

@@ -3,10 +3,10 @@
 Case: one fused loss and option set (``impl``: ``ce``, ``ce_smoothing``, ``ce_z_loss``,
 ``log_probs``, ``jsd``, ``topk``; see ``LOSSES``) at ``hidden (N, D)``, ``weight (V, D)``,
 forward + backward. The case's child runs two probes, each a fresh Python process
-(``--case`` with ``probe`` set) with ``TORCHINDUCTOR_CACHE_DIR`` pointing at one new temporary
-directory:
+(``--case`` with ``probe`` set) with ``TORCHINDUCTOR_CACHE_DIR`` and ``LEANLOSS_CACHE_DIR`` (the
+native kernels' cache) pointing at one new temporary directory:
 
-* ``cold``: the directory is empty (a machine that never compiled these kernels);
+* ``cold``: the directory is empty (a machine that never compiled or built these kernels);
 * ``warm_cache``: the same directory again, now holding what the cold probe compiled (every
   later process on that machine).
 
@@ -123,7 +123,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     result = dict(case)
     module = __spec__.name if __spec__ is not None else f"leanloss.cli.bench.{SUITE}"
     with tempfile.TemporaryDirectory(prefix="leanloss-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ["LEANLOSS_CACHE_DIR"] = cache
         for name in PROBES:
             got = harness.run_in_subprocess(module, {**case, "probe": name}, timeout=1200.0)
             if "error" in got:
