@@ -34,7 +34,10 @@ for)::
 
     d(a logp + b H + g L + k mean)/dy_c
         = a [c == t] + p_c (2 g exp(-L) p_c - b log p_c - (a + b H + 2 g)) + k / V
+        = a [c == t] + p_c (B log p_c + G p_c + A) + K
 
+with the per-row coefficients ``A = -(a + b H + 2 g)``, ``B = -b``, ``G = 2 g exp(-L)``,
+``K = k / V`` (:func:`_coefficients`; the native form computes the last line from them),
 times ``dy/dz`` above. Terms with ``p_c = 0`` are ``0`` (``0 log 0 = 0``), so classes masked
 with a ``-inf`` logit are exact. ``top1`` has no gradient.
 

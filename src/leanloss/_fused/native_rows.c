@@ -1,20 +1,23 @@
-/* Native CPU forms of row kernels: the distillation divergence of one block, forward and gradient.
+/* Native CPU forms of row kernels, for float32 and bfloat16 blocks.
 
-   The math is stated once, in leanloss/_fused/distill_rows.py (distill_block); this file is a
-   hand-compiled form of it for float32 and bfloat16 blocks on CPU, and the tests hold it to that
-   function's values. Built at run time by leanloss/_fused/native.py with the system C compiler
-   and called through ctypes (which releases the interpreter lock).
+   The math is stated once, in the torch functions each part names: leanloss/_fused/distill_rows.py
+   (distill_block) and leanloss/_fused/logp_rows.py (row_sums and the maxima is_top1 reads; the
+   gradient from the per-row coefficients A, B, G, K). This file is a hand-compiled form of them,
+   and the tests hold it to their values. Built at run time by leanloss/_fused/native.py with the
+   system C compiler and called through ctypes (which releases the interpreter lock).
 
-   Per row, four passes over data that stays in the core's cache (a row of 32000 classes is
-   125 KiB of float32 scratch per operand):
+   The distillation block takes four passes per row; the first reads the row from memory
+   (prefetched ahead), the others find it in the core's cache (a row of 32000 classes is 125 KiB
+   of float32 scratch per operand):
      1. the row maxima of a (student) and b (teacher);
      2. e_a = exp(a - max a) and e_b = exp(b - max b) into scratch, and their sums S_a, S_b:
         lse = max + log S;
      3. q = e_a / S_a, p = e_b / S_b (no second exponential), the divergence's row sums; for the
         JSD the term s = lambda - log q overwrites e_b (the gradient needs q and s only);
      4. with an upstream gradient g, the gradient written over a, rounded to a's dtype.
-   Two exponentials and (JSD) one logarithm per element. The loops are vectorized with glibc's
-   vector math (libmvec) where the compiler finds it. */
+   Two exponentials and (JSD) one logarithm per element. The log-prob statistics take two passes
+   (maxima, then one exponential and the sums), their gradient one. The loops are vectorized
+   with glibc's vector math (libmvec) where the compiler finds it. */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
