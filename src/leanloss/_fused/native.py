@@ -139,7 +139,7 @@ def _build() -> Tuple[Optional[ctypes.CDLL], str]:
                     shutil.rmtree(folder, True)
                 return _load(cached or built), "ready"
         return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:  # AttributeError: a symbol missing
         return None, f"failed: {type(exc).__name__}: {exc}"
 
 
