@@ -327,3 +327,45 @@ def test_unwritable_cache(fresh_build, tmp_path):
     fresh_build.setenv("LEANLOSS_CACHE_DIR", str(blocked))  # a file: no folder can be made under it
     assert native._cache_dir() is None
     assert native.library() is not None and native.status() == "ready"
+
+
+# ---- cross entropy ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("smoothing,z_loss,scale", [(0.0, 0.0, 1.0), (0.1, 0.0, 1.0), (0.0, 1e-3, 0.7),
+                                                    (0.2, 1e-2, 0.7)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_cross_entropy_equals_torch_form(lib, dtype, smoothing, z_loss, scale, grad):
+    from leanloss._fused.ce_rows import _ce_natively, ce_block
+
+    z, t = _logp_block(dtype)
+    x_t = z.float().gather(1, t[:, None]).squeeze(1)
+    g = torch.rand(z.shape[0]) if grad else None
+    options = dict(class_weight=None, scale=scale, softcap=None, smoothing=smoothing, num_classes=z.shape[1],
+                   w_total=float(z.shape[1]), z_loss=z_loss)
+    want_block, got_block = z.clone(), z.clone()
+    want = ce_block(want_block, x_t, None, g, **options)
+    got = _ce_natively(got_block, x_t, None, g, **options)
+    assert got is not None and len(got) == len(want) == (4 if grad else 2)
+    for gt, w in zip(got, want):
+        torch.testing.assert_close(gt, w, rtol=2e-6, atol=2e-6)
+    if grad:
+        _assert_grad_close(got_block, want_block)
+    else:
+        assert torch.equal(got_block, z)
+
+
+@pytest.mark.parametrize("case", ["softcap", "class weight", "one class", "float64"])
+def test_cross_entropy_does_not_apply(lib, case):
+    from leanloss._fused.ce_rows import _ce_natively
+
+    z, t = _logp_block(F32)
+    if case == "one class":
+        z, t = z[:, :1].contiguous(), torch.zeros_like(t)
+    if case == "float64":
+        z = z.double()
+    x_t = z.gather(1, t[:, None]).squeeze(1).to(torch.float64 if case == "float64" else F32)
+    options = dict(class_weight=torch.ones(z.shape[1]) if case == "class weight" else None, scale=1.0,
+                   softcap=30.0 if case == "softcap" else None, smoothing=0.0, num_classes=z.shape[1],
+                   w_total=float(z.shape[1]), z_loss=0.0)
+    assert _ce_natively(z, x_t, None, torch.ones(z.shape[0]), **options) is None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
+from . import native
 from .kernels import RowKernel, row_logsumexp
 
 __all__ = ["ROW_LOSS", "ce_row_loss", "ce_grad_coefficients", "transform", "softcap_slope",
@@ -85,27 +87,35 @@ def _smooth_sum(y: Tensor, class_weight: Optional[Tensor]) -> Tensor:
     return y.sum(1) if class_weight is None else (y * class_weight).sum(1)
 
 
+def _target_terms(y_t: Tensor, lse: Tensor, w_t: Optional[Tensor], a: Tensor, b: Tensor, s: Tensor, *,
+                  smoothing: float, softcap: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """The point term at each row's target (``-b`` times the chain rule) and the dense part's
+    value there, from the coefficients ``(a, b, s)`` (the upstream gradient and ``scale`` in them)."""
+    dense_t = (y_t - lse).exp() * a
+    if smoothing > 0.0:
+        dense_t = dense_t - s * (1.0 if w_t is None else w_t)
+    coef = -b
+    if softcap is not None:
+        chain_t = softcap_slope(y_t, softcap)
+        dense_t = dense_t * chain_t
+        coef = coef * chain_t
+    return coef, dense_t
+
+
 def _grad_(z: Tensor, y: Tensor, y_t: Tensor, lse: Tensor, w_t: Optional[Tensor], g: Tensor, *,
            class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
            num_classes: int, w_total: Union[float, Tensor], z_loss: float) -> Tuple[Tensor, Tensor]:
     """Overwrite ``z`` with the dense part of ``g * dloss/dz`` (``a p - s w``, chain rule of
-    the transform included); returns the point term at the target (``-b`` times the chain
-    rule) and the dense part's value there."""
+    the transform included); returns :func:`_target_terms`."""
     a, b, s = ce_grad_coefficients(g * scale, lse, w_t, smoothing=smoothing, w_total=w_total,
                                    num_classes=num_classes, z_loss=z_loss)
     grad = (y - lse.unsqueeze(1)).exp() * a.unsqueeze(1)
-    dense_t = (y_t - lse).exp() * a
     if smoothing > 0.0:
         grad = grad - s.unsqueeze(1) * (1.0 if class_weight is None else class_weight)
-        dense_t = dense_t - s * (1.0 if w_t is None else w_t)
-    coef = -b
     if softcap is not None:
         grad = grad * softcap_slope(y, softcap)
-        chain_t = softcap_slope(y_t, softcap)
-        dense_t = dense_t * chain_t
-        coef = coef * chain_t
     z.copy_(grad)
-    return coef, dense_t
+    return _target_terms(y_t, lse, w_t, a, b, s, smoothing=smoothing, softcap=softcap)
 
 
 def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
@@ -127,6 +137,32 @@ def ce_block(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor],
                            softcap=softcap, smoothing=smoothing, num_classes=num_classes,
                            w_total=w_total, z_loss=z_loss)
     return loss, lse, coef, dense_t
+
+
+def _ce_natively(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tensor], *,
+                 class_weight: Optional[Tensor], scale: float, softcap: Optional[float], smoothing: float,
+                 num_classes: int, w_total: Union[float, Tensor], z_loss: float):
+    """:func:`ce_block` with the row sums and the gradient's dense part from the native kernels
+    (:func:`leanloss._fused.native.logp_sums`, :func:`~leanloss._fused.native.logp_grad`:
+    ``a p - s`` is their ``A p + K``); without softcap or class weights, in float32, over more
+    than one class; ``None`` where that does not apply."""
+    if softcap is not None or class_weight is not None or x_t.dtype != torch.float32 or num_classes == 1:
+        return None
+    got = native.logp_sums(z, scale, None, entropy=False, log_sum_sq=False, mean=smoothing > 0.0)
+    if got is None:
+        return None
+    m, sums, _ = got
+    lse = m + sums[0].log()
+    y_t = transform(x_t, scale, None)
+    loss = ce_row_loss(lse - y_t, lse, w_t, sums[1] if smoothing > 0.0 else None, smoothing=smoothing,
+                       w_total=w_total, num_classes=num_classes, z_loss=z_loss)
+    if g is None:
+        return loss, lse
+    a, b, s = ce_grad_coefficients(g * scale, lse, w_t, smoothing=smoothing, w_total=w_total,
+                                   num_classes=num_classes, z_loss=z_loss)
+    if not native.logp_grad(z, scale, lse, a, None, None, -s if smoothing > 0.0 else None, out_scale=1.0):
+        return None
+    return (loss, lse, *_target_terms(y_t, lse, w_t, a, b, s, smoothing=smoothing, softcap=None))
 
 
 def ce_partials_block(y: Tensor, m: Tensor, *, class_weight: Optional[Tensor], smoothing: float):
@@ -154,6 +190,6 @@ def ce_grad_block(z: Tensor, x_t: Tensor, lse: Tensor, w_t: Optional[Tensor], g:
     return _grad_(z, y, y_t, lse, w_t, g, **options)
 
 
-CE_KERNEL = RowKernel(ce_block, "cross-entropy")
+CE_KERNEL = RowKernel(ce_block, "cross-entropy", native=_ce_natively)
 CE_PARTIALS_KERNEL = RowKernel(ce_partials_block, "cross-entropy statistics")
 CE_GRAD_KERNEL = RowKernel(ce_grad_block, "cross-entropy gradient")

@@ -5,8 +5,9 @@ beyond its matmuls. Inductor's code for the JSD makes six passes with tile-sized
 buffers; ``native_rows.c`` reads each row from memory once (prefetching ahead), keeps it in
 cache for its other passes, and uses glibc's vector math. It computes the values of
 :func:`~leanloss._fused.distill_rows.distill_block` and of the log-prob kernels' sums and
-gradient (:mod:`leanloss._fused.logp_rows`) for float32 and bfloat16 blocks; the tests hold it
-to the torch forms.
+gradient (:mod:`leanloss._fused.logp_rows`), which cross entropy's block shares
+(:mod:`leanloss._fused.ce_rows`), for float32 and bfloat16 blocks; the tests hold it to the
+torch forms.
 
 The library is built the first time a kernel asks for it (``cc -O3 -march=native``, about
 0.9 s; ``CC`` in the environment names another compiler) into a cache that later processes
@@ -148,7 +149,7 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
                        ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32, i32] + [ptr] * 6 + [i32] * 2),
-                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] + [ptr] * 5 + [i32] * 2)):
+                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] * 2 + [ptr] * 5 + [i32] * 2)):
         getattr(lib, name).restype = i32
         getattr(lib, name).argtypes = args
     return lib
@@ -218,10 +219,11 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, lo
 
 
 def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tensor], G: Optional[Tensor],
-              K: Optional[Tensor]) -> bool:
-    """Overwrite ``z`` with ``scale (p (B log p + G p + A) + K)`` (``0`` for the part with
-    ``p = 0``), ``log p = scale z - lse``, per-row coefficients ``(n,)`` (``None``: 0); returns
-    whether it ran (False where it does not apply: the caller runs the torch form)."""
+              K: Optional[Tensor], *, out_scale: Optional[float] = None) -> bool:
+    """Overwrite ``z`` with ``out_scale (p (B log p + G p + A) + K)`` (``0`` for the part with
+    ``p = 0``), ``log p = scale z - lse``, per-row coefficients ``(n,)`` (``None``: 0;
+    ``out_scale``: ``scale`` unless given); returns whether it ran (False where it does not
+    apply: the caller runs the torch form)."""
     if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
             or _get_current_dispatch_mode() is not None):
         return False
@@ -232,5 +234,5 @@ def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tenso
     lib = library()
     if lib is None:
         return False
-    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], scale, *map(_pointer, rows), z.dtype == torch.bfloat16,
-                                      _threads(z))
+    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], scale, scale if out_scale is None else out_scale,
+                                      *map(_pointer, rows), z.dtype == torch.bfloat16, _threads(z))

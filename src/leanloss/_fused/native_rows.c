@@ -217,12 +217,12 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
     }                                                                                                 \
 }
 
-/* dy/dz-less gradient of logp_rows' module docstring, from per-row coefficients:
-   scale * (p > 0 ? p (B log p + G p + A) : 0) + scale K, with log p = y - lse. */
+/* The gradient of logp_rows' module docstring (and cross entropy's a p - s, ce_rows) from
+   per-row coefficients: out_scale ((p > 0 ? p (B log p + G p + A) : 0) + K), log p = y - lse. */
 typedef struct {
     void *z;
     long V;
-    float scale;
+    float scale, out_scale; /* y = scale z; the gradient is multiplied by out_scale */
     const float *lse, *A, *B, *G, *K;
 } logp_grad_args;
 
@@ -230,7 +230,7 @@ typedef struct {
 static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) {                      \
     const logp_grad_args *s = (const logp_grad_args *)args;                                           \
     const long V = s->V;                                                                              \
-    const float scale = s->scale;                                                                     \
+    const float scale = s->scale, out_scale = s->out_scale;                                           \
     (void)unused;                                                                                     \
     for (long i = r0; i < r1; i++) {                                                                  \
         CTYPE_##TZ *z = (CTYPE_##TZ *)s->z + i * V;                                                   \
@@ -242,7 +242,7 @@ static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) { 
             for (long j = j0; j < j1; j++) {                                                          \
                 float lp = LOAD_##TZ(z, j) * scale - lse, p = expf(lp);                               \
                 float grad = (p > 0.0f ? p * (B * lp + G * p + A) : 0.0f) + K;                        \
-                STORE_##TZ(z, j, grad * scale);                                                       \
+                STORE_##TZ(z, j, grad * out_scale);                                                          \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
@@ -313,8 +313,9 @@ int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float sc
     return split_rows(z_bf16 ? logp_sums_bf16 : logp_sums_f32, &args, n, 0, threads);
 }
 
-int leanloss_logp_grad(void *z, long n, long V, float scale, const float *lse, const float *A,
-                       const float *B, const float *G, const float *K, int z_bf16, int threads) {
-    logp_grad_args args = {z, V, scale, lse, A, B, G, K};
+int leanloss_logp_grad(void *z, long n, long V, float scale, float out_scale, const float *lse,
+                       const float *A, const float *B, const float *G, const float *K, int z_bf16,
+                       int threads) {
+    logp_grad_args args = {z, V, scale, out_scale, lse, A, B, G, K};
     return split_rows(z_bf16 ? logp_grad_bf16 : logp_grad_f32, &args, n, 0, threads);
 }
