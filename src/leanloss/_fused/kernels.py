@@ -14,7 +14,7 @@ a LATER loss call (:func:`new_loss_call`) hands a copy of a few rows to one back
 thread that compiles it (with the switch interval lowered to ``_SWITCH_INTERVAL_S`` meanwhile,
 so the caller's small eager ops do not wait for the interpreter lock), and calls run compiled
 once it is ready (:func:`wait_for_compiles`). Eager wherever compiling is unavailable or does not pay.
-A kernel with a native form (the distillation block, the log-prob kernels:
+A kernel with a native form (the cross-entropy and distillation blocks, the log-prob kernels:
 :mod:`leanloss._fused.native`) runs that form on CPU in ``'auto'`` wherever it applies, instead
 of either.
 ``'compiled'`` compiles every kernel on the calling thread (errors propagate); ``'eager'`` never

@@ -2,7 +2,8 @@
 
    The math is stated once, in the torch functions each part names: leanloss/_fused/distill_rows.py
    (distill_block) and leanloss/_fused/logp_rows.py (row_sums and the maxima is_top1 reads; the
-   gradient from the per-row coefficients A, B, G, K). This file is a hand-compiled form of them,
+   gradient from the per-row coefficients A, B, G, K, which cross entropy's block in
+   leanloss/_fused/ce_rows.py also uses). This file is a hand-compiled form of them,
    and the tests hold it to their values. Built at run time by leanloss/_fused/native.py with the
    system C compiler and called through ctypes (which releases the interpreter lock).
 
