@@ -19,6 +19,8 @@ F32, BF16 = torch.float32, torch.bfloat16
 def lib():
     if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
         pytest.skip("no C compiler on this machine: the native kernels cannot be built")
+    if not native._supported():
+        pytest.skip("the native kernels are built on Linux x86-64 with glibc only")
     got = native.library()
     assert got is not None, native.status()
     return got
@@ -369,3 +371,12 @@ def test_cross_entropy_does_not_apply(lib, case):
                    softcap=30.0 if case == "softcap" else None, smoothing=0.0, num_classes=z.shape[1],
                    w_total=float(z.shape[1]), z_loss=0.0)
     assert _ce_natively(z, x_t, None, torch.ones(z.shape[0]), **options) is None
+
+
+@pytest.mark.parametrize("machine,libc", [("aarch64", "glibc"), ("x86_64", "musl")])
+def test_other_platforms_keep_the_torch_form(fresh_build, machine, libc):
+    """Without glibc's vector exp and log the C loops would be scalar: not built there."""
+    fresh_build.setattr(native.platform, "machine", lambda: machine)
+    fresh_build.setattr(native.platform, "libc_ver", lambda: (libc, "1.0"))
+    assert native.library() is None
+    assert native.status().startswith("failed: built only on Linux x86-64 with glibc")

@@ -13,7 +13,8 @@ The library is built the first time a kernel asks for it (``cc -O3 -march=native
 0.9 s; ``CC`` in the environment names another compiler) into a cache that later processes
 load from (``$LEANLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/leanloss`` or ``~/.cache/leanloss``;
 keyed by the source, the build command, the compiler and the CPU). Where it cannot be built (no
-compiler, a build error: :func:`status` says why) the torch form runs. ``LEANLOSS_NATIVE=0``
+compiler, a build error, a platform other than Linux x86-64 with glibc: :func:`status` says
+why) the torch form runs. ``LEANLOSS_NATIVE=0``
 turns it off; kernel modes other than ``'auto'`` never use it.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -82,9 +84,7 @@ if hasattr(os, "register_at_fork"):
 def _build_flags() -> List[List[str]]:
     """The build's flags, tuned for this CPU first, then plain (a compiler without ``-march=native``)."""
     base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
-    tuned = ["-march=native"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        tuned.append("-mprefer-vector-width=512")  # AVX-512 where the CPU has it
+    tuned = ["-march=native", "-mprefer-vector-width=512"]  # AVX-512 where the CPU has it
     return [base + tuned, base]
 
 
@@ -110,9 +110,18 @@ def _machine() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def _supported() -> bool:
+    """Linux on x86-64 with glibc: where the loops get glibc's vector exp and log (libmvec).
+    Elsewhere they would call the scalar ones and lose to inductor's vectorized code."""
+    return (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
+            and platform.libc_ver()[0] == "glibc")
+
+
 def _build() -> Tuple[Optional[ctypes.CDLL], str]:
     """Load the cached library, or compile ``native_rows.c`` (into the cache, or a temporary
     folder removed at exit) and load it."""
+    if not _supported():
+        return None, f"failed: built only on Linux x86-64 with glibc (this is {sys.platform} {platform.machine()})"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "failed: no C compiler (cc, gcc or clang) on PATH"
