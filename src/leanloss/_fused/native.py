@@ -173,33 +173,41 @@ def _pointer(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _threads(block: Tensor) -> int:
+    return torch.get_num_threads() if block.numel() >= _MIN_THREADED_NUMEL else 1
+
+
+def _is_block(z: Tensor) -> bool:
+    """A non-empty plain ``(n, V)`` float32 or bfloat16 CPU block, outside any dispatch mode."""
+    return z.numel() > 0 and z.dim() == 2 and _is_plain(z) and _get_current_dispatch_mode() is None
+
+
+def _row_vectors(n: int, *rows: Optional[Tensor]) -> Optional[List[Optional[Tensor]]]:
+    """``rows`` as contiguous float32 ``(n,)`` vectors (``None`` kept), or ``None`` where one
+    cannot be passed as such."""
+    out = [None if r is None else r.to(torch.float32).contiguous() for r in rows]
+    return out if all(r is None or (_is_plain(r, (torch.float32,)) and r.shape == (n,)) for r in out) else None
+
+
 def distill(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[Tensor], *, kind: str,
             beta: float, temperature: float, hard_weight: float, dtype: torch.dtype) -> Optional[Tuple[Tensor]]:
     """:func:`~leanloss._fused.distill_rows.distill_block` natively, or ``None`` where it does
     not apply (no library, a float16 or float64 block, no teacher, a hard term at
     ``T != 1``, a tensor subclass or dispatch mode): the caller then runs the torch form."""
-    if (b is None or a.numel() == 0 or dtype != torch.float32 or kind not in _KINDS or a.dim() != 2 or not _is_plain(a)
-            or not _is_plain(b) or b.shape != a.shape or (a_y is not None and temperature != 1.0)
-            or _get_current_dispatch_mode() is not None):
+    if (b is None or dtype != torch.float32 or kind not in _KINDS or not _is_block(a) or not _is_plain(b)
+            or b.shape != a.shape or (a_y is not None and temperature != 1.0)):
         return None
-    lib = library()
-    if lib is None:
-        return None
-    a_y = None if a_y is None else a_y.to(torch.float32).contiguous()
-    g = None if g is None else g.to(torch.float32).contiguous()
-    if not all(t is None or (_is_plain(t, (torch.float32,)) and t.shape == (a.shape[0],)) for t in (a_y, g)):
+    rows = _row_vectors(a.shape[0], a_y, g)
+    lib = None if rows is None else library()
+    if lib is None or rows is None:
         return None
     n, v = a.shape
     loss = torch.empty(n, dtype=torch.float32)
     failed = lib.leanloss_distill(
-        _pointer(a), _pointer(b), _pointer(a_y), _pointer(g), _pointer(loss), n, v, _KINDS[kind], beta,
+        _pointer(a), _pointer(b), *map(_pointer, rows), _pointer(loss), n, v, _KINDS[kind], beta,
         (1.0 - hard_weight) * temperature * temperature, hard_weight, a.dtype == torch.bfloat16,
         b.dtype == torch.bfloat16, _threads(a))
     return None if failed else (loss,)
-
-
-def _threads(block: Tensor) -> int:
-    return torch.get_num_threads() if block.numel() >= _MIN_THREADED_NUMEL else 1
 
 
 def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, log_sum_sq: bool,
@@ -208,9 +216,8 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, lo
     :func:`~leanloss._fused.logp_rows.row_sums` (``[S, U?, Q?, Y?]``, the optional ones where
     asked for) and, with targets ``t``, the maxima over the classes before each target; or
     ``None`` where it does not apply."""
-    if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
-            or (t is not None and not (_is_plain(t, (torch.int64,)) and t.shape == (z.shape[0],)))
-            or _get_current_dispatch_mode() is not None):
+    if (not _is_block(z) or not scale > 0.0
+            or (t is not None and not (_is_plain(t, (torch.int64,)) and t.shape == (z.shape[0],)))):
         return None
     lib = library()
     if lib is None:
@@ -219,7 +226,7 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, lo
     m, s, u, q, y_sum, before = (torch.empty(n) for _ in range(6))
     all_sums = entropy or log_sum_sq or mean
     failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, all_sums,
-                                    *(t_.data_ptr() for t_ in (m, s, u, q, y_sum, before)), z.dtype == torch.bfloat16,
+                                    *map(_pointer, (m, s, u, q, y_sum, before)), z.dtype == torch.bfloat16,
                                     _threads(z))
     if failed:
         return None
@@ -233,15 +240,13 @@ def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tenso
     ``p = 0``), ``log p = scale z - lse``, per-row coefficients ``(n,)`` (``None``: 0;
     ``out_scale``: ``scale`` unless given); returns whether it ran (False where it does not
     apply: the caller runs the torch form)."""
-    if (z.numel() == 0 or z.dim() != 2 or not _is_plain(z) or not scale > 0.0
-            or _get_current_dispatch_mode() is not None):
+    if not _is_block(z) or not scale > 0.0:
         return False
     n = z.shape[0]
-    rows = [torch.zeros(n) if c is None else c.to(torch.float32).contiguous() for c in (lse, A, B, G, K)]
-    if not all(_is_plain(c, (torch.float32,)) and c.shape == (n,) for c in rows):
+    rows = _row_vectors(n, lse, A, B, G, K)
+    lib = None if rows is None else library()
+    if lib is None or rows is None:
         return False
-    lib = library()
-    if lib is None:
-        return False
+    rows = [torch.zeros(n) if r is None else r for r in rows]
     return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], scale, scale if out_scale is None else out_scale,
                                       *map(_pointer, rows), z.dtype == torch.bfloat16, _threads(z))
