@@ -3,7 +3,8 @@
 On CPU the elementwise work of the distillation and log-prob kernels is what a step spends
 beyond its matmuls. Inductor's code for the JSD makes six passes with tile-sized float32
 buffers; ``native_rows.c`` reads each row from memory once (prefetching ahead), keeps it in
-cache for its other passes, and uses glibc's vector math. It computes the values of
+cache for its other passes, computes exp and log inline, and splits the rows over torch's
+OpenMP threads. It computes the values of
 :func:`~leanloss._fused.distill_rows.distill_block` and of the log-prob kernels' sums and
 gradient (:mod:`leanloss._fused.logp_rows`), which cross entropy's block shares
 (:mod:`leanloss._fused.ce_rows`), for float32 and bfloat16 blocks; the tests hold it to the
@@ -13,8 +14,8 @@ The library is built the first time a kernel asks for it (``cc -O3 -march=native
 0.9 s; ``CC`` in the environment names another compiler) into a cache that later processes
 load from (``$LEANLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/leanloss`` or ``~/.cache/leanloss``;
 keyed by the source, the build command, the compiler and the CPU). Where it cannot be built (no
-compiler, a build error, a platform other than Linux x86-64 with glibc: :func:`status` says
-why) the torch form runs. ``LEANLOSS_NATIVE=0``
+compiler, a build error, a platform other than Linux x86-64, where it is not measured:
+:func:`status` says why) the torch form runs. ``LEANLOSS_NATIVE=0``
 turns it off; kernel modes other than ``'auto'`` never use it.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -83,9 +83,10 @@ if hasattr(os, "register_at_fork"):
 
 def _build_flags() -> List[List[str]]:
     """The build's flags, tuned for this CPU first, then plain (a compiler without ``-march=native``)."""
-    base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fopenmp-simd"]
+    base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math"]
     tuned = ["-march=native", "-mprefer-vector-width=512"]  # AVX-512 where the CPU has it
-    return [base + tuned, base]
+    # -fopenmp: rows on torch's OpenMP threads (native_rows.c: split_rows); else pthreads
+    return [base + ["-fopenmp"] + tuned, base + ["-fopenmp-simd"] + tuned, base + ["-fopenmp-simd"]]
 
 
 def _cache_dir() -> Optional[Path]:
@@ -111,17 +112,16 @@ def _machine() -> str:
 
 
 def _supported() -> bool:
-    """Linux on x86-64 with glibc: where the loops get glibc's vector exp and log (libmvec).
-    Elsewhere they would call the scalar ones and lose to inductor's vectorized code."""
-    return (sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
-            and platform.libc_ver()[0] == "glibc")
+    """Linux on x86-64: where the kernels are measured against inductor's code (and torch's
+    threads are libgomp's, which the OpenMP build shares). Elsewhere the torch forms run."""
+    return platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _build() -> Tuple[Optional[ctypes.CDLL], str]:
     """Load the cached library, or compile ``native_rows.c`` (into the cache, or a temporary
     folder removed at exit) and load it."""
     if not _supported():
-        return None, f"failed: built only on Linux x86-64 with glibc (this is {sys.platform} {platform.machine()})"
+        return None, f"failed: built only on Linux x86-64 (this is {platform.system()} {platform.machine()})"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None, "failed: no C compiler (cc, gcc or clang) on PATH"

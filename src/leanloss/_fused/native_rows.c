@@ -17,8 +17,8 @@
         JSD the term s = lambda - log q overwrites e_b (the gradient needs q and s only);
      4. with an upstream gradient g, the gradient written over a, rounded to a's dtype.
    Two exponentials and (JSD) one logarithm per element. The log-prob statistics take two passes
-   (maxima, then one exponential and the sums), their gradient one. The loops are vectorized
-   with glibc's vector math (libmvec) where the compiler finds it. */
+   (maxima, then one exponential and the sums), their gradient one. exp and log are inline
+   polynomials (exp_inline, log_inline), so the loops vectorize with no calls and no spills. */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -26,11 +26,46 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
-/* libmvec's vector variants, declared as glibc's own headers do under -ffast-math. */
-__attribute__((__simd__("notinbranch"))) extern float expf(float);
-__attribute__((__simd__("notinbranch"))) extern float logf(float);
-#endif
+static inline float bits_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* exp(x) within 1 ulp of the exact value (x <= 88), written so that the loops that call it stay
+   vectorized with no call: x = n ln 2 + r with |r| <= ln(2)/2, e^r = 1 + r + r^2 P(r) (Cephes'
+   degree-5 minimax P), 2^n added to the exponent bits. Below -87.34, where the result would be
+   subnormal, it is 0; a NaN stays a NaN. */
+static inline float exp_inline(float x) {
+    const float round = 12582912.0f; /* 1.5 * 2^23: t's low bits hold n = round(x / ln 2) */
+    const float t = x * 1.44269504088896341f + round, n = t - round;
+    const float r = n * 2.12194440e-4f + (n * -0.693359375f + x); /* ln 2 in two parts */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const float y = bits_float(float_bits(p) + (float_bits(t) << 23));
+    return x < -87.33654f ? 0.0f : (float_bits(x) & 0x7fffffffu) > 0x7f800000u ? x : y;
+}
+
+/* log(v) within 1 ulp for a positive normal v (+inf and NaN are returned as they are): v = 2^e m
+   with m in [sqrt(1/2), sqrt(2)), f = m - 1, log(1 + f) = f - f^2/2 + f^3 P(f) (Cephes' degree-8
+   minimax P), e ln 2 added in two parts. */
+static inline float log_inline(float v) {
+    const int32_t e = (int32_t)(float_bits(v) - 0x3f3504f3u) >> 23; /* 0x3f3504f3: sqrt(1/2) */
+    const float f = bits_float(float_bits(v) - ((uint32_t)e << 23)) - 1.0f, fe = (float)e, z = f * f;
+    float p = 7.0376836292e-2f;
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    const float l = fe * 0.693359375f + (f + (z * -0.5f + (fe * -2.12194440e-4f + f * z * p)));
+    return (float_bits(v) & 0x7fffffffu) < 0x7f800000u ? l : v;
+}
 
 enum { KIND_FORWARD = 0, KIND_REVERSE = 1, KIND_JSD = 2 };
 enum { CHUNK = 1024 }; /* classes per partial row sum: rounding grows with a sum's length */
@@ -111,12 +146,12 @@ static void distill_rows_##TA##_##TB(const void *args, long r0, long r1, float *
             float ca = 0.0f, cb = 0.0f;                                                               \
             _Pragma("omp simd reduction(+:ca,cb)")                                                   \
             for (long j = j0; j < j1; j++) {                                                          \
-                float e1 = expf(LOAD_##TA(x, j) - ma), e2 = expf(LOAD_##TB(y, j) - mb);               \
+                float e1 = exp_inline(LOAD_##TA(x, j) - ma), e2 = exp_inline(LOAD_##TB(y, j) - mb);               \
                 ea[j] = e1; eb[j] = e2; ca += e1; cb += e2;                                           \
             }                                                                                         \
             sa += ca; sb += cb;                                                                       \
         }                                                                                             \
-        const float la = ma + logf(sa), lb = mb + logf(sb), ia = 1.0f / sa, ib = 1.0f / sb;            \
+        const float la = ma + log_inline(sa), lb = mb + log_inline(sb), ia = 1.0f / sa, ib = 1.0f / sb;            \
         float s1 = 0.0f, s2 = 0.0f;                                                                   \
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
@@ -131,7 +166,7 @@ static void distill_rows_##TA##_##TB(const void *args, long r0, long r1, float *
                 _Pragma("omp simd reduction(+:c1,c2)")                                                \
                 for (long j = j0; j < j1; j++) {                                                      \
                     float q = ea[j] * ia, p = eb[j] * ib, lq = LOAD_##TA(x, j) - la;                  \
-                    float lam = logf(FLOOR_TINY(q + p * r)), st = lam - lq;                           \
+                    float lam = log_inline(FLOOR_TINY(q + p * r)), st = lam - lq;                           \
                     c1 += p * (LOAD_##TB(y, j) - lb - lam); c2 += q * st; eb[j] = st;                 \
                 }                                                                                     \
             }                                                                                         \
@@ -203,12 +238,12 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
             if (s->all_sums) {                                                                        \
                 _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                          \
                 for (long j = j0; j < j1; j++) {                                                      \
-                    float y = LOAD_##TZ(z, j) * scale, d = y - m, e = expf(d);                        \
+                    float y = LOAD_##TZ(z, j) * scale, d = y - m, e = exp_inline(d);                        \
                     cs += e; cu += e > 0.0f ? e * d : 0.0f; cq += e * e; cy += y;                     \
                 }                                                                                     \
             } else {                                                                                  \
                 _Pragma("omp simd reduction(+:cs)")                                                   \
-                for (long j = j0; j < j1; j++) cs += expf(LOAD_##TZ(z, j) * scale - m);               \
+                for (long j = j0; j < j1; j++) cs += exp_inline(LOAD_##TZ(z, j) * scale - m);               \
             }                                                                                         \
             S += cs; U += cu; Q += cq; Y += cy;                                                       \
         }                                                                                             \
@@ -241,7 +276,7 @@ static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) { 
             PREFETCH(z, j0, j1, CTYPE_##TZ, 1);                                                       \
             _Pragma("omp simd")                                                                       \
             for (long j = j0; j < j1; j++) {                                                          \
-                float lp = LOAD_##TZ(z, j) * scale - lse, p = expf(lp);                               \
+                float lp = LOAD_##TZ(z, j) * scale - lse, p = exp_inline(lp);                               \
                 float grad = (p > 0.0f ? p * (B * lp + G * p + A) : 0.0f) + K;                        \
                 STORE_##TZ(z, j, grad * out_scale);                                                          \
             }                                                                                         \
@@ -255,8 +290,10 @@ LOGP_GRAD(f32)
 LOGP_GRAD(bf16)
 
 /* Rows split evenly over `threads` threads (the caller's included), each with `scratch` floats
-   of its own. Returns 0, or -1, having run nothing, when the scratch memory could not be had (the
-   caller then runs the torch form). */
+   of its own: OpenMP's threads where the build has it (torch's own pool: the loader finds the
+   libgomp that torch loaded, whose threads are still awake from its last op), else pthreads.
+   Returns 0, or -1, having run nothing, when the scratch memory could not be had (the caller
+   then runs the torch form). */
 typedef void (*rows_fn)(const void *args, long r0, long r1, float *scratch);
 
 typedef struct {
@@ -275,23 +312,27 @@ static void *run_part(void *arg) {
 static int split_rows(rows_fn fn, const void *args, long n, size_t scratch, int threads) {
     enum { MAX_THREADS = 256 };
     part parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)n;
     if (threads < 1) threads = 1;
     size_t bytes = (scratch * sizeof(float) + 63) / 64 * 64;
     char *memory = bytes ? aligned_alloc(64, bytes * (size_t)threads) : NULL;
     if (bytes && memory == NULL) return -1;
-    for (int k = 0; k < threads; k++) {
+    for (int k = 0; k < threads; k++)
         parts[k] = (part){fn, args, n * k / threads, n * (k + 1) / threads,
                           bytes ? (float *)(memory + bytes * (size_t)k) : NULL};
-        started[k] = k > 0 && pthread_create(&ids[k], NULL, run_part, &parts[k]) == 0;
-        if (k > 0 && !started[k]) run_part(&parts[k]);
-    }
+#ifdef _OPENMP
+    #pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int k = 0; k < threads; k++) run_part(&parts[k]);
+#else
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int k = 1; k < threads; k++)
+        if (!(started[k] = pthread_create(&ids[k], NULL, run_part, &parts[k]) == 0)) run_part(&parts[k]);
     run_part(&parts[0]);
     for (int k = 1; k < threads; k++)
         if (started[k]) pthread_join(ids[k], NULL);
+#endif
     free(memory);
     return 0;
 }
