@@ -30,8 +30,12 @@ __all__ = ["DistillScorer", "linear_distill_loss"]
 # buffer, so it is sized apart from the engine's student block; but it has at least the engine's
 # minimum block rows, since each teacher matmul re-reads (and BLAS re-packs) the whole teacher
 # weight (float32 V=32000, interleaved A/B: 262-row pieces 1.12x the four matmuls, 512-row
-# 1.10x, 1024-row 1.04x; bf16 within noise of each other from 524 rows up).
-_TEACHER_BYTES = 128 * 2**20
+# 1.10x, 1024-row 1.04x; bf16 within noise of each other from 524 rows up). 16-bit teachers take
+# pieces a quarter that size: their matmuls are cheap next to faulting in a fresh buffer and
+# reading it back from memory (JSD N=2048 D=1024 V=32000, 2-core AMX Xeon, x its four matmuls by
+# piece size 128/64/48/32/24 MiB: bf16 1.14-1.16/1.12/1.08/1.03-1.08/1.03; float32 1.03-1.06/
+# 1.04-1.06/1.10/1.05-1.12/1.09).
+_TEACHER_BYTES, _TEACHER_BYTES_16BIT = 128 * 2**20, 32 * 2**20
 _TEACHER_MIN_ROWS = MIN_CHUNK
 
 
@@ -97,8 +101,9 @@ class DistillScorer:
         soft = self.hard_weight < 1.0
         g = None if upstream is None else upstream.reshape(-1)
         n = a.shape[0]
-        step = n if not soft else max(_TEACHER_MIN_ROWS, _TEACHER_BYTES // (
-            self.teacher_hidden.element_size() * max(self.vocab.max_size, 1)))
+        size = self.teacher_hidden.element_size()
+        budget = _TEACHER_BYTES_16BIT if size <= 2 else _TEACHER_BYTES
+        step = n if not soft else max(_TEACHER_MIN_ROWS, budget // (size * max(self.vocab.max_size, 1)))
         losses, saveds, slopes = [], [], []
         for start in range(0, n, step):
             sub = slice(start, min(start + step, n))
