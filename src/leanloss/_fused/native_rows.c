@@ -113,6 +113,11 @@ enum { AHEAD = 4096 };
     for (long jp = (j0) + AHEAD / (long)sizeof(T); jp < (j1) + AHEAD / (long)sizeof(T); jp += 64 / (long)sizeof(T)) \
         __builtin_prefetch((p) + jp, write, 3)
 
+/* The next row's cache lines in [j0, j1), requested into L2 while this row is computed, so that
+   its first pass finds them there. */
+#define PREFETCH_NEXT(p, j0, j1, T)                                                                   \
+    for (long jn = (j0); jn < (j1); jn += 64 / (long)sizeof(T)) __builtin_prefetch((p) + jn, 0, 2)
+
 /* max over [lo, hi) of scale * p[j] (-inf when empty), prefetched ahead */
 #define ROW_MAX(T)                                                                                    \
 static inline float row_max_##T(const CTYPE_##T *p, long lo, long hi, float scale) {                  \
@@ -235,6 +240,7 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             float cs = 0.0f, cu = 0.0f, cq = 0.0f, cy = 0.0f;                                         \
+            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                   \
             if (s->all_sums) {                                                                        \
                 _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                          \
                 for (long j = j0; j < j1; j++) {                                                      \
@@ -274,6 +280,7 @@ static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) { 
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             PREFETCH(z, j0, j1, CTYPE_##TZ, 1);                                                       \
+            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                   \
             _Pragma("omp simd")                                                                       \
             for (long j = j0; j < j1; j++) {                                                          \
                 float lp = LOAD_##TZ(z, j) * scale - lse, p = exp_inline(lp);                               \
