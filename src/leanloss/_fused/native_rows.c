@@ -149,6 +149,7 @@ static void distill_rows_##TA##_##TB(const void *args, long r0, long r1, float *
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             float ca = 0.0f, cb = 0.0f;                                                               \
+            if (i + 1 < r1) { PREFETCH_NEXT(x + V, j0, j1, CTYPE_##TA); PREFETCH_NEXT(y + V, j0, j1, CTYPE_##TB); } \
             _Pragma("omp simd reduction(+:ca,cb)")                                                   \
             for (long j = j0; j < j1; j++) {                                                          \
                 float e1 = exp_inline(LOAD_##TA(x, j) - ma), e2 = exp_inline(LOAD_##TB(y, j) - mb);               \
