@@ -323,6 +323,32 @@ def test_built_library_is_cached(fresh_build, tmp_path):
     assert native.library() is not None and native.status() == "ready"
 
 
+def test_fallback_build_is_cached_and_reused(fresh_build, tmp_path):
+    """A compiler without OpenMP builds the fallback flags; a later process loads that build
+    without trying (and failing) the preferred flags again."""
+    real = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if real is None:
+        pytest.skip("no C compiler on this machine")
+    fresh_build.setenv("LEANLOSS_CACHE_DIR", str(tmp_path / "cache"))
+    no_openmp = tmp_path / "cc"
+    no_openmp.write_text("#!/bin/sh\n"
+                         'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "no OpenMP" >&2; exit 1; }; done\n'
+                         f'exec {real} "$@"\n')
+    no_openmp.chmod(0o755)
+    fresh_build.setenv("CC", str(no_openmp))
+    calls = []
+    run = native.subprocess.run
+    fresh_build.setattr(native.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or run(cmd, **kw))
+    assert native.library() is not None and native.status() == "ready"
+    assert ["-fopenmp" in cmd for cmd in calls] == [True, False]
+
+    fresh_build.setattr(native, "_lib", None)
+    fresh_build.setattr(native, "_state", "not built")
+    calls.clear()
+    assert native.library() is not None and native.status() == "ready"
+    assert calls == []
+
+
 def test_unwritable_cache(fresh_build, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")

@@ -130,24 +130,26 @@ def _build() -> Tuple[Optional[ctypes.CDLL], str]:
         compiler = shutil.which(cc) or cc
         compiler_id = f"{os.path.realpath(compiler)} {os.stat(compiler).st_mtime_ns}" if os.path.exists(compiler) else cc
         cache = _cache_dir()
-        folder: Optional[Path] = None
-        for flags in _build_flags():
-            key = hashlib.sha256(b"\0".join(
-                [source, " ".join(flags).encode(), compiler_id.encode(), _machine().encode()])).hexdigest()[:24]
-            cached = None if cache is None else cache / f"native_rows-{key}.so"
-            if cached is not None and cached.exists():
-                return _load(cached), "ready"
-            if folder is None:  # in the cache's folder, so that the rename below is atomic
-                folder = Path(tempfile.mkdtemp(prefix="leanloss-native-", dir=cache))
-                atexit.register(shutil.rmtree, folder, True)
-            built = folder / f"native_rows-{key}.so"
-            done = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True,
+        builds = [(flags, "native_rows-" + hashlib.sha256(b"\0".join(
+            [source, " ".join(flags).encode(), compiler_id.encode(), _machine().encode()])).hexdigest()[:24] + ".so")
+            for flags in _build_flags()]
+        # a cached build of any flag set, so that a process after a fallback build does not
+        # retry (and fail) the preferred flags first
+        if cache is not None:
+            for _, name in builds:
+                if (cache / name).exists():
+                    return _load(cache / name), "ready"
+        folder = Path(tempfile.mkdtemp(prefix="leanloss-native-", dir=cache))  # beside the cache: atomic rename
+        atexit.register(shutil.rmtree, folder, True)
+        for flags, name in builds:
+            done = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(folder / name), "-lm"], capture_output=True,
                                   text=True, timeout=120)
             if done.returncode == 0:
-                if cached is not None:
-                    os.replace(built, cached)
-                    shutil.rmtree(folder, True)
-                return _load(cached or built), "ready"
+                if cache is None:
+                    return _load(folder / name), "ready"
+                os.replace(folder / name, cache / name)
+                shutil.rmtree(folder, True)
+                return _load(cache / name), "ready"
         return None, f"failed: {cc} exited with {done.returncode}: {done.stderr.strip()[-300:]}"
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:  # AttributeError: a symbol missing
         return None, f"failed: {type(exc).__name__}: {exc}"
