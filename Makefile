@@ -14,7 +14,8 @@
 #                      fails unless the torch it ran on is the one requested
 #   make test-torch-range
 #                      test-compat at both ends of the supported range (TORCH_LOWEST, TORCH_NEWEST);
-#                      make torch-range-venvs builds their venvs only
+#                      make torch-range-venvs builds their venvs only; test-torch-lowest and
+#                      test-torch-newest (torch-lowest-venv, torch-newest-venv) take one end
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -37,7 +38,7 @@ TORCH_NEWEST  ?= torch==2.14.1
 PINS_NEWEST   ?=
 WHEEL_VENV  ?= .venv-wheel
 
-.PHONY: demo test lint docs wheel install-check compat-venv test-compat torch-range-venvs test-torch-range device-check bench tour clean
+.PHONY: demo test lint docs wheel install-check compat-venv test-compat torch-lowest-venv torch-newest-venv test-torch-lowest test-torch-newest torch-range-venvs test-torch-range device-check bench tour clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,7 +70,7 @@ test: $(VENV)/.test-installed
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests docs/_ext
-	$(BIN)/mypy
+	$(BIN)/mypy --show-traceback
 
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
@@ -107,19 +108,33 @@ test-compat: compat-venv
 	"$(COMPAT_VENV)/bin/python" -c "$$TORCH_IS_REQUESTED" "$(TORCH)"
 	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
 
-# $(call AT_RANGE_ENDS,goal): make goal for the lowest, then the newest torch, each in its own venv
-define AT_RANGE_ENDS
-	$(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
-	$(MAKE) $(1) TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
-	$(MAKE) $(1) TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
-endef
+# make variables that put compat-venv / test-compat at one end of the range, in that end's own venv
+RANGE_CHECK  = $(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
+LOWEST_VARS  = TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
+NEWEST_VARS  = TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
 
-# the two venvs only (CI builds them while the other checks run)
-torch-range-venvs:
-	$(call AT_RANGE_ENDS,compat-venv)
+# one end's venv, or the suite in it (CI runs the ends one after the other and deletes each venv
+# after its run: each is a CUDA build of about 6 GB, and two at once have filled a CI disk)
+torch-lowest-venv:
+	$(RANGE_CHECK)
+	$(MAKE) compat-venv $(LOWEST_VARS)
 
-test-torch-range:
-	$(call AT_RANGE_ENDS,test-compat)
+torch-newest-venv:
+	$(RANGE_CHECK)
+	$(MAKE) compat-venv $(NEWEST_VARS)
+
+test-torch-lowest:
+	$(RANGE_CHECK)
+	$(MAKE) test-compat $(LOWEST_VARS)
+
+test-torch-newest:
+	$(RANGE_CHECK)
+	$(MAKE) test-compat $(NEWEST_VARS)
+
+# both ends: their venvs only, or the suite in each, lowest first
+torch-range-venvs: torch-lowest-venv torch-newest-venv
+
+test-torch-range: test-torch-lowest test-torch-newest
 
 # prints the torch (and transformers) of the venv; exits non-zero unless torch meets argv[1]
 define TORCH_IS_REQUESTED
