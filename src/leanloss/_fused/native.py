@@ -226,8 +226,8 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, lo
         return None
     n, v = z.shape
     m, s, u, q, y_sum, before = (torch.empty(n) for _ in range(6))
-    all_sums = entropy or log_sum_sq or mean
-    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, all_sums,
+    asked = int(entropy) | int(log_sum_sq) << 1 | int(mean) << 2  # native_rows.c: SUM_U | SUM_Q | SUM_Y
+    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, asked,
                                     *map(_pointer, (m, s, u, q, y_sum, before)), z.dtype == torch.bfloat16,
                                     _threads(z))
     if failed:

@@ -217,14 +217,33 @@ DISTILL_ROWS(bf16, bf16)
 
 /* The log-probabilities' row sums (leanloss/_fused/logp_rows.py: row_sums, and the maxima that
    is_top1 reads) of y = scale z, and their gradient's dense part written over z. */
+enum { SUM_U = 1, SUM_Q = 2, SUM_Y = 4 }; /* which of U, Q and Y are summed besides S */
 typedef struct {
     const void *z;
     const int64_t *t; /* (n,) targets, or NULL: no maximum before the target */
     long V;
     float scale;
-    int all_sums;     /* U, Q and Y besides S */
+    int sums;         /* SUM_U | SUM_Q | SUM_Y: the sums asked for; the others are not computed */
     float *m, *S, *U, *Q, *Y, *before;
 } logp_sums_args;
+
+/* S, U, Q and Y of y = scale z over [j0, j1), added to acc[0..3]; `sums` is a constant at every
+   call (logp_sums' switch), so each combination compiles to a loop with only its own sums. */
+#define LOGP_CHUNK(TZ)                                                                                \
+static inline __attribute__((always_inline)) void logp_chunk_##TZ(                                    \
+        const CTYPE_##TZ *z, long j0, long j1, float scale, float m, const int sums, double *acc) {   \
+    float cs = 0.0f, cu = 0.0f, cq = 0.0f, cy = 0.0f;                                                 \
+    _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                                      \
+    for (long j = j0; j < j1; j++) {                                                                  \
+        const float y = LOAD_##TZ(z, j) * scale, d = y - m, e = exp_inline(d);                        \
+        cs += e;                                                                                      \
+        if (sums & SUM_U) cu += e > 0.0f ? e * d : 0.0f;                                              \
+        if (sums & SUM_Q) cq += e * e;                                                                \
+        if (sums & SUM_Y) cy += y;                                                                    \
+    }                                                                                                 \
+    acc[0] += cs; acc[1] += cu; acc[2] += cq; acc[3] += cy;                                           \
+}
+#define SUMS_CASE(TZ, k) case k: logp_chunk_##TZ(z, j0, j1, scale, m, k, acc); break;
 
 #define LOGP_SUMS(TZ)                                                                                 \
 static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) {                      \
@@ -237,25 +256,19 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
         long t = s->t == NULL ? 0 : s->t[i] < 0 ? 0 : s->t[i] > V ? V : s->t[i];                      \
         const float mb = row_max_##TZ(z, 0, t, scale), ma = row_max_##TZ(z, t, V, scale);            \
         const float m = MAX(ma, mb);                                                                  \
-        double S = 0.0, U = 0.0, Q = 0.0, Y = 0.0;                                                    \
+        double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* S, U, Q, Y */                                        \
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
-            float cs = 0.0f, cu = 0.0f, cq = 0.0f, cy = 0.0f;                                         \
-            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                   \
-            if (s->all_sums) {                                                                        \
-                _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                          \
-                for (long j = j0; j < j1; j++) {                                                      \
-                    float y = LOAD_##TZ(z, j) * scale, d = y - m, e = exp_inline(d);                        \
-                    cs += e; cu += e > 0.0f ? e * d : 0.0f; cq += e * e; cy += y;                     \
-                }                                                                                     \
-            } else {                                                                                  \
-                _Pragma("omp simd reduction(+:cs)")                                                   \
-                for (long j = j0; j < j1; j++) cs += exp_inline(LOAD_##TZ(z, j) * scale - m);               \
+            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                 \
+            switch (s->sums) {                                                                        \
+                SUMS_CASE(TZ, 0) SUMS_CASE(TZ, 1) SUMS_CASE(TZ, 2) SUMS_CASE(TZ, 3)                   \
+                SUMS_CASE(TZ, 4) SUMS_CASE(TZ, 5) SUMS_CASE(TZ, 6) default: SUMS_CASE(TZ, 7)          \
             }                                                                                         \
-            S += cs; U += cu; Q += cq; Y += cy;                                                       \
         }                                                                                             \
-        s->m[i] = m; s->S[i] = (float)S;                                                              \
-        if (s->all_sums) { s->U[i] = (float)U; s->Q[i] = (float)Q; s->Y[i] = (float)Y; }              \
+        s->m[i] = m; s->S[i] = (float)acc[0];                                                         \
+        if (s->sums & SUM_U) s->U[i] = (float)acc[1];                                                 \
+        if (s->sums & SUM_Q) s->Q[i] = (float)acc[2];                                                 \
+        if (s->sums & SUM_Y) s->Y[i] = (float)acc[3];                                                 \
         if (s->before != NULL) s->before[i] = mb;                                                     \
     }                                                                                                 \
 }
@@ -292,6 +305,8 @@ static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) { 
     }                                                                                                 \
 }
 
+LOGP_CHUNK(f32)
+LOGP_CHUNK(bf16)
 LOGP_SUMS(f32)
 LOGP_SUMS(bf16)
 LOGP_GRAD(f32)
@@ -356,10 +371,10 @@ int leanloss_distill(void *a, const void *b, const float *a_y, const float *g, f
     return split_rows(fns[a_bf16 != 0][b_bf16 != 0], &args, n, 2 * row, threads);
 }
 
-int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float scale, int all_sums,
+int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float scale, int sums,
                        float *m, float *S, float *U, float *Q, float *Y, float *before, int z_bf16,
                        int threads) {
-    logp_sums_args args = {z, t, V, scale, all_sums, m, S, U, Q, Y, before};
+    logp_sums_args args = {z, t, V, scale, sums & (SUM_U | SUM_Q | SUM_Y), m, S, U, Q, Y, before};
     return split_rows(z_bf16 ? logp_sums_bf16 : logp_sums_f32, &args, n, 0, threads);
 }
 
