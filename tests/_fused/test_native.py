@@ -241,13 +241,14 @@ def _logp_block(dtype):
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("scale", [1.0, 0.7])
 @pytest.mark.parametrize("flags", list(itertools.product([False, True], repeat=4)))  # each sum compiles apart
-def test_logp_statistics_equal_torch_form(lib, dtype, scale, flags):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_logp_statistics_equal_torch_form(lib, dtype, scale, flags, softcap):
     from leanloss._fused.logp_rows import _stats_natively, logp_stats_block
 
     z, t = _logp_block(dtype)
     x_t = z.float().gather(1, t[:, None]).squeeze(1)
     entropy, log_sum_sq, mean, top1 = flags
-    options = dict(scale=scale, softcap=None, num_classes=z.shape[1], entropy=entropy, log_sum_sq=log_sum_sq,
+    options = dict(scale=scale, softcap=softcap, num_classes=z.shape[1], entropy=entropy, log_sum_sq=log_sum_sq,
                    mean=mean, top1=top1)
     want = logp_stats_block(z, x_t, t, **options)
     got = _stats_natively(z, x_t, t, **options)
@@ -263,7 +264,8 @@ def test_logp_statistics_equal_torch_form(lib, dtype, scale, flags):
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("terms", ["logp", "entropy", "all"])
-def test_logp_gradient_equals_torch_form(lib, dtype, terms):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_logp_gradient_equals_torch_form(lib, dtype, terms, softcap):
     from leanloss._fused.logp_rows import _grad_natively, logp_grad_block
 
     z, t = _logp_block(dtype)
@@ -278,7 +280,7 @@ def test_logp_gradient_equals_torch_form(lib, dtype, terms):
     b = up(2) if terms != "logp" else None
     g, k = (up(3), up(4)) if terms == "all" else (None, None)
     args = (x_t, lse, ent, log_sum_sq, up(1), b, g, k)
-    options = dict(scale=0.7, softcap=None, num_classes=v)
+    options = dict(scale=0.7, softcap=softcap, num_classes=v)
     want_block = z.clone()
     want = logp_grad_block(want_block, *args, **options)
     got_block = z.clone()
@@ -287,16 +289,18 @@ def test_logp_gradient_equals_torch_form(lib, dtype, terms):
     for gt, w in zip(got, want):
         torch.testing.assert_close(gt, w)
     _assert_grad_close(got_block, want_block)
+    if softcap is not None:  # the masked class's logit is -softcap there: no longer masked
+        return
     # the masked class: 0, but for the mean logit's k / V (which counts every class)
     assert got_block[0, 10].item() == (0.0 if k is None else pytest.approx(0.7 * k[0].item() / v, rel=1e-2))
 
 
-@pytest.mark.parametrize("case", ["softcap", "float64", "float16", "scale 0"])
+@pytest.mark.parametrize("case", ["float64", "float16", "scale 0"])
 def test_logp_does_not_apply(lib, case):
     from leanloss._fused.logp_rows import _grad_natively, _stats_natively
 
     z, t = _logp_block(F32)
-    scale, softcap = (0.0 if case == "scale 0" else 1.0), (30.0 if case == "softcap" else None)
+    scale, softcap = (0.0 if case == "scale 0" else 1.0), None
     if case in ("float64", "float16"):
         z = z.to(getattr(torch, case))
     dtype = torch.float64 if case == "float64" else F32
@@ -357,19 +361,39 @@ def test_unwritable_cache(fresh_build, tmp_path):
     assert native.library() is not None and native.status() == "ready"
 
 
+def test_softcap_tanh_is_within_two_ulp(lib):
+    """The softcap's tanh (native_rows.c: tanh_inline), read off the row maxima of one-class
+    rows: within 2 units in the last place of float64's tanh, odd, saturating to +-1 and
+    keeping a NaN."""
+    x = torch.cat([torch.linspace(-12.0, 12.0, 200001), torch.logspace(-30, 1, 3001),
+                   -torch.logspace(-30, 1, 3001), torch.tensor([0.0, -0.0, 0.625, -0.625, 9.0, 20.0, 50.0, 1e30])])
+    m, _, _ = native.logp_sums(x[:, None].contiguous(), 1.0, None, entropy=False, log_sum_sq=False, mean=False,
+                               softcap=1.0)
+    want = x.double().tanh()
+    ulp = torch.finfo(F32).eps * want.abs().float().clamp_min(torch.finfo(F32).tiny).double()
+    ulps = ((m.double() - want).abs() / ulp)
+    assert ulps.max().item() <= 2.0, x[ulps.argmax()].item()
+    assert torch.equal(m[x < 0], -native.logp_sums((-x[x < 0])[:, None].contiguous(), 1.0, None, entropy=False,
+                                                   log_sum_sq=False, mean=False, softcap=1.0)[0])
+    special, (s,), _ = native.logp_sums(torch.tensor([[float("inf")], [float("-inf")], [float("nan")]]), 1.0,
+                                        None, entropy=False, log_sum_sq=False, mean=False, softcap=1.0)
+    assert special[:2].tolist() == [1.0, -1.0] and s[2].isnan()  # (the maxima pass over a NaN; the sums do not)
+
+
 # ---- cross entropy ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("smoothing,z_loss,scale", [(0.0, 0.0, 1.0), (0.1, 0.0, 1.0), (0.0, 1e-3, 0.7),
                                                     (0.2, 1e-2, 0.7)])
 @pytest.mark.parametrize("grad", [True, False])
-def test_cross_entropy_equals_torch_form(lib, dtype, smoothing, z_loss, scale, grad):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_cross_entropy_equals_torch_form(lib, dtype, smoothing, z_loss, scale, grad, softcap):
     from leanloss._fused.ce_rows import _ce_natively, ce_block
 
     z, t = _logp_block(dtype)
     x_t = z.float().gather(1, t[:, None]).squeeze(1)
     g = torch.rand(z.shape[0]) if grad else None
-    options = dict(class_weight=None, scale=scale, softcap=None, smoothing=smoothing, num_classes=z.shape[1],
+    options = dict(class_weight=None, scale=scale, softcap=softcap, smoothing=smoothing, num_classes=z.shape[1],
                    w_total=float(z.shape[1]), z_loss=z_loss)
     want_block, got_block = z.clone(), z.clone()
     want = ce_block(want_block, x_t, None, g, **options)
@@ -383,7 +407,7 @@ def test_cross_entropy_equals_torch_form(lib, dtype, smoothing, z_loss, scale, g
         assert torch.equal(got_block, z)
 
 
-@pytest.mark.parametrize("case", ["softcap", "class weight", "one class", "float64"])
+@pytest.mark.parametrize("case", ["softcap inf", "class weight", "one class", "float64"])
 def test_cross_entropy_does_not_apply(lib, case):
     from leanloss._fused.ce_rows import _ce_natively
 
@@ -394,7 +418,7 @@ def test_cross_entropy_does_not_apply(lib, case):
         z = z.double()
     x_t = z.gather(1, t[:, None]).squeeze(1).to(torch.float64 if case == "float64" else F32)
     options = dict(class_weight=torch.ones(z.shape[1]) if case == "class weight" else None, scale=1.0,
-                   softcap=30.0 if case == "softcap" else None, smoothing=0.0, num_classes=z.shape[1],
+                   softcap=float("inf") if case == "softcap inf" else None, smoothing=0.0, num_classes=z.shape[1],
                    w_total=float(z.shape[1]), z_loss=0.0)
     assert _ce_natively(z, x_t, None, torch.ones(z.shape[0]), **options) is None
 

@@ -144,25 +144,26 @@ def _ce_natively(z: Tensor, x_t: Tensor, w_t: Optional[Tensor], g: Optional[Tens
                  num_classes: int, w_total: Union[float, Tensor], z_loss: float):
     """:func:`ce_block` with the row sums and the gradient's dense part from the native kernels
     (:func:`leanloss._fused.native.logp_sums`, :func:`~leanloss._fused.native.logp_grad`:
-    ``a p - s`` is their ``A p + K``); without softcap or class weights, in float32, over more
-    than one class; ``None`` where that does not apply."""
-    if softcap is not None or class_weight is not None or x_t.dtype != torch.float32 or num_classes == 1:
+    ``a p - s`` is their ``A p + K``); without class weights, in float32, over more than one
+    class; ``None`` where that does not apply."""
+    if class_weight is not None or x_t.dtype != torch.float32 or num_classes == 1:
         return None
-    got = native.logp_sums(z, scale, None, entropy=False, log_sum_sq=False, mean=smoothing > 0.0)
+    got = native.logp_sums(z, scale, None, entropy=False, log_sum_sq=False, mean=smoothing > 0.0, softcap=softcap)
     if got is None:
         return None
     m, sums, _ = got
     lse = m + sums[0].log()
-    y_t = transform(x_t, scale, None)
+    y_t = transform(x_t, scale, softcap)
     loss = ce_row_loss(lse - y_t, lse, w_t, sums[1] if smoothing > 0.0 else None, smoothing=smoothing,
                        w_total=w_total, num_classes=num_classes, z_loss=z_loss)
     if g is None:
         return loss, lse
     a, b, s = ce_grad_coefficients(g * scale, lse, w_t, smoothing=smoothing, w_total=w_total,
                                    num_classes=num_classes, z_loss=z_loss)
-    if not native.logp_grad(z, scale, lse, a, None, None, -s if smoothing > 0.0 else None, out_scale=1.0):
+    if not native.logp_grad(z, scale, lse, a, None, None, -s if smoothing > 0.0 else None, out_scale=1.0,
+                            softcap=softcap):
         return None
-    return (loss, lse, *_target_terms(y_t, lse, w_t, a, b, s, smoothing=smoothing, softcap=None))
+    return (loss, lse, *_target_terms(y_t, lse, w_t, a, b, s, smoothing=smoothing, softcap=softcap))
 
 
 def ce_partials_block(y: Tensor, m: Tensor, *, class_weight: Optional[Tensor], smoothing: float):

@@ -144,19 +144,22 @@ def logp_stats_block(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: floa
 def _stats_natively(z: Tensor, x_t: Tensor, t: Optional[Tensor], *, scale: float, softcap: Optional[float],
                     num_classes: int, entropy: bool, log_sum_sq: bool, mean: bool, top1: bool):
     """:func:`logp_stats_block` with the row sums from :func:`leanloss._fused.native.logp_sums`
-    (without softcap, in float32); ``None`` where that does not apply."""
-    if softcap is not None or x_t.dtype != torch.float32:
+    (in float32); ``None`` where that does not apply. ``top1`` compares the target's logit that
+    the native code computes with its maxima: under a softcap its ``tanh`` is not torch's to the
+    last bit, and a comparison must not mix the two."""
+    if x_t.dtype != torch.float32:
         return None
     stats = LogProbStats(entropy, log_sum_sq, mean, top1)
-    got = native.logp_sums(z, scale, t if top1 else None, entropy=entropy, log_sum_sq=log_sum_sq, mean=mean)
+    got = native.logp_sums(z, scale, t if top1 else None, entropy=entropy, log_sum_sq=log_sum_sq, mean=mean,
+                           softcap=softcap)
     if got is None:
         return None
-    m, sums, before = got
-    y_t = transform(x_t, scale, None)
-    out = finish_stats(m, sums, y_t, stats, num_classes)
+    m, sums, top = got
+    out = finish_stats(m, sums, transform(x_t, scale, softcap), stats, num_classes)
     if top1:
-        assert before is not None
-        out.append(is_top1(y_t, m, before))
+        assert top is not None
+        before, native_y_t = top
+        out.append(is_top1(native_y_t, m, before))
     return tuple(out)
 
 
@@ -220,11 +223,11 @@ def _grad_natively(z: Tensor, x_t: Tensor, lse: Tensor, ent: Optional[Tensor], l
                    a: Tensor, b: Optional[Tensor], g: Optional[Tensor], k: Optional[Tensor], *, scale: float,
                    softcap: Optional[float], num_classes: int):
     """:func:`logp_grad_block` with the block written by :func:`leanloss._fused.native.logp_grad`
-    (without softcap, in float32); ``None`` where that does not apply."""
-    if softcap is not None or lse.dtype != torch.float32:
+    (in float32); ``None`` where that does not apply."""
+    if lse.dtype != torch.float32:
         return None
     coefficients = _coefficients(ent, log_sum_sq, a, b, g, k, num_classes)
-    if not native.logp_grad(z, scale, lse, *coefficients):
+    if not native.logp_grad(z, scale, lse, *coefficients, softcap=softcap):
         return None
     return _target_terms(x_t, lse, coefficients, a, scale=scale, softcap=softcap)
 

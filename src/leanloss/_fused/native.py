@@ -159,8 +159,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
-                       ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32, i32] + [ptr] * 6 + [i32] * 2),
-                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] * 2 + [ptr] * 5 + [i32] * 2)):
+                       ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32] * 2 + [i32] + [ptr] * 7 + [i32] * 2),
+                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] * 3 + [i32, f32] + [ptr] * 5 + [i32] * 2)):
         getattr(lib, name).restype = i32
         getattr(lib, name).argtypes = args
     return lib
@@ -212,37 +212,58 @@ def distill(a: Tensor, b: Optional[Tensor], a_y: Optional[Tensor], g: Optional[T
     return None if failed else (loss,)
 
 
+def _logit_args(scale: float, softcap: Optional[float]) -> Optional[Tuple[float, float, float]]:
+    """``(mul, cap, 1 / cap)`` of native_rows.c's ``logit_of`` for
+    :func:`~leanloss._fused.ce_rows.transform`'s ``scale`` and ``softcap`` (``cap = 0``: none),
+    passed as the float32 values that transform's tensor arithmetic uses; ``None`` where that
+    does not apply."""
+    if not scale > 0.0:
+        return None
+    if softcap is None:
+        return scale, 0.0, 0.0
+    if not 0.0 < softcap < float("inf"):
+        return None
+    return scale / softcap, softcap, 1.0 / softcap
+
+
 def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, log_sum_sq: bool,
-              mean: bool) -> Optional[Tuple[Tensor, List[Tensor], Optional[Tensor]]]:
-    """The log-probabilities' row statistics of ``y = scale z``: the row maxima ``m``,
+              mean: bool, softcap: Optional[float] = None
+              ) -> Optional[Tuple[Tensor, List[Tensor], Optional[Tuple[Tensor, Tensor]]]]:
+    """The log-probabilities' row statistics of the logits ``y = transform(z, scale, softcap)``
+    (:func:`~leanloss._fused.ce_rows.transform`): the row maxima ``m``,
     :func:`~leanloss._fused.logp_rows.row_sums` (``[S, U?, Q?, Y?]``, the optional ones where
-    asked for) and, with targets ``t``, the maxima over the classes before each target; or
-    ``None`` where it does not apply."""
-    if (not _is_block(z) or not scale > 0.0
+    asked for) and, with targets ``t``, ``(before, y_t)``: the maxima over the classes before
+    each target and the target's logit, mapped by the same code as ``m`` (what
+    :func:`~leanloss._fused.logp_rows.is_top1` compares); or ``None`` where it does not apply."""
+    logit = _logit_args(scale, softcap)
+    if (logit is None or not _is_block(z)
             or (t is not None and not (_is_plain(t, (torch.int64,)) and t.shape == (z.shape[0],)))):
         return None
     lib = library()
     if lib is None:
         return None
     n, v = z.shape
-    m, s, u, q, y_sum, before = (torch.empty(n) for _ in range(6))
-    asked = int(entropy) | int(log_sum_sq) << 1 | int(mean) << 2  # native_rows.c: SUM_U | SUM_Q | SUM_Y
-    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, scale, asked,
-                                    *map(_pointer, (m, s, u, q, y_sum, before)), z.dtype == torch.bfloat16,
+    m, s, u, q, y_sum, before, y_t = (torch.empty(n) for _ in range(7))
+    # native_rows.c's flags: SUM_U | SUM_Q | SUM_Y | CAPPED
+    flags = int(entropy) | int(log_sum_sq) << 1 | int(mean) << 2 | int(softcap is not None) << 3
+    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, *logit[:2], flags,
+                                    *map(_pointer, (m, s, u, q, y_sum, before, y_t)), z.dtype == torch.bfloat16,
                                     _threads(z))
     if failed:
         return None
     sums = [s, *(x for x, on in ((u, entropy), (q, log_sum_sq), (y_sum, mean)) if on)]
-    return m, sums, before if t is not None else None
+    return m, sums, (before, y_t) if t is not None else None
 
 
 def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tensor], G: Optional[Tensor],
-              K: Optional[Tensor], *, out_scale: Optional[float] = None) -> bool:
-    """Overwrite ``z`` with ``out_scale (p (B log p + G p + A) + K)`` (``0`` for the part with
-    ``p = 0``), ``log p = scale z - lse``, per-row coefficients ``(n,)`` (``None``: 0;
-    ``out_scale``: ``scale`` unless given); returns whether it ran (False where it does not
-    apply: the caller runs the torch form)."""
-    if not _is_block(z) or not scale > 0.0:
+              K: Optional[Tensor], *, out_scale: Optional[float] = None, softcap: Optional[float] = None) -> bool:
+    """Overwrite ``z`` with ``out_scale (p (B log p + G p + A) + K) dy/dz`` (``0`` for the part
+    with ``p = 0``), ``log p = y - lse``, ``y = transform(z, scale, softcap)``, per-row
+    coefficients ``(n,)`` (``None``: 0; ``out_scale``: ``scale`` unless given; ``dy/dz / scale``:
+    1, or :func:`~leanloss._fused.ce_rows.softcap_slope`); returns whether it ran (False where it
+    does not apply: the caller runs the torch form)."""
+    logit = _logit_args(scale, softcap)
+    if logit is None or not _is_block(z):
         return False
     n = z.shape[0]
     rows = _row_vectors(n, lse, A, B, G, K)
@@ -250,5 +271,6 @@ def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tenso
     if lib is None or rows is None:
         return False
     rows = [torch.zeros(n) if r is None else r for r in rows]
-    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], scale, scale if out_scale is None else out_scale,
+    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], *logit, softcap is not None,
+                                      scale if out_scale is None else out_scale,
                                       *map(_pointer, rows), z.dtype == torch.bfloat16, _threads(z))

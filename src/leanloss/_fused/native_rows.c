@@ -17,8 +17,9 @@
         JSD the term s = lambda - log q overwrites e_b (the gradient needs q and s only);
      4. with an upstream gradient g, the gradient written over a, rounded to a's dtype.
    Two exponentials and (JSD) one logarithm per element. The log-prob statistics take two passes
-   (maxima, then one exponential and the sums), their gradient one. exp and log are inline
-   polynomials (exp_inline, log_inline), so the loops vectorize with no calls and no spills. */
+   (maxima, then one exponential and the sums), their gradient one; under a softcap each also
+   takes a tanh. exp, log and tanh are inline polynomials (exp_inline, log_inline, tanh_inline),
+   so the loops vectorize with no calls and no spills. */
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
@@ -65,6 +66,21 @@ static inline float log_inline(float v) {
     p = p * f + 3.3333331174e-1f;
     const float l = fe * 0.693359375f + (f + (z * -0.5f + (fe * -2.12194440e-4f + f * z * p)));
     return (float_bits(v) & 0x7fffffffu) < 0x7f800000u ? l : v;
+}
+
+/* tanh(x) within 2 ulp: x + x^3 P(x^2) for |x| < 0.625 (Cephes' degree-4 minimax P), else
+   1 - 2 / (e^{2|x|} + 1) with x's sign (|x| capped at 20, where it is 1 in float32); a NaN stays
+   a NaN. Both are computed and one is selected, so loops that call it stay vectorized. */
+static inline float tanh_inline(float x) {
+    const float a = fabsf(x), a2 = 2.0f * a > 40.0f ? 40.0f : 2.0f * a; /* a NaN passes */
+    const float big = 1.0f - 2.0f / (exp_inline(a2) + 1.0f);
+    const float z = x * x;
+    float p = -5.70498872745e-3f;
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    return a < 0.625f ? p * z * x + x : copysignf(big, x);
 }
 
 enum { KIND_FORWARD = 0, KIND_REVERSE = 1, KIND_JSD = 2 };
@@ -215,78 +231,94 @@ DISTILL_ROWS(f32, bf16)
 DISTILL_ROWS(bf16, f32)
 DISTILL_ROWS(bf16, bf16)
 
+/* The logits y of the raw z that the log-prob kernels read (leanloss/_fused/ce_rows.py:
+   transform): y = mul z, or with a softcap c, y = c tanh(mul z) (mul is then scale / c);
+   `capped` is a constant wherever it is called. */
+static inline __attribute__((always_inline)) float logit_of(float x, float mul, float cap, const int capped) {
+    return capped ? cap * tanh_inline(x * mul) : x * mul;
+}
+
 /* The log-probabilities' row sums (leanloss/_fused/logp_rows.py: row_sums, and the maxima that
-   is_top1 reads) of y = scale z, and their gradient's dense part written over z. */
-enum { SUM_U = 1, SUM_Q = 2, SUM_Y = 4 }; /* which of U, Q and Y are summed besides S */
+   is_top1 reads) of the logits y, and their gradient's dense part written over z. */
+enum { SUM_U = 1, SUM_Q = 2, SUM_Y = 4, CAPPED = 8 }; /* the sums asked for besides S; a softcap */
 typedef struct {
     const void *z;
     const int64_t *t; /* (n,) targets, or NULL: no maximum before the target */
     long V;
-    float scale;
-    int sums;         /* SUM_U | SUM_Q | SUM_Y: the sums asked for; the others are not computed */
-    float *m, *S, *U, *Q, *Y, *before;
+    float mul, cap;   /* logit_of's */
+    int flags;        /* SUM_U | SUM_Q | SUM_Y | CAPPED: the sums not asked for are not computed */
+    float *m, *S, *U, *Q, *Y, *before, *y_t;
 } logp_sums_args;
 
-/* S, U, Q and Y of y = scale z over [j0, j1), added to acc[0..3]; `sums` is a constant at every
-   call (logp_sums' switch), so each combination compiles to a loop with only its own sums. */
+/* S, U, Q and Y of the logits over [j0, j1), added to acc[0..3]; `flags` is a constant at every
+   call (logp_sums' switch), so each combination compiles to a loop with only its own work. */
 #define LOGP_CHUNK(TZ)                                                                                \
 static inline __attribute__((always_inline)) void logp_chunk_##TZ(                                    \
-        const CTYPE_##TZ *z, long j0, long j1, float scale, float m, const int sums, double *acc) {   \
+        const CTYPE_##TZ *z, long j0, long j1, float mul, float cap, float m, const int flags,        \
+        double *acc) {                                                                                \
     float cs = 0.0f, cu = 0.0f, cq = 0.0f, cy = 0.0f;                                                 \
     _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                                      \
     for (long j = j0; j < j1; j++) {                                                                  \
-        const float y = LOAD_##TZ(z, j) * scale, d = y - m, e = exp_inline(d);                        \
+        const float y = logit_of(LOAD_##TZ(z, j), mul, cap, flags & CAPPED), d = y - m;               \
+        const float e = exp_inline(d);                                                                \
         cs += e;                                                                                      \
-        if (sums & SUM_U) cu += e > 0.0f ? e * d : 0.0f;                                              \
-        if (sums & SUM_Q) cq += e * e;                                                                \
-        if (sums & SUM_Y) cy += y;                                                                    \
+        if (flags & SUM_U) cu += e > 0.0f ? e * d : 0.0f;                                             \
+        if (flags & SUM_Q) cq += e * e;                                                               \
+        if (flags & SUM_Y) cy += y;                                                                   \
     }                                                                                                 \
     acc[0] += cs; acc[1] += cu; acc[2] += cq; acc[3] += cy;                                           \
 }
-#define SUMS_CASE(TZ, k) case k: logp_chunk_##TZ(z, j0, j1, scale, m, k, acc); break;
+#define SUMS_CASE(TZ, k) case k: logp_chunk_##TZ(z, j0, j1, s->mul, s->cap, m, k, acc); break;
+#define SUMS_CASES(TZ, k) SUMS_CASE(TZ, k) SUMS_CASE(TZ, k + 1) SUMS_CASE(TZ, k + 2) SUMS_CASE(TZ, k + 3)
 
+/* The logit maxima are taken of mul z and then mapped (tanh is increasing); y_t, the target's
+   logit, is mapped by the same code, so that is_top1 compares like with like. */
 #define LOGP_SUMS(TZ)                                                                                 \
 static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) {                      \
     const logp_sums_args *s = (const logp_sums_args *)args;                                           \
     const long V = s->V;                                                                              \
-    const float scale = s->scale;                                                                     \
+    const int capped = s->flags & CAPPED;                                                             \
     (void)unused;                                                                                     \
     for (long i = r0; i < r1; i++) {                                                                  \
         const CTYPE_##TZ *z = (const CTYPE_##TZ *)s->z + i * V;                                       \
         long t = s->t == NULL ? 0 : s->t[i] < 0 ? 0 : s->t[i] > V ? V : s->t[i];                      \
-        const float mb = row_max_##TZ(z, 0, t, scale), ma = row_max_##TZ(z, t, V, scale);            \
-        const float m = MAX(ma, mb);                                                                  \
+        const float mb = row_max_##TZ(z, 0, t, s->mul), ma = row_max_##TZ(z, t, V, s->mul);          \
+        const float m = capped ? s->cap * tanh_inline(MAX(ma, mb)) : MAX(ma, mb);                     \
         double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* S, U, Q, Y */                                        \
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                 \
-            switch (s->sums) {                                                                        \
-                SUMS_CASE(TZ, 0) SUMS_CASE(TZ, 1) SUMS_CASE(TZ, 2) SUMS_CASE(TZ, 3)                   \
-                SUMS_CASE(TZ, 4) SUMS_CASE(TZ, 5) SUMS_CASE(TZ, 6) default: SUMS_CASE(TZ, 7)          \
+            switch (s->flags) {                                                                       \
+                SUMS_CASES(TZ, 0) SUMS_CASES(TZ, 4) SUMS_CASES(TZ, 8) SUMS_CASES(TZ, 12)              \
             }                                                                                         \
         }                                                                                             \
         s->m[i] = m; s->S[i] = (float)acc[0];                                                         \
-        if (s->sums & SUM_U) s->U[i] = (float)acc[1];                                                 \
-        if (s->sums & SUM_Q) s->Q[i] = (float)acc[2];                                                 \
-        if (s->sums & SUM_Y) s->Y[i] = (float)acc[3];                                                 \
-        if (s->before != NULL) s->before[i] = mb;                                                     \
+        if (s->flags & SUM_U) s->U[i] = (float)acc[1];                                                \
+        if (s->flags & SUM_Q) s->Q[i] = (float)acc[2];                                                \
+        if (s->flags & SUM_Y) s->Y[i] = (float)acc[3];                                                \
+        if (s->t != NULL) {                                                                           \
+            s->before[i] = t == 0 || !capped ? mb : s->cap * tanh_inline(mb);                         \
+            s->y_t[i] = t < V ? logit_of(LOAD_##TZ(z, t), s->mul, s->cap, capped) : -INFINITY;        \
+        }                                                                                             \
     }                                                                                                 \
 }
 
 /* The gradient of logp_rows' module docstring (and cross entropy's a p - s, ce_rows) from
-   per-row coefficients: out_scale ((p > 0 ? p (B log p + G p + A) : 0) + K), log p = y - lse. */
+   per-row coefficients: out_scale ((p > 0 ? p (B log p + G p + A) : 0) + K) dy/dz, log p = y - lse,
+   with dy/dz = 1 or, under a softcap, 1 - (y / c)^2 (ce_rows.softcap_slope; out_scale carries
+   the scale). */
 typedef struct {
     void *z;
     long V;
-    float scale, out_scale; /* y = scale z; the gradient is multiplied by out_scale */
+    float mul, cap, inv_cap, out_scale; /* logit_of's; 1 / cap; the gradient's factor */
     const float *lse, *A, *B, *G, *K;
 } logp_grad_args;
 
-#define LOGP_GRAD(TZ)                                                                                 \
-static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) {                      \
+#define LOGP_GRAD_ROWS(TZ, CAPPED_)                                                                   \
+static void logp_grad_##TZ##_##CAPPED_(const void *args, long r0, long r1, float *unused) {          \
     const logp_grad_args *s = (const logp_grad_args *)args;                                           \
     const long V = s->V;                                                                              \
-    const float scale = s->scale, out_scale = s->out_scale;                                           \
+    const float mul = s->mul, cap = s->cap, inv_cap = s->inv_cap, out_scale = s->out_scale;           \
     (void)unused;                                                                                     \
     for (long i = r0; i < r1; i++) {                                                                  \
         CTYPE_##TZ *z = (CTYPE_##TZ *)s->z + i * V;                                                   \
@@ -294,12 +326,14 @@ static void logp_grad_##TZ(const void *args, long r0, long r1, float *unused) { 
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             PREFETCH(z, j0, j1, CTYPE_##TZ, 1);                                                       \
-            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                   \
+            if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                 \
             _Pragma("omp simd")                                                                       \
             for (long j = j0; j < j1; j++) {                                                          \
-                float lp = LOAD_##TZ(z, j) * scale - lse, p = exp_inline(lp);                               \
-                float grad = (p > 0.0f ? p * (B * lp + G * p + A) : 0.0f) + K;                        \
-                STORE_##TZ(z, j, grad * out_scale);                                                          \
+                const float y = logit_of(LOAD_##TZ(z, j), mul, cap, CAPPED_);                         \
+                const float lp = y - lse, p = exp_inline(lp);                                         \
+                float grad = ((p > 0.0f ? p * (B * lp + G * p + A) : 0.0f) + K) * out_scale;          \
+                if (CAPPED_) { const float r = y * inv_cap; grad *= 1.0f - r * r; }                  \
+                STORE_##TZ(z, j, grad);                                                               \
             }                                                                                         \
         }                                                                                             \
     }                                                                                                 \
@@ -309,8 +343,10 @@ LOGP_CHUNK(f32)
 LOGP_CHUNK(bf16)
 LOGP_SUMS(f32)
 LOGP_SUMS(bf16)
-LOGP_GRAD(f32)
-LOGP_GRAD(bf16)
+LOGP_GRAD_ROWS(f32, 0)
+LOGP_GRAD_ROWS(f32, 1)
+LOGP_GRAD_ROWS(bf16, 0)
+LOGP_GRAD_ROWS(bf16, 1)
 
 /* Rows split evenly over `threads` threads (the caller's included), each with `scratch` floats
    of its own: OpenMP's threads where the build has it (torch's own pool: the loader finds the
@@ -371,16 +407,18 @@ int leanloss_distill(void *a, const void *b, const float *a_y, const float *g, f
     return split_rows(fns[a_bf16 != 0][b_bf16 != 0], &args, n, 2 * row, threads);
 }
 
-int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float scale, int sums,
-                       float *m, float *S, float *U, float *Q, float *Y, float *before, int z_bf16,
-                       int threads) {
-    logp_sums_args args = {z, t, V, scale, sums & (SUM_U | SUM_Q | SUM_Y), m, S, U, Q, Y, before};
+int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float mul, float cap, int flags,
+                       float *m, float *S, float *U, float *Q, float *Y, float *before, float *y_t,
+                       int z_bf16, int threads) {
+    logp_sums_args args = {z, t, V, mul, cap, flags & (SUM_U | SUM_Q | SUM_Y | CAPPED), m, S, U, Q, Y,
+                           before, y_t};
     return split_rows(z_bf16 ? logp_sums_bf16 : logp_sums_f32, &args, n, 0, threads);
 }
 
-int leanloss_logp_grad(void *z, long n, long V, float scale, float out_scale, const float *lse,
-                       const float *A, const float *B, const float *G, const float *K, int z_bf16,
-                       int threads) {
-    logp_grad_args args = {z, V, scale, out_scale, lse, A, B, G, K};
-    return split_rows(z_bf16 ? logp_grad_bf16 : logp_grad_f32, &args, n, 0, threads);
+int leanloss_logp_grad(void *z, long n, long V, float mul, float cap, float inv_cap, int capped,
+                       float out_scale, const float *lse, const float *A, const float *B, const float *G,
+                       const float *K, int z_bf16, int threads) {
+    static const rows_fn fns[2][2] = {{logp_grad_f32_0, logp_grad_f32_1}, {logp_grad_bf16_0, logp_grad_bf16_1}};
+    logp_grad_args args = {z, V, mul, cap, inv_cap, out_scale, lse, A, B, G, K};
+    return split_rows(fns[z_bf16 != 0][capped != 0], &args, n, 0, threads);
 }
