@@ -438,6 +438,9 @@ def test_shipped_suites_list_the_benchmark_shapes():
     assert all(c["kind"] == "jsd" and (c["N"], c["D"], c["V"]) == (2048, 1024, 32000) for c in jsd)
     lp = log_probs.cases(quick=False)
     assert {(c["N"], c["D"], c["V"], c["temperature"]) for c in lp} == {(2048, 1024, 131072, 0.9)}
+    assert {c["impl"]: c.get("softcap") for c in lp} == {"leanloss": None, "torch_eager": None, "leanloss_score": None,
+                                                         "torch_eager_score": None, "leanloss_softcap": 30.0,
+                                                         "torch_eager_softcap": 30.0}
     assert {c["dtype"] for c in lp} == {"float32", "bfloat16"}
     assert [(c["impl"], c["dtype"]) for c in log_probs.cases(quick=True)] == [("leanloss", "bfloat16")]
     first = first_call.cases(quick=False)

@@ -13,6 +13,8 @@ scoring impls it is ONE matmul ``h @ W.T``.
 * ``leanloss``: :func:`leanloss.linear_log_probs` with ``return_entropy=True``, fwd+bwd;
 * ``torch_eager``: ``log_softmax((h @ W.T) / T)`` gathered at the targets and
   ``-(p * log p).sum(-1)``, eager, fwd+bwd;
+* ``leanloss_softcap`` / ``torch_eager_softcap``: the same under Gemma 2's logit softcap
+  (``softcap=30``: ``log_softmax(30 tanh((h @ W.T) / 30) / T)``), a group of their own;
 * ``leanloss_score`` / ``torch_eager_score``: the same two outputs under ``torch.no_grad()``
   (rollout scoring).
 
@@ -31,9 +33,11 @@ from leanloss.cli.bench import harness
 SUITE = "log_probs"
 DEFAULT: Dict[str, Any] = dict(N=2048, D=1024, V=131072, dtypes=("float32", "bfloat16"), repeats=3)
 QUICK: Dict[str, Any] = dict(N=2048, D=1024, V=32000, dtypes=("bfloat16",), repeats=2)
-IMPLS = ("leanloss", "torch_eager", "leanloss_score", "torch_eager_score")
+IMPLS = ("leanloss", "torch_eager", "leanloss_softcap", "torch_eager_softcap", "leanloss_score", "torch_eager_score")
+TRAINING = ("leanloss", "torch_eager", "leanloss_softcap", "torch_eager_softcap")
 QUICK_IMPLS = ("leanloss",)
 TEMPERATURE = 0.9
+SOFTCAP = 30.0  # Gemma 2's final_logit_softcapping
 
 
 def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only=None) -> list:
@@ -41,17 +45,21 @@ def cases(*, quick: bool, vocab=None, tokens=None, hidden=None, dtype=None, only
     dtypes = base["dtypes"] if dtype is None else (dtype,)
     impls = [i for i in IMPLS if (only is None or i == only) and (only or not quick or i in QUICK_IMPLS)]
     return [dict(suite=SUITE, impl=impl, N=int(tokens or base["N"]), D=int(hidden or base["D"]),
-                 V=int(vocab or base["V"]), dtype=dt, repeats=base["repeats"], temperature=TEMPERATURE)
+                 V=int(vocab or base["V"]), dtype=dt, repeats=base["repeats"], temperature=TEMPERATURE,
+                 **({"softcap": SOFTCAP} if impl.endswith("_softcap") else {}))
             for dt in dtypes for impl in impls]
 
 
-def _dense(h, w, t, temperature):
-    log_q = torch.log_softmax((h @ w.T).float() / temperature, dim=-1)
+def _dense(h, w, t, temperature, softcap=None):
+    z = (h @ w.T).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_q = torch.log_softmax(z / temperature, dim=-1)
     logp = log_q.gather(1, t.unsqueeze(1)).squeeze(1)
     return logp, -(log_q.exp() * log_q).sum(-1)
 
 
-def _step_fn(impl: str, h, w, t, a, b, temperature):
+def _step_fn(impl: str, h, w, t, a, b, temperature, softcap=None):
     if impl == "roofline":
         def step():
             with torch.no_grad():
@@ -67,10 +75,10 @@ def _step_fn(impl: str, h, w, t, a, b, temperature):
         return matmul
     if impl.startswith("leanloss"):
         def outputs():
-            return leanloss.linear_log_probs(h, w, t, temperature=temperature, return_entropy=True)
+            return leanloss.linear_log_probs(h, w, t, temperature=temperature, return_entropy=True, softcap=softcap)
     elif impl.startswith("torch_eager"):
         def outputs():
-            return _dense(h, w, t, temperature)
+            return _dense(h, w, t, temperature, softcap)
     else:
         raise ValueError(f"unknown impl {impl!r}")
     if impl.endswith("_score"):
@@ -97,8 +105,8 @@ def run_case(case: dict) -> dict:
     t = torch.randint(0, v, (n,), generator=g)
     a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
     impl = case["impl"]
-    training = impl in ("leanloss", "torch_eager")
-    step = _step_fn(impl, h, w, t, a, b, temperature)
+    training = impl in TRAINING
+    step = _step_fn(impl, h, w, t, a, b, temperature, case.get("softcap"))
     reference = _step_fn("roofline" if training else "matmul", h, w, t, a, b, temperature)
     return harness.measure(case, step, leaves=(h, w) if training else (), reference=reference)
 

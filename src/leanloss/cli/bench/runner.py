@@ -35,7 +35,7 @@ SCHEMA_VERSION = 2
 DEFAULT_PACKAGE = "leanloss.cli.bench"
 # Peers every row is compared with (same suite, shape and dtype), in the order of the JSON keys.
 PEERS = ("torch_eager", "torch_compile", "cut_cross_entropy", "torch_chunked", "liger")
-GROUP_KEYS = ("suite", "N", "D", "V", "dtype")
+GROUP_KEYS = ("suite", "N", "D", "V", "dtype", "softcap")  # rows compared as peers
 ROW_KEYS = ("suite", "N", "D", "V", "impl")
 DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
