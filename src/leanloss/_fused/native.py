@@ -11,7 +11,7 @@ gradient (:mod:`leanloss._fused.logp_rows`), which cross entropy's block shares
 torch forms.
 
 The library is built the first time a kernel asks for it (``cc -O3 -march=native``, about
-1 s; ``CC`` in the environment names another compiler) into a cache that later processes
+1.2 s; ``CC`` in the environment names another compiler) into a cache that later processes
 load from (``$LEANLOSS_CACHE_DIR``, else ``$XDG_CACHE_HOME/leanloss`` or ``~/.cache/leanloss``;
 keyed by the source, the build command, the compiler and the CPU). Where it cannot be built (no
 compiler, a build error, a platform other than Linux x86-64, where it is not measured:

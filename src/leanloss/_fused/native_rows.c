@@ -246,30 +246,54 @@ typedef struct {
     const int64_t *t; /* (n,) targets, or NULL: no maximum before the target */
     long V;
     float mul, cap;   /* logit_of's */
-    int flags;        /* SUM_U | SUM_Q | SUM_Y | CAPPED: the sums not asked for are not computed */
+    int flags;        /* SUM_U | SUM_Q | SUM_Y | CAPPED, as compiled_flags gives them */
     float *m, *S, *U, *Q, *Y, *before, *y_t;
 } logp_sums_args;
 
-/* S, U, Q and Y of the logits over [j0, j1), added to acc[0..3]; `flags` is a constant at every
+/* S, U, Q and Y of y = mul z over [j0, j1), added to acc[0..3]; `sums` is a constant at every
    call (logp_sums' switch), so each combination compiles to a loop with only its own work. */
 #define LOGP_CHUNK(TZ)                                                                                \
 static inline __attribute__((always_inline)) void logp_chunk_##TZ(                                    \
-        const CTYPE_##TZ *z, long j0, long j1, float mul, float cap, float m, const int flags,        \
-        double *acc) {                                                                                \
+        const CTYPE_##TZ *z, long j0, long j1, float mul, float m, const int sums, double *acc) {     \
     float cs = 0.0f, cu = 0.0f, cq = 0.0f, cy = 0.0f;                                                 \
     _Pragma("omp simd reduction(+:cs,cu,cq,cy)")                                                      \
     for (long j = j0; j < j1; j++) {                                                                  \
-        const float y = logit_of(LOAD_##TZ(z, j), mul, cap, flags & CAPPED), d = y - m;               \
-        const float e = exp_inline(d);                                                                \
+        const float y = LOAD_##TZ(z, j) * mul, d = y - m, e = exp_inline(d);                          \
         cs += e;                                                                                      \
-        if (flags & SUM_U) cu += e > 0.0f ? e * d : 0.0f;                                             \
-        if (flags & SUM_Q) cq += e * e;                                                               \
-        if (flags & SUM_Y) cy += y;                                                                   \
+        if (sums & SUM_U) cu += e > 0.0f ? e * d : 0.0f;                                              \
+        if (sums & SUM_Q) cq += e * e;                                                                \
+        if (sums & SUM_Y) cy += y;                                                                    \
     }                                                                                                 \
     acc[0] += cs; acc[1] += cu; acc[2] += cq; acc[3] += cy;                                           \
+}                                                                                                     \
+/* the softcapped logits c tanh(mul z) over [j0, j1), into y[0 .. j1 - j0) */                        \
+static inline void capped_logits_##TZ(const CTYPE_##TZ *z, long j0, long j1, float mul, float cap,   \
+                                      float *y) {                                                     \
+    _Pragma("omp simd")                                                                               \
+    for (long j = j0; j < j1; j++) y[j - j0] = cap * tanh_inline(LOAD_##TZ(z, j) * mul);              \
 }
-#define SUMS_CASE(TZ, k) case k: logp_chunk_##TZ(z, j0, j1, s->mul, s->cap, m, k, acc); break;
-#define SUMS_CASES(TZ, k) SUMS_CASE(TZ, k) SUMS_CASE(TZ, k + 1) SUMS_CASE(TZ, k + 2) SUMS_CASE(TZ, k + 3)
+
+/* The combinations of sums compiled apart: none besides S (log-probs, cross entropy), U alone (the
+   entropy) and all three. Each is a loop of its own per dtype, about 0.07 s of build time, so
+   any other request is computed as all three (the caller reads only the sums it asked for).
+   Under a softcap a chunk's logits are mapped into a buffer first (in L1) and summed by the
+   float32 loops, so the softcap adds one loop per dtype, not three. */
+static int compiled_flags(int flags) {
+    const int sums = flags & (SUM_U | SUM_Q | SUM_Y);
+    return (flags & CAPPED) | (sums == 0 || sums == SUM_U ? sums : SUM_U | SUM_Q | SUM_Y);
+}
+/* each compiled combination once (not inlined: the plain and the softcapped path share it) */
+#define LOGP_CHUNK_AS(TZ, K)                                                                          \
+static __attribute__((noinline)) void logp_chunk_##TZ##_##K(const CTYPE_##TZ *z, long j0, long j1,    \
+                                                            float mul, float m, double *acc) {        \
+    logp_chunk_##TZ(z, j0, j1, mul, m, K, acc);                                                       \
+}
+#define SUMS_SWITCH(TZ, P, J0, J1, MUL)                                                              \
+    switch (s->flags & (SUM_U | SUM_Q | SUM_Y)) {                                                     \
+        case 0: logp_chunk_##TZ##_0(P, J0, J1, MUL, m, acc); break;                                   \
+        case SUM_U: logp_chunk_##TZ##_1(P, J0, J1, MUL, m, acc); break;                               \
+        default: logp_chunk_##TZ##_7(P, J0, J1, MUL, m, acc); break;                                  \
+    }
 
 /* The logit maxima are taken of mul z and then mapped (tanh is increasing); y_t, the target's
    logit, is mapped by the same code, so that is_top1 compares like with like. */
@@ -278,6 +302,7 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
     const logp_sums_args *s = (const logp_sums_args *)args;                                           \
     const long V = s->V;                                                                              \
     const int capped = s->flags & CAPPED;                                                             \
+    float y[CHUNK] __attribute__((aligned(64))); /* a chunk's softcapped logits */                   \
     (void)unused;                                                                                     \
     for (long i = r0; i < r1; i++) {                                                                  \
         const CTYPE_##TZ *z = (const CTYPE_##TZ *)s->z + i * V;                                       \
@@ -288,8 +313,11 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
             if (i + 1 < r1) PREFETCH_NEXT(z + V, j0, j1, CTYPE_##TZ);                                 \
-            switch (s->flags) {                                                                       \
-                SUMS_CASES(TZ, 0) SUMS_CASES(TZ, 4) SUMS_CASES(TZ, 8) SUMS_CASES(TZ, 12)              \
+            if (capped) {                                                                             \
+                capped_logits_##TZ(z, j0, j1, s->mul, s->cap, y);                                     \
+                SUMS_SWITCH(f32, y, 0, j1 - j0, 1.0f)                                                 \
+            } else {                                                                                  \
+                SUMS_SWITCH(TZ, z, j0, j1, s->mul)                                                    \
             }                                                                                         \
         }                                                                                             \
         s->m[i] = m; s->S[i] = (float)acc[0];                                                         \
@@ -341,6 +369,12 @@ static void logp_grad_##TZ##_##CAPPED_(const void *args, long r0, long r1, float
 
 LOGP_CHUNK(f32)
 LOGP_CHUNK(bf16)
+LOGP_CHUNK_AS(f32, 0)
+LOGP_CHUNK_AS(f32, 1)
+LOGP_CHUNK_AS(f32, 7)
+LOGP_CHUNK_AS(bf16, 0)
+LOGP_CHUNK_AS(bf16, 1)
+LOGP_CHUNK_AS(bf16, 7)
 LOGP_SUMS(f32)
 LOGP_SUMS(bf16)
 LOGP_GRAD_ROWS(f32, 0)
@@ -410,8 +444,7 @@ int leanloss_distill(void *a, const void *b, const float *a_y, const float *g, f
 int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float mul, float cap, int flags,
                        float *m, float *S, float *U, float *Q, float *Y, float *before, float *y_t,
                        int z_bf16, int threads) {
-    logp_sums_args args = {z, t, V, mul, cap, flags & (SUM_U | SUM_Q | SUM_Y | CAPPED), m, S, U, Q, Y,
-                           before, y_t};
+    logp_sums_args args = {z, t, V, mul, cap, compiled_flags(flags), m, S, U, Q, Y, before, y_t};
     return split_rows(z_bf16 ? logp_sums_bf16 : logp_sums_f32, &args, n, 0, threads);
 }
 
