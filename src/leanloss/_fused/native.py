@@ -160,7 +160,7 @@ def _load(path: Path) -> ctypes.CDLL:
     ptr, long, f32, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
     for name, args in (("leanloss_distill", [ptr] * 5 + [long] * 2 + [i32] + [f32] * 3 + [i32] * 3),
                        ("leanloss_logp_sums", [ptr] * 2 + [long] * 2 + [f32] * 2 + [i32] + [ptr] * 7 + [i32] * 2),
-                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] * 3 + [i32, f32] + [ptr] * 5 + [i32] * 2)):
+                       ("leanloss_logp_grad", [ptr] + [long] * 2 + [f32] * 4 + [ptr] * 5 + [i32] * 2)):
         getattr(lib, name).restype = i32
         getattr(lib, name).argtypes = args
     return lib
@@ -244,9 +244,8 @@ def logp_sums(z: Tensor, scale: float, t: Optional[Tensor], *, entropy: bool, lo
         return None
     n, v = z.shape
     m, s, u, q, y_sum, before, y_t = (torch.empty(n) for _ in range(7))
-    # native_rows.c's flags: SUM_U | SUM_Q | SUM_Y | CAPPED
-    flags = int(entropy) | int(log_sum_sq) << 1 | int(mean) << 2 | int(softcap is not None) << 3
-    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, *logit[:2], flags,
+    asked = int(entropy) | int(log_sum_sq) << 1 | int(mean) << 2  # native_rows.c: SUM_U | SUM_Q | SUM_Y
+    failed = lib.leanloss_logp_sums(_pointer(z), _pointer(t), n, v, *logit[:2], asked,
                                     *map(_pointer, (m, s, u, q, y_sum, before, y_t)), z.dtype == torch.bfloat16,
                                     _threads(z))
     if failed:
@@ -271,6 +270,5 @@ def logp_grad(z: Tensor, scale: float, lse: Tensor, A: Tensor, B: Optional[Tenso
     if lib is None or rows is None:
         return False
     rows = [torch.zeros(n) if r is None else r for r in rows]
-    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], *logit, softcap is not None,
-                                      scale if out_scale is None else out_scale,
+    return not lib.leanloss_logp_grad(_pointer(z), n, z.shape[1], *logit, scale if out_scale is None else out_scale,
                                       *map(_pointer, rows), z.dtype == torch.bfloat16, _threads(z))

@@ -232,21 +232,21 @@ DISTILL_ROWS(bf16, f32)
 DISTILL_ROWS(bf16, bf16)
 
 /* The logits y of the raw z that the log-prob kernels read (leanloss/_fused/ce_rows.py:
-   transform): y = mul z, or with a softcap c, y = c tanh(mul z) (mul is then scale / c);
-   `capped` is a constant wherever it is called. */
+   transform): y = mul z, or with a softcap c (capped: c > 0), y = c tanh(mul z) (mul is then
+   scale / c); the maxima of mul z are mapped with mul = 1. `capped` is a constant in the loops. */
 static inline __attribute__((always_inline)) float logit_of(float x, float mul, float cap, const int capped) {
     return capped ? cap * tanh_inline(x * mul) : x * mul;
 }
 
 /* The log-probabilities' row sums (leanloss/_fused/logp_rows.py: row_sums, and the maxima that
    is_top1 reads) of the logits y, and their gradient's dense part written over z. */
-enum { SUM_U = 1, SUM_Q = 2, SUM_Y = 4, CAPPED = 8 }; /* the sums asked for besides S; a softcap */
+enum { SUM_U = 1, SUM_Q = 2, SUM_Y = 4 }; /* the sums asked for besides S */
 typedef struct {
     const void *z;
     const int64_t *t; /* (n,) targets, or NULL: no maximum before the target */
     long V;
-    float mul, cap;   /* logit_of's */
-    int flags;        /* SUM_U | SUM_Q | SUM_Y | CAPPED, as compiled_flags gives them */
+    float mul, cap;   /* logit_of's (cap 0: no softcap) */
+    int sums;         /* SUM_U | SUM_Q | SUM_Y, as compiled_sums gives them */
     float *m, *S, *U, *Q, *Y, *before, *y_t;
 } logp_sums_args;
 
@@ -270,7 +270,7 @@ static inline __attribute__((always_inline)) void logp_chunk_##TZ(              
 static inline void capped_logits_##TZ(const CTYPE_##TZ *z, long j0, long j1, float mul, float cap,   \
                                       float *y) {                                                     \
     _Pragma("omp simd")                                                                               \
-    for (long j = j0; j < j1; j++) y[j - j0] = cap * tanh_inline(LOAD_##TZ(z, j) * mul);              \
+    for (long j = j0; j < j1; j++) y[j - j0] = logit_of(LOAD_##TZ(z, j), mul, cap, 1);                \
 }
 
 /* The combinations of sums compiled apart: none besides S (log-probs, cross entropy), U alone (the
@@ -278,9 +278,9 @@ static inline void capped_logits_##TZ(const CTYPE_##TZ *z, long j0, long j1, flo
    any other request is computed as all three (the caller reads only the sums it asked for).
    Under a softcap a chunk's logits are mapped into a buffer first (in L1) and summed by the
    float32 loops, so the softcap adds one loop per dtype, not three. */
-static int compiled_flags(int flags) {
-    const int sums = flags & (SUM_U | SUM_Q | SUM_Y);
-    return (flags & CAPPED) | (sums == 0 || sums == SUM_U ? sums : SUM_U | SUM_Q | SUM_Y);
+static int compiled_sums(int sums) {
+    sums &= SUM_U | SUM_Q | SUM_Y;
+    return sums == 0 || sums == SUM_U ? sums : SUM_U | SUM_Q | SUM_Y;
 }
 /* each compiled combination once (not inlined: the plain and the softcapped path share it) */
 #define LOGP_CHUNK_AS(TZ, K)                                                                          \
@@ -289,7 +289,7 @@ static __attribute__((noinline)) void logp_chunk_##TZ##_##K(const CTYPE_##TZ *z,
     logp_chunk_##TZ(z, j0, j1, mul, m, K, acc);                                                       \
 }
 #define SUMS_SWITCH(TZ, P, J0, J1, MUL)                                                              \
-    switch (s->flags & (SUM_U | SUM_Q | SUM_Y)) {                                                     \
+    switch (s->sums) {                                                                                \
         case 0: logp_chunk_##TZ##_0(P, J0, J1, MUL, m, acc); break;                                   \
         case SUM_U: logp_chunk_##TZ##_1(P, J0, J1, MUL, m, acc); break;                               \
         default: logp_chunk_##TZ##_7(P, J0, J1, MUL, m, acc); break;                                  \
@@ -301,14 +301,14 @@ static __attribute__((noinline)) void logp_chunk_##TZ##_##K(const CTYPE_##TZ *z,
 static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) {                      \
     const logp_sums_args *s = (const logp_sums_args *)args;                                           \
     const long V = s->V;                                                                              \
-    const int capped = s->flags & CAPPED;                                                             \
+    const int capped = s->cap > 0.0f;                                                                 \
     float y[CHUNK] __attribute__((aligned(64))); /* a chunk's softcapped logits */                   \
     (void)unused;                                                                                     \
     for (long i = r0; i < r1; i++) {                                                                  \
         const CTYPE_##TZ *z = (const CTYPE_##TZ *)s->z + i * V;                                       \
         long t = s->t == NULL ? 0 : s->t[i] < 0 ? 0 : s->t[i] > V ? V : s->t[i];                      \
         const float mb = row_max_##TZ(z, 0, t, s->mul), ma = row_max_##TZ(z, t, V, s->mul);          \
-        const float m = capped ? s->cap * tanh_inline(MAX(ma, mb)) : MAX(ma, mb);                     \
+        const float m = logit_of(MAX(ma, mb), 1.0f, s->cap, capped);                                  \
         double acc[4] = {0.0, 0.0, 0.0, 0.0}; /* S, U, Q, Y */                                        \
         for (long j0 = 0; j0 < V; j0 += CHUNK) {                                                      \
             const long j1 = j0 + CHUNK < V ? j0 + CHUNK : V;                                          \
@@ -321,11 +321,11 @@ static void logp_sums_##TZ(const void *args, long r0, long r1, float *unused) { 
             }                                                                                         \
         }                                                                                             \
         s->m[i] = m; s->S[i] = (float)acc[0];                                                         \
-        if (s->flags & SUM_U) s->U[i] = (float)acc[1];                                                \
-        if (s->flags & SUM_Q) s->Q[i] = (float)acc[2];                                                \
-        if (s->flags & SUM_Y) s->Y[i] = (float)acc[3];                                                \
+        if (s->sums & SUM_U) s->U[i] = (float)acc[1];                                                 \
+        if (s->sums & SUM_Q) s->Q[i] = (float)acc[2];                                                 \
+        if (s->sums & SUM_Y) s->Y[i] = (float)acc[3];                                                 \
         if (s->t != NULL) {                                                                           \
-            s->before[i] = t == 0 || !capped ? mb : s->cap * tanh_inline(mb);                         \
+            s->before[i] = t == 0 ? mb : logit_of(mb, 1.0f, s->cap, capped); /* -inf: none */       \
             s->y_t[i] = t < V ? logit_of(LOAD_##TZ(z, t), s->mul, s->cap, capped) : -INFINITY;        \
         }                                                                                             \
     }                                                                                                 \
@@ -441,17 +441,16 @@ int leanloss_distill(void *a, const void *b, const float *a_y, const float *g, f
     return split_rows(fns[a_bf16 != 0][b_bf16 != 0], &args, n, 2 * row, threads);
 }
 
-int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float mul, float cap, int flags,
+int leanloss_logp_sums(const void *z, const int64_t *t, long n, long V, float mul, float cap, int sums,
                        float *m, float *S, float *U, float *Q, float *Y, float *before, float *y_t,
                        int z_bf16, int threads) {
-    logp_sums_args args = {z, t, V, mul, cap, compiled_flags(flags), m, S, U, Q, Y, before, y_t};
+    logp_sums_args args = {z, t, V, mul, cap, compiled_sums(sums), m, S, U, Q, Y, before, y_t};
     return split_rows(z_bf16 ? logp_sums_bf16 : logp_sums_f32, &args, n, 0, threads);
 }
 
-int leanloss_logp_grad(void *z, long n, long V, float mul, float cap, float inv_cap, int capped,
-                       float out_scale, const float *lse, const float *A, const float *B, const float *G,
+int leanloss_logp_grad(void *z, long n, long V, float mul, float cap, float inv_cap, float out_scale, const float *lse, const float *A, const float *B, const float *G,
                        const float *K, int z_bf16, int threads) {
     static const rows_fn fns[2][2] = {{logp_grad_f32_0, logp_grad_f32_1}, {logp_grad_bf16_0, logp_grad_bf16_1}};
     logp_grad_args args = {z, V, mul, cap, inv_cap, out_scale, lse, A, B, G, K};
-    return split_rows(fns[z_bf16 != 0][capped != 0], &args, n, 0, threads);
+    return split_rows(fns[z_bf16 != 0][cap > 0.0f], &args, n, 0, threads);
 }
