@@ -108,28 +108,21 @@ test-compat: compat-venv
 	"$(COMPAT_VENV)/bin/python" -c "$$TORCH_IS_REQUESTED" "$(TORCH)"
 	"$(COMPAT_VENV)/bin/python" -m pytest -n 2 -q $(PYTEST_ARGS)
 
-# make variables that put compat-venv / test-compat at one end of the range, in that end's own venv
-RANGE_CHECK  = $(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
-LOWEST_VARS  = TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
-NEWEST_VARS  = TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
+# make variables that put compat-venv / test-compat at one end of the range (lowest, newest), in
+# that end's own venv
+RANGE_CHECK = $(if $(TORCH_FLOOR),,$(error pyproject.toml's dependencies do not read ["torch>=X.Y"]))
+RANGE_VARS_lowest = TORCH="$(TORCH_LOWEST)" COMPAT_PINS="$(PINS_LOWEST)" COMPAT_VENV=.venv-compat-lowest
+RANGE_VARS_newest = TORCH="$(TORCH_NEWEST)" COMPAT_PINS="$(PINS_NEWEST)" COMPAT_VENV=.venv-compat-newest
 
 # one end's venv, or the suite in it (CI runs the ends one after the other and deletes each venv
 # after its run: each is a CUDA build of about 6 GB, and two at once have filled a CI disk)
-torch-lowest-venv:
+torch-lowest-venv torch-newest-venv: torch-%-venv:
 	$(RANGE_CHECK)
-	$(MAKE) compat-venv $(LOWEST_VARS)
+	$(MAKE) compat-venv $(RANGE_VARS_$*)
 
-torch-newest-venv:
+test-torch-lowest test-torch-newest: test-torch-%:
 	$(RANGE_CHECK)
-	$(MAKE) compat-venv $(NEWEST_VARS)
-
-test-torch-lowest:
-	$(RANGE_CHECK)
-	$(MAKE) test-compat $(LOWEST_VARS)
-
-test-torch-newest:
-	$(RANGE_CHECK)
-	$(MAKE) test-compat $(NEWEST_VARS)
+	$(MAKE) test-compat $(RANGE_VARS_$*)
 
 # both ends: their venvs only, or the suite in each, lowest first
 torch-range-venvs: torch-lowest-venv torch-newest-venv
